@@ -1,0 +1,93 @@
+"""The ``kmec`` command line: parses flags and calls the library.
+
+Contents:
+    app      the typer application; each ``kmec.cli.<name>`` module listed in
+             COMMAND_MODULES adds its commands through ``register(app)``
+    main()   entry point: KmecError -> one clear message and exit code 2
+             (no traceback unless ``--debug``)
+
+Exit codes: 0 success, 1 a verified claim is violated, 2 bad input or an error
+kmec explains.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import traceback
+
+import click
+import typer
+from rich.console import Console
+
+from kmec import __version__
+from kmec.errors import KmecError
+
+# Each module defines ``register(app: typer.Typer) -> None``.
+COMMAND_MODULES = ("kmec.cli.model",)
+
+app = typer.Typer(
+    name="kmec",
+    help="kmec: compile declared knowledge edits into edited models, and verify them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kmec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors and results."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("kmec").setLevel(level)
+    for noisy in ("transformers", "huggingface_hub", "accelerate", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _load_commands() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; never shows a traceback for a KmecError unless --debug."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("KMEC_DEBUG") == "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _load_commands()
+    try:
+        rc = app(args=args, prog_name="kmec", standalone_mode=False)
+    except KmecError as e:
+        if debug:
+            traceback.print_exc()
+        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)

