@@ -20,6 +20,16 @@ import traceback
 
 import click
 import typer
+
+try:  # typer >= 0.2x vendors its own copy of click
+    from typer._click import exceptions as _tclick
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _tclick = click.exceptions
+
+_CLICK_ERRORS = (click.ClickException, _tclick.ClickException)
+_USAGE_ERRORS = (click.UsageError, _tclick.UsageError)
+_ABORTS = (click.exceptions.Abort, typer.Abort)
+_EXITS = (click.exceptions.Exit, typer.Exit)
 from rich.console import Console
 
 from kmec import __version__
@@ -79,13 +89,13 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except _ABORTS:
         err_console.print("aborted")
         sys.exit(130)
-    except click.ClickException as e:
+    except _CLICK_ERRORS as e:
         e.show()
-        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
-    except click.exceptions.Exit as e:
+        sys.exit(2 if isinstance(e, _USAGE_ERRORS) else e.exit_code)
+    except _EXITS as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

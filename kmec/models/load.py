@@ -375,9 +375,11 @@ def load_model(ref: str | ModelRef, *, dtype: str = "float32", device: str = "cp
         torch_dtype = getattr(torch, dtype)
     except AttributeError:
         raise ModelError(f"unknown dtype {dtype!r}", hint="use float32, bfloat16 or float16") from None
+    local_only = ref.kind == "hub" and not _hub_reachable()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
+                                                     local_files_only=local_only)
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except OSError as e:
         if ref.kind == "hub":
             raise ModelError(
@@ -415,6 +417,22 @@ def load_embedder(ref: str = "minilm", *, device: str = "cpu") -> tuple[Any, Any
         raise ModelError(f"cannot load embedding model {ref!r}: {_short(e)}",
                          hint=_reinstall_hint(r)) from None
     return model, tok
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (fast offline detection)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _short(e: BaseException) -> str:
