@@ -1,0 +1,88 @@
+"""Shared linear algebra for closed-form edits: guarded SPD solves.
+
+Contents:
+    spd_solve()     solve A X = B for symmetric positive (semi-)definite A in
+                    float64 with a Cholesky factorisation, adding the smallest
+                    ridge that makes it succeed; refuses NaN/inf
+    math_weight()   a parameter as the [out, in] matrix the math uses
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def spd_solve(a: torch.Tensor, b: torch.Tensor, *, ridge: float = 1e-6) -> torch.Tensor:
+    """Solve ``a x = b`` for SPD ``a`` (float64 Cholesky), returning float32.
+
+    A ridge ``ε · tr(a)/d · I`` is added, starting at ``ridge`` and growing ×10
+    until the factorisation succeeds, so an ill-conditioned second moment (few
+    tokens, dead MLP units) still gives a finite, smallest-change answer.
+
+    Raises:
+        FloatingPointError: ``a`` or ``b`` holds NaN/inf, or no ridge up to 1 works.
+
+    >>> a = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    >>> spd_solve(a, torch.tensor([[2.0], [4.0]])).round(decimals=4).tolist()
+    [[1.0], [1.0]]
+    """
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise FloatingPointError("NaN or inf in a linear solve's inputs")
+    a64, b64 = a.double(), b.double()
+    d = a64.shape[0]
+    scale = (torch.diagonal(a64).sum() / d).clamp_min(1e-30)
+    eye = torch.eye(d, dtype=a64.dtype, device=a64.device)
+    eps = ridge
+    while eps <= 1.0:
+        chol, info = torch.linalg.cholesky_ex(a64 + eps * scale * eye)
+        if int(info) == 0:
+            x = torch.cholesky_solve(b64, chol)
+            if torch.isfinite(x).all():
+                return x.float()
+        eps *= 10
+    raise FloatingPointError("the matrix is too ill-conditioned to solve even with a ridge")
+
+
+def math_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """``weight`` as the ``[out, in]`` matrix W with ``y = W k`` (float32 copy)."""
+    w = weight.detach().float()
+    return w.T if layout == "in_out" else w
+
+
+def module_device(module: Any) -> torch.device:
+    return next(module.parameters()).device
+
+
+class temporarily_added:
+    """Context manager: add ``u vᵀ`` deltas to parameters, restore exact bytes on exit.
+
+    MEMIT needs the model *with* its earlier layers' updates to compute the
+    keys and residuals of later layers. Rather than copying the model, the
+    deltas are added in place and the original tensors are copied back on
+    exit (bit-for-bit), so the caller's model is unchanged afterwards; the
+    compile loop checks this with the model fingerprint.
+    """
+
+    def __init__(self, model: Any, layout: str) -> None:
+        self.params = dict(model.named_parameters())
+        self.layout = layout
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, u: torch.Tensor, v: torch.Tensor) -> None:
+        w = self.params[name]
+        if name not in self.saved:
+            self.saved[name] = w.detach().clone()
+        d = u.float().to(w.device) @ v.float().to(w.device).T
+        with torch.no_grad():
+            w.add_((d.T if self.layout == "in_out" else d).to(w.dtype))
+
+    def __enter__(self) -> temporarily_added:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        with torch.no_grad():
+            for name, original in self.saved.items():
+                self.params[name].copy_(original)
+        self.saved.clear()

@@ -1,0 +1,100 @@
+"""ROME: a rank-one update of one MLP output projection per edit.
+
+Contents:
+    RomeParams   prefixes, value optimisation, whitening (documented defaults)
+    Rome         the backend (``name = "rome"``)
+    rank_one()   the closed-form update for one key/target pair
+
+Meng et al. 2022 ("Locating and Editing Factual Associations in GPT"), eq. 2:
+for the key k* (MLP key at the subject's last token, averaged over prefixes)
+and the desired change δ of the MLP output there, the smallest change of W in
+the metric of the key covariance C = E[k kᵀ] that maps k* to W k* + δ is::
+
+    ΔW = δ (C⁻¹ k*)ᵀ / (k*ᵀ C⁻¹ k*)          so that ΔW k* = δ
+
+kmec whitens with C by default (``whiten = "C"``); ``whiten = "identity"``
+(C = I, what a popular toolkit ships silently) is available and is written
+into the plan when chosen, never silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from kmec.backends.base import ExecContext, LowRank, Payload
+from kmec.backends.keys import compute_keys, context_prefixes
+from kmec.backends.linalg import spd_solve, temporarily_added
+from kmec.backends.values import ValueParams, optimise_deltas
+from kmec.errors import BackendError
+from kmec.models.facts import ModelFacts
+from kmec.planner.model import Step
+
+
+class RomeParams(BaseModel):
+    """ROME hyper-parameters (the layer comes from the step)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_prefixes: int = 5
+    prefix_len: int = 8
+    whiten: Literal["C", "identity"] = "C"
+    value: ValueParams = ValueParams()
+
+
+def rank_one(k: torch.Tensor, delta: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (u, v) with ``u vᵀ k = delta`` minimising ‖ΔW‖ in the C metric.
+
+    >>> k = torch.tensor([1.0, 2.0]); d = torch.tensor([3.0])
+    >>> u, v = rank_one(k, d, None)
+    >>> (u @ v.T @ k).tolist()
+    [3.0]
+    """
+    c_inv_k = (spd_solve(c, k[:, None]) if c is not None else k[:, None].float())
+    denom = float(k.float() @ c_inv_k[:, 0])
+    if not denom > 0:
+        raise FloatingPointError("k*ᵀ C⁻¹ k* is not positive; the statistics are degenerate")
+    return (delta.float() / denom)[:, None], c_inv_k
+
+
+class Rome:
+    """One rank-one update per edit; edits in one step are applied in order."""
+
+    name: ClassVar[str] = "rome"
+    Params: ClassVar[type[BaseModel]] = RomeParams
+
+    def default_params(self, facts: ModelFacts) -> RomeParams:
+        return RomeParams()
+
+    def execute(self, step: Step, ctx: ExecContext) -> Sequence[Payload]:
+        p = RomeParams.model_validate(step.params)
+        if len(step.layers) != 1:
+            raise BackendError(f"ROME edits exactly one layer, the plan gives {list(step.layers)}",
+                               step_id=step.id)
+        layer = step.layers[0]
+        if p.whiten == "C" and ctx.stats is None:
+            raise BackendError("ROME with C whitening needs key statistics, none were provided",
+                               step_id=step.id)
+        model, tok, adapter = ctx.model, ctx.tok, ctx.adapter
+        module = adapter.site("mlp_out", layer)
+        param = f"{module}.weight"
+        prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len, seed=ctx.seed)
+        c = ctx.stats.second_moment(layer) if p.whiten == "C" else None
+        payloads: list[Payload] = []
+        with temporarily_added(model, adapter.weight_layout) as tmp:
+            for i, edit in enumerate(step.edits):
+                k = compute_keys(model, tok, adapter, [layer], [edit], prefixes)[layer][0]
+                delta, prob = optimise_deltas(model, tok, adapter, layer, [edit], prefixes,
+                                              p.value, seed=ctx.seed + i)
+                u, v = rank_one(k, delta[0], c.to(k.device) if c is not None else None)
+                payloads.append(LowRank(param, u, v))
+                ctx.log.debug("rome %s: target prob %.3f, ‖δ‖ %.3f", edit.name, float(prob[0]),
+                              float(delta.norm()))
+                if i + 1 < len(step.edits):
+                    tmp.add(param, u, v)
+                if ctx.progress:
+                    ctx.progress(f"rome {edit.name}", i + 1, len(step.edits))
+        return payloads
