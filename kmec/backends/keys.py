@@ -18,12 +18,15 @@ same plan gives the same weights on CPU.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from kmec.hashing import atomic_write_text
 from kmec.models.adapters import ArchAdapter
 from kmec.models.hooks import TraceDict
 from kmec.planner.model import EditRequest
@@ -45,14 +48,32 @@ def target_text(prompt: str, target: str) -> str:
     return " " + target
 
 
-@torch.no_grad()
-def context_prefixes(model: Any, tok: Any, *, n: int, length: int, seed: int) -> list[str]:
+def context_prefixes(model: Any, tok: Any, *, n: int, length: int, seed: int,
+                     cache_dir: Path | None = None, fingerprint: str = "") -> list[str]:
     """``n`` short texts sampled from the model (top-k 5) with a seeded generator.
 
     The empty prefix is always first, so the bare prompt is part of every average.
+    With ``cache_dir`` and the model's ``fingerprint`` the texts are cached on
+    disk (they depend only on the model, n, length and seed).
     """
     if n <= 0:
         return [""]
+    path = None
+    if cache_dir is not None and fingerprint:
+        path = Path(cache_dir) / "prefixes" / f"{fingerprint[:24]}-{n}-{length}-{seed}.json"
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                pass
+    out = _sample_prefixes(model, tok, n=n, length=length, seed=seed)
+    if path is not None:
+        atomic_write_text(path, json.dumps(out))
+    return out
+
+
+@torch.no_grad()
+def _sample_prefixes(model: Any, tok: Any, *, n: int, length: int, seed: int) -> list[str]:
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     starts = [PREFIX_STARTS[i % len(PREFIX_STARTS)] for i in range(n)]

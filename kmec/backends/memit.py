@@ -86,7 +86,8 @@ class Memit:
         layers = sorted(step.layers)
         top = layers[-1]
         edits = list(step.edits)
-        prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len, seed=ctx.seed)
+        prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len, seed=ctx.seed,
+                                    cache_dir=ctx.cache_dir, fingerprint=ctx.facts.fingerprint)
         done = [0]
 
         def tick(k: int) -> None:

@@ -81,7 +81,8 @@ class Rome:
         model, tok, adapter = ctx.model, ctx.tok, ctx.adapter
         module = adapter.site("mlp_out", layer)
         param = f"{module}.weight"
-        prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len, seed=ctx.seed)
+        prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len, seed=ctx.seed,
+                                    cache_dir=ctx.cache_dir, fingerprint=ctx.facts.fingerprint)
         c = ctx.stats.second_moment(layer) if p.whiten == "C" else None
         payloads: list[Payload] = []
         with temporarily_added(model, adapter.weight_layout) as tmp:

@@ -1,0 +1,41 @@
+"""``kmec compile SPEC``: parse, plan, execute, write the build directory."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(highlight=False, stderr=True)
+
+
+def compile_cmd(
+    spec: str = typer.Argument(..., help="The .kmec spec to compile."),
+    out: str = typer.Option("build", "--out", "-o", help="Build directory to write."),
+    model: str = typer.Option(None, "--model", help="Override the spec's model."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every step."),
+) -> None:
+    """Compile a spec into an artifact (build/plan.json, build/artifact/, ...)."""
+    from kmec.compile import compile_spec
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(message: str, done: int, total: int) -> None:
+            key = message.split(":")[0]
+            if key not in tasks:
+                tasks[key] = bar.add_task(message, total=total)
+            bar.update(tasks[key], description=message, completed=done, total=total)
+
+        result = compile_spec(spec, out=out, model=model, progress=progress, use_cache=not no_cache)
+    plan = result.plan
+    state = "up to date" if result.up_to_date else f"compiled in {result.seconds:.1f} s"
+    n_edits = sum(len(s.edits) for s in plan.steps)
+    console.print(f"{spec}: {state}: {len(plan.steps)} step(s), {n_edits} edit(s), "
+                  f"plan {plan.sha256[:12]} -> {result.out}/")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compile")(compile_cmd)

@@ -1,0 +1,238 @@
+"""Compilation: run a plan's steps on a model and write the build directory.
+
+Contents:
+    execute()        Plan + model -> Artifact (each step wrapped in BackendError)
+    compile_spec()   spec file -> parse -> plan -> execute -> build directory
+    BuildResult      what compile_spec produced
+    read_build()     load plan, spec and artifact back from a build directory
+
+The build directory (written atomically)::
+
+    build/plan.json        the plan (canonical JSON; its sha256 is the plan hash)
+    build/spec.json        the parsed spec (includes merged, without spans)
+    build/build.json       spec path, model reference, hashes, kmec version
+    build/artifact/        manifest.json + payloads.safetensors
+    build/compile.log      what was done, with timings
+
+Steps are cached by content (``$KMEC_HOME/steps/<hash>``: the step, the base
+fingerprint, the kmec version and, for ``order sequence``, the steps before
+it), so rerunning an unchanged spec in CI recompiles nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kmec import __version__
+from kmec.artifacts import (
+    Artifact,
+    apply,
+    build_artifact,
+    load_artifact,
+    save_artifact,
+)
+from kmec.backends import BACKENDS, get_backend
+from kmec.backends.base import ExecContext, Payload, StatsProvider
+from kmec.errors import ArtifactError, BackendError, KmecError, VerifyError
+from kmec.hashing import atomic_dir, canonical_json, sha256_text
+from kmec.models.adapters import adapter_for
+from kmec.models.load import DEFAULT_MODEL, LoadedModel, fingerprint_model, kmec_home, load_model
+from kmec.planner.model import Plan, Step
+from kmec.spec import Spec
+
+log = logging.getLogger("kmec")
+
+Progress = Callable[[str, int, int], None]
+
+
+def _step_key(step: Step, fingerprint: str, previous: str) -> str:
+    return sha256_text(canonical_json({"step": step.model_dump(mode="json"), "base": fingerprint,
+                                       "kmec": __version__, "previous": previous}))
+
+
+def _stats_for(step: Step, lm: LoadedModel, progress: Progress | None) -> StatsProvider | None:
+    if step.needs_stats is None:
+        return None
+    from kmec.stats import provider
+
+    return provider(lm.model, lm.tok, lm.facts, adapter_for(lm.facts.model_type),
+                    step.needs_stats, progress=progress)
+
+
+def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
+            use_cache: bool = True) -> Artifact:
+    """Run every step of ``plan`` on ``lm`` and return the artifact.
+
+    The model is left exactly as it was (checked with its fingerprint). For
+    ``order sequence`` each step sees the earlier steps' edits applied.
+
+    Raises:
+        BackendError: a step failed (wrapping the cause) or mutated the model.
+    """
+    adapter = adapter_for(lm.facts.model_type)
+    cache_root = kmec_home() / "steps"
+    results: list[tuple[str, list[Payload]]] = []
+    applied = []
+    previous = ""
+    try:
+        for step in plan.steps:
+            key = _step_key(step, lm.facts.fingerprint, previous if plan.order == "sequence" else "")
+            previous = key
+            payloads = _cached_step(cache_root / key) if use_cache else None
+            if payloads is None:
+                payloads = _run_step(step, lm, adapter, plan.seed, progress)
+                if use_cache:
+                    _store_step(cache_root / key, step, payloads, lm, adapter, plan)
+            else:
+                log.info("step %s: unchanged, reusing cached result", step.id)
+            results.append((step.id, payloads))
+            if plan.order == "sequence":
+                one = build_artifact([(step.id, payloads)], base_model=plan.model,
+                                     base_fingerprint=lm.facts.fingerprint,
+                                     base_arch=lm.facts.arch,
+                                     weight_layout=adapter.weight_layout, plan_hash=plan.sha256)
+                applied.append(apply(one, lm.model, check=False))
+    finally:
+        for a in reversed(applied):
+            a.revert()
+    return build_artifact(results, base_model=plan.model, base_fingerprint=lm.facts.fingerprint,
+                          base_arch=lm.facts.arch, weight_layout=adapter.weight_layout,
+                          plan_hash=plan.sha256)
+
+
+def _run_step(step: Step, lm: LoadedModel, adapter: Any, seed: int,
+              progress: Progress | None) -> list[Payload]:
+    backend = get_backend(step.backend)
+    t0 = time.perf_counter()
+    try:
+        stats = _stats_for(step, lm, progress)
+        ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts, stats=stats,
+                          cache_dir=kmec_home() / "backends", seed=seed, progress=progress)
+        payloads = list(backend.execute(step, ctx))
+    except KmecError as e:
+        if isinstance(e, BackendError):
+            raise
+        raise BackendError(str(e), step_id=step.id) from e
+    except (RuntimeError, ValueError, FloatingPointError) as e:
+        raise BackendError(f"{step.backend} failed: {e}", step_id=step.id,
+                           hint="rerun with --debug for the traceback") from e
+    log.info("step %s (%s, %d edits) took %.1f s", step.id, step.backend, len(step.edits),
+             time.perf_counter() - t0)
+    return payloads
+
+
+def _cached_step(path: Path) -> list[Payload] | None:
+    if not (path / "manifest.json").exists():
+        return None
+    try:
+        return load_artifact(path).payloads()
+    except ArtifactError:
+        log.warning("ignoring a corrupt cached step at %s", path)
+        return None
+
+
+def _store_step(path: Path, step: Step, payloads: list[Payload], lm: LoadedModel, adapter: Any,
+                plan: Plan) -> None:
+    art = build_artifact([(step.id, payloads)], base_model=plan.model,
+                         base_fingerprint=lm.facts.fingerprint, base_arch=lm.facts.arch,
+                         weight_layout=adapter.weight_layout, plan_hash="step")
+    save_artifact(art, path)
+
+
+@dataclass
+class BuildResult:
+    """What :func:`compile_spec` produced."""
+
+    out: Path
+    plan: Plan
+    artifact: Artifact
+    seconds: float
+    up_to_date: bool
+
+
+def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str | None = None,
+                 progress: Progress | None = None, use_cache: bool = True,
+                 editors: tuple[str, ...] = ()) -> BuildResult:
+    """Parse, plan and execute a spec; write the build directory.
+
+    Args:
+        spec_path: the ``.kmec`` file.
+        out: the build directory (replaced atomically).
+        model: overrides the spec's ``model``.
+        progress: ``progress(message, done, total)``.
+        use_cache: reuse cached step results.
+    """
+    from kmec.grammar import parse_file
+    from kmec.planner import plan as make_plan
+
+    t0 = time.perf_counter()
+    spec_path = Path(spec_path)
+    spec = parse_file(spec_path)
+    ref = model or spec.model or DEFAULT_MODEL
+    lm = load_model(ref)
+    plan = make_plan(spec, lm.facts, backends=BACKENDS, editors=editors)
+    out = Path(out)
+    existing = _existing_build(out, plan)
+    if existing is not None:
+        return BuildResult(out, plan, existing, time.perf_counter() - t0, True)
+    before = lm.facts.fingerprint
+    artifact = execute(plan, lm, progress=progress, use_cache=use_cache)
+    if fingerprint_model(lm.model) != before:
+        raise BackendError("the model changed while compiling (a backend mutated it)",
+                           step_id="compile")
+    seconds = time.perf_counter() - t0
+    with atomic_dir(out) as tmp:
+        (tmp / "plan.json").write_text(plan.to_json())
+        (tmp / "spec.json").write_text(canonical_json(spec.model_dump(mode="json")))
+        (tmp / "build.json").write_text(canonical_json({
+            "spec_path": str(spec_path.resolve()), "model": ref, "plan_hash": plan.sha256,
+            "base_fingerprint": lm.facts.fingerprint, "kmec_version": __version__}))
+        save_artifact(artifact, tmp / "artifact")
+        (tmp / "compile.log").write_text(_compile_log(plan, artifact, seconds))
+    return BuildResult(out, plan, artifact, seconds, False)
+
+
+def _existing_build(out: Path, plan: Plan) -> Artifact | None:
+    try:
+        if (out / "plan.json").read_text() != plan.to_json():
+            return None
+        art = load_artifact(out / "artifact")
+    except (OSError, ArtifactError):
+        return None
+    return art if art.manifest.plan_hash == plan.sha256 else None
+
+
+def _compile_log(plan: Plan, artifact: Artifact, seconds: float) -> str:
+    lines = [f"kmec {__version__} compiled plan {plan.sha256[:16]} for {plan.model} "
+             f"({plan.model_fingerprint[:12]}) in {seconds:.1f} s"]
+    for step in plan.steps:
+        lines.append(f"step {step.id}: {step.backend}, {len(step.edits)} edits, layers "
+                     f"{list(step.layers)}")
+        lines += [f"  because {r.choice}: {r.because}" for r in step.reasons]
+    for e in artifact.manifest.payloads:
+        lines.append(f"payload {e.id}: {e.kind} on {e.param or e.site} rank {e.rank} "
+                     f"sha256 {sorted(e.tensors.values())[0][:16]}")
+    return "\n".join(lines) + "\n"
+
+
+def read_build(build: str | Path) -> tuple[Plan, Spec, dict[str, Any], Artifact]:
+    """Load (plan, spec, build info, artifact) from a build directory.
+
+    Raises:
+        VerifyError: the directory is not a complete kmec build.
+    """
+    build = Path(build)
+    try:
+        plan = Plan.model_validate_json((build / "plan.json").read_text())
+        spec = Spec.model_validate(json.loads((build / "spec.json").read_text()))
+        info = json.loads((build / "build.json").read_text())
+    except (OSError, ValueError) as e:
+        raise VerifyError(f"{build} is not a complete kmec build directory ({e})",
+                          hint="run kmec compile SPEC --out DIR first") from None
+    return plan, spec, info, load_artifact(build / "artifact")
