@@ -86,3 +86,20 @@ class temporarily_added:
             for name, original in self.saved.items():
                 self.params[name].copy_(original)
         self.saved.clear()
+
+
+def bound_relative_change(u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                          max_delta: float | None) -> tuple[float, float]:
+    """Scale factor that keeps ``‖u vᵀ‖_F ≤ max_delta · ‖W‖_F``, and the unscaled ratio.
+
+    ``‖u vᵀ‖_F² = tr((uᵀu)(vᵀv))``, so no dense matrix is formed.
+
+    >>> bound_relative_change(torch.ones(2, 1), torch.ones(2, 1), torch.ones(2, 2), 0.5)
+    (0.5, 1.0)
+    """
+    uu, vv = u.float().T @ u.float(), v.float().T @ v.float()
+    norm = float(torch.sqrt(torch.clamp(torch.trace(uu @ vv), min=0.0)))
+    ratio = norm / max(float(weight.detach().float().norm()), 1e-30)
+    if max_delta is None or ratio <= max_delta:
+        return 1.0, ratio
+    return max_delta / ratio, ratio

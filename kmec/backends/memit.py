@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kmec.backends.base import ExecContext, LowRank, Payload
 from kmec.backends.keys import compute_keys, context_prefixes, residual_at
-from kmec.backends.linalg import spd_solve, temporarily_added
+from kmec.backends.linalg import bound_relative_change, spd_solve, temporarily_added
 from kmec.backends.values import ValueParams, optimise_deltas
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts
@@ -46,10 +46,11 @@ class MemitParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n_prefixes: int = 5
-    prefix_len: int = 8
+    n_prefixes: int = 4
+    prefix_len: int = 6
     lambda_rel: float = 1.0
     value: ValueParams = ValueParams()
+    max_delta: float | None = None  # bound on ‖ΔW‖_F / ‖W‖_F per parameter (spec: max_delta)
 
 
 def batch_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor,
@@ -108,6 +109,11 @@ class Memit:
                 lam = p.lambda_rel * k.shape[1]
                 u, v = batch_update(k, resid, ctx.stats.second_moment(layer), lam)
                 param = f"{adapter.site('mlp_out', layer)}.weight"
+                scale, ratio = bound_relative_change(u, v, tmp.params[param], p.max_delta)
+                if scale < 1.0:
+                    ctx.log.warning("memit layer %d: ‖ΔW‖/‖W‖ = %.4f exceeds max_delta %.4f; "
+                                    "scaled down", layer, ratio, p.max_delta)
+                    u = u * scale
                 payloads.append(LowRank(param, u, v))
                 tmp.add(param, u, v)
                 if ctx.progress:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kmec.backends.base import ExecContext, LowRank, Payload
 from kmec.backends.keys import compute_keys, context_prefixes
-from kmec.backends.linalg import spd_solve, temporarily_added
+from kmec.backends.linalg import bound_relative_change, spd_solve, temporarily_added
 from kmec.backends.values import ValueParams, optimise_deltas
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts
@@ -39,10 +39,11 @@ class RomeParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n_prefixes: int = 5
-    prefix_len: int = 8
+    n_prefixes: int = 4
+    prefix_len: int = 6
     whiten: Literal["C", "identity"] = "C"
     value: ValueParams = ValueParams()
+    max_delta: float | None = None  # bound on ‖ΔW‖_F / ‖W‖_F per parameter (spec: max_delta)
 
 
 def rank_one(k: torch.Tensor, delta: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +92,11 @@ class Rome:
                 delta, prob = optimise_deltas(model, tok, adapter, layer, [edit], prefixes,
                                               p.value, seed=ctx.seed + i)
                 u, v = rank_one(k, delta[0], c.to(k.device) if c is not None else None)
+                scale, ratio = bound_relative_change(u, v, tmp.params[param], p.max_delta)
+                if scale < 1.0:
+                    ctx.log.warning("rome %s: ‖ΔW‖/‖W‖ = %.4f exceeds max_delta %.4f; scaled down",
+                                    edit.name, ratio, p.max_delta)
+                    u = u * scale
                 payloads.append(LowRank(param, u, v))
                 ctx.log.debug("rome %s: target prob %.3f, ‖δ‖ %.3f", edit.name, float(prob[0]),
                               float(delta.norm()))

@@ -45,7 +45,7 @@ class ValueParams(BaseModel):
     kl_weight: float = 0.0625
     weight_decay: float = 0.5
     clamp: float = 4.0
-    stop_prob: float = 0.95
+    stop_prob: float = 0.9
     essence: str = "{subject} is a"
     edit_batch: int = 16  # edits optimised together
 

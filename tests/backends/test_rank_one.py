@@ -145,3 +145,14 @@ def test_subject_position_and_keys_average(tiny_models):
     model = tiny_models["gpt_neox"]
     keys = compute_keys(model, tok, adapter_for("gpt_neox"), [0, 2], [EDIT], ["", "x. "])
     assert keys[0].shape == (1, 64) and keys[2].shape == (1, 64)
+
+
+def test_max_delta_bounds_the_weight_change(tmp_path):
+    model = build_tiny_model("llama", seed=3)
+    tok = ByteTokenizer()
+    ctx = ctx_for(model, tok, [1], tmp_path)
+    step = Step(id="s01-rome", backend="rome", edits=(EDIT,), layers=(1,),
+                params={"max_delta": 0.01, "value": {"steps": 30, "weight_decay": 0.0, "clamp": 1e4}})
+    (p,) = get_backend("rome").execute(step, ctx)
+    w = dict(model.named_parameters())[p.param]
+    assert (p.dense().norm() / w.norm()).item() <= 0.01 + 1e-6

@@ -1,0 +1,141 @@
+"""``kmec stats``: compute (or list) cached second moments of MLP keys.
+
+    kmec stats smollm2-135m --layers 3-8 [--corpus PATH] [--tokens N] [--max-len N]
+    kmec stats --list
+    torchrun --nproc-per-node 2 -m kmec stats smollm2-135m --layers 3-8
+
+The flags build the same StatsRequest the planner writes into a plan, so a
+later ``kmec compile`` finds these entries in the cache.
+"""
+
+from __future__ import annotations
+
+import time
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from kmec.errors import StatsError
+
+console = Console(highlight=False)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"3-5,9"`` -> ``(3, 4, 5, 9)``.
+
+    >>> parse_layers("3-5,9")
+    (3, 4, 5, 9)
+
+    Raises:
+        StatsError: text that is not a list of layers and ranges.
+    """
+    out: set[int] = set()
+    try:
+        for part in text.replace(" ", "").split(","):
+            if not part:
+                continue
+            lo, sep, hi = part.partition("-")
+            start, end = int(lo), int(hi) if sep else int(lo)
+            if end < start:
+                raise ValueError(part)
+            out.update(range(start, end + 1))
+    except ValueError:
+        raise StatsError(f"bad --layers value {text!r}",
+                         hint="use indices and ranges such as 3-8 or 2,4,6-7") from None
+    if not out:
+        raise StatsError("--layers names no layer", hint="e.g. --layers 3-8")
+    return tuple(sorted(out))
+
+
+class _TokensPerSecond(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("   - tok/s" if speed is None else f"{speed:,.0f} tok/s")
+
+
+def _list_cache() -> None:
+    from kmec.stats import StatsCache
+
+    cache = StatsCache()
+    entries = cache.entries()
+    if not entries:
+        console.print(f"no cached statistics in {cache.root}")
+        return
+    table = Table("model", "weights", "layer", "tokens", "max_len", "dtype", "corpus", "MB",
+                  "created")
+    for e in entries:
+        table.add_row(e.model, e.key.model_fingerprint[:8], str(e.key.layer), f"{e.tokens:,}",
+                      str(e.key.max_len), e.key.dtype,
+                      f"{e.corpus} ({e.key.corpus_fingerprint[:8]})", f"{e.size / 2**20:.1f}",
+                      e.created[:10])
+    console.print(table)
+    console.print(f"{len(entries)} entries in {cache.root}")
+
+
+def stats(
+    model: str = typer.Argument(None, help="Alias, model folder or hub id."),
+    layers: str = typer.Option(None, "--layers", help="Layers, e.g. 3-8 or 2,4,6-7."),
+    corpus: str = typer.Option("default", "--corpus",
+                               help="'default', a text/JSONL file or a folder of them."),
+    tokens: int = typer.Option(None, "--tokens", help="Token budget [default: 100000]."),
+    max_len: int = typer.Option(None, "--max-len", help="Tokens per window [default: 256]."),
+    samples: int = typer.Option(None, "--samples", help="Optional sample (window) budget."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype for the pass."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    kernel: str = typer.Option(None, "--kernel", help="torch | triton [default: by device]."),
+    batch_tokens: int = typer.Option(None, "--batch-tokens", help="Padded tokens per batch."),
+    list_: bool = typer.Option(False, "--list", help="List the statistics cache and exit."),
+) -> None:
+    """Compute the second moments E[k kᵀ] of MLP keys for layers of a model (cached)."""
+    if list_:
+        _list_cache()
+        return
+    if model is None or layers is None:
+        raise StatsError("kmec stats needs a MODEL and --layers (or --list)",
+                         hint="e.g. kmec stats smollm2-135m --layers 3-8")
+    from kmec.models.adapters import adapter_for
+    from kmec.models.load import load_model
+    from kmec.planner.model import StatsRequest
+    from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, provider
+    from kmec.stats import distributed
+
+    dist = distributed.init_from_env(device)
+    request = StatsRequest(layers=parse_layers(layers), corpus=corpus,
+                           tokens=tokens or DEFAULT_TOKENS, max_len=max_len or DEFAULT_MAX_LEN,
+                           dtype=dtype)
+    lm = load_model(model, dtype=dtype, device=device)
+    adapter = adapter_for(lm.facts.model_type)
+    start = time.monotonic()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
+                        _TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=console, disable=not dist.is_main)
+    with progress:
+        task = progress.add_task("statistics", total=request.tokens)
+
+        def on_progress(message: str, done: int, total: int) -> None:
+            progress.update(task, description=message, completed=done, total=total)
+
+        stats_provider = provider(lm.model, lm.tok, lm.facts, adapter, request,
+                                  progress=on_progress, kernel=kernel,
+                                  batch_tokens=batch_tokens, samples=samples)
+        moments = stats_provider.prepare()
+        if all(src.startswith("cache") for src in stats_provider.sources.values()):
+            progress.update(task, description="from cache", completed=request.tokens)
+    if not dist.is_main:
+        return
+    table = Table("layer", "module", "tokens", "source", "trace of E(kkᵀ)")
+    for layer in stats_provider.layers:
+        sm = moments[layer]
+        table.add_row(str(layer), adapter.site("mlp_out", layer), f"{sm.count:,}",
+                      stats_provider.sources.get(layer, ""), f"{float(sm.moment().trace()):.4g}")
+    console.print(table)
+    console.print(f"done in {time.monotonic() - start:.1f} s; cache: {stats_provider.cache.root}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("stats")(stats)

@@ -1,0 +1,92 @@
+"""Pass ``choose_params``: each step's hyper-parameters.
+
+The backend's own ``default_params(facts)`` (its documented defaults for the
+model's family and size) are merged with what the spec overrides:
+
+* ``max_delta`` (bound on ‖Δ‖/‖W‖): set on backends whose Params have the
+  field; refused for a weight-changing backend without it (the plan could not
+  honour the bound); noted as trivially true for ``memory``, which changes no
+  weight;
+* ``layers``: mirrored from the step when the Params have a ``layers`` field,
+  so the two never disagree.
+
+The merged values are validated by the backend's ``Params`` model and stored
+as JSON values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from kmec.errors import PlanError
+from kmec.models.facts import ModelFacts
+from kmec.planner.draft import Draft
+from kmec.planner.model import Reason, Step
+
+
+def _merge(draft: Draft, step: Step, defaults: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    params = dict(defaults)
+    notes = []
+    bound = draft.spec.method.max_delta
+    if bound is not None:
+        if "max_delta" in params:
+            params["max_delta"] = bound
+            notes.append(f"max_delta={bound:g} from the spec")
+        elif step.backend == "memory":
+            notes.append(f"max_delta={bound:g} holds trivially: memory changes no weights")
+        else:
+            raise PlanError(
+                f"the spec bounds the weight change (max_delta {bound:g}), but the "
+                f"{step.backend} backend has no max_delta parameter to enforce it",
+                hint="drop max_delta, or choose a method that supports it")
+    if "layers" in params:
+        params["layers"] = list(step.layers)
+        notes.append("layers mirrored from the step")
+    return params, notes
+
+
+def _validate(backend: Any, params: dict[str, Any], name: str) -> dict[str, Any]:
+    try:
+        return backend.Params.model_validate(params).model_dump(mode="json")
+    except ValidationError as e:
+        raise PlanError(f"invalid parameters for the {name} backend: {e.errors()[0]['msg']}",
+                        hint="check the spec's method options") from None
+
+
+def choose_params(draft: Draft, facts: ModelFacts) -> Draft:
+    """Set ``params`` on every step from the backend's defaults and the spec.
+
+    Raises:
+        PlanError: the backend is not registered, or the spec asks for a
+            bound the backend cannot enforce.
+
+    >>> from kmec.planner.draft import example_facts, example_spec
+    >>> from kmec.planner.passes.group_edits import group_edits
+    >>> from kmec.planner.passes.resolve import resolve
+    >>> d = resolve(Draft(spec=example_spec()), example_facts()).update(backend="ft")
+    >>> choose_params(group_edits(d, example_facts()), example_facts())
+    Traceback (most recent call last):
+    kmec.errors.PlanError: backend 'ft' is not available in this installation (registered: none)
+      hint: register the ft backend in kmec.backends.BACKENDS
+    """
+    defaults: dict[str, dict[str, Any]] = {}
+    for i, step in enumerate(draft.steps):
+        backend = draft.backends.get(step.backend)
+        if backend is None:
+            known = ", ".join(sorted(draft.backends)) or "none"
+            raise PlanError(f"backend {step.backend!r} is not available in this installation "
+                            f"(registered: {known})",
+                            hint=f"register the {step.backend} backend in kmec.backends.BACKENDS")
+        if step.backend not in defaults:
+            defaults[step.backend] = backend.default_params(facts).model_dump(mode="json")
+        params, notes = _merge(draft, step, defaults[step.backend])
+        params = _validate(backend, params, step.backend)
+        because = f"{step.backend} backend defaults for {facts.family} ({facts.n_layers} layers)"
+        if notes:
+            because += "; " + "; ".join(notes)
+        reason = Reason(choice="params", because=because)
+        draft = draft.replace_step(i, step.model_copy(
+            update={"params": params, "reasons": (*step.reasons, reason)}))
+    return draft

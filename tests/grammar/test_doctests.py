@@ -1,0 +1,24 @@
+"""The docstring examples of kmec.grammar run and pass."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import kmec.grammar
+
+MODULES = sorted(f"kmec.grammar.{m.name}" for m in pkgutil.iter_modules(kmec.grammar.__path__))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests(name: str) -> None:
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+
+
+def test_pure_functions_have_examples() -> None:
+    total = sum(doctest.testmod(importlib.import_module(n)).attempted for n in MODULES)
+    assert total >= 20
