@@ -34,8 +34,8 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kmec.kernels import symmetrize_upper, xtx_reference  # noqa: E402
-from kmec.kernels.reference import xtx_accumulate_torch  # noqa: E402
+from kmec.kernels import symmetrize_upper, xtx_reference
+from kmec.kernels.reference import xtx_accumulate_torch
 
 
 def accuracy(d: int = 80, n: int = 256) -> dict[str, dict[str, float]]:
@@ -73,7 +73,7 @@ def running_sum_precision(d: int = 8, block: int = 4096, blocks: int = 500) -> d
         xtx_accumulate_torch(ours, x)
         naive += x.T @ x
         ref += x.double().T @ x.double()
-    rel = lambda s: float(((s.double() - ref).abs() / ref.abs()).max())  # noqa: E731
+    rel = lambda s: float(((s.double() - ref).abs() / ref.abs()).max())
     return {"rows": block * blocks, "fp32_blocks_fp64_total": rel(symmetrize_upper(ours)),
             "fp32_running_sum": rel(naive)}
 

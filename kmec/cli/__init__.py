@@ -36,7 +36,8 @@ from kmec import __version__
 from kmec.errors import KmecError
 
 # Each module defines ``register(app: typer.Typer) -> None``.
-COMMAND_MODULES = ("kmec.cli.model",)
+COMMAND_MODULES = ("kmec.cli.model", "kmec.cli.compile", "kmec.cli.stats", "kmec.cli.plan",
+                   "kmec.cli.spec", "kmec.cli.verify")
 
 app = typer.Typer(
     name="kmec",

@@ -14,8 +14,15 @@ import time
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, Progress, ProgressColumn, Task, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -100,8 +107,7 @@ def stats(
     from kmec.models.adapters import adapter_for
     from kmec.models.load import load_model
     from kmec.planner.model import StatsRequest
-    from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, provider
-    from kmec.stats import distributed
+    from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, distributed, provider
 
     dist = distributed.init_from_env(device)
     request = StatsRequest(layers=parse_layers(layers), corpus=corpus,

@@ -47,7 +47,7 @@ def triton_available() -> bool:
     """Whether ``import triton`` works here."""
     try:
         import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising at import
+    except (ImportError, RuntimeError, OSError):  # not installed, or a broken install
         return False
     return True
 

@@ -150,12 +150,12 @@ def xtx_accumulate_triton(
         if keep.numel() != n:
             raise ValueError(f"mask has {keep.numel()} entries for {n} rows")
     interp = interpreting()
-    flags = dict(HAS_MASK=keep is not None, IEEE=x2.dtype == torch.float32,
-                 UPCAST=interp and x2.dtype == torch.bfloat16)
+    flags = {"HAS_MASK": keep is not None, "IEEE": x2.dtype == torch.float32,
+             "UPCAST": interp and x2.dtype == torch.bfloat16}
     args = (x2, keep if keep is not None else x2, acc, n, d, x2.stride(0), x2.stride(1),
             acc.stride(0))
     if block_d is None and not interp:
-        grid = lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(d, meta["BLOCK_D"]))
         _xtx_tuned[grid](*args, **flags)
     else:
         bd, bn = block_d or 16, block_n or 16

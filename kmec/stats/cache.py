@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -106,7 +106,7 @@ class StatsCache:
         try:
             with safe_open(str(path), framework="pt") as f:
                 return dict(f.metadata() or {})
-        except Exception as e:  # a truncated or foreign file is a miss, not a crash
+        except (SafetensorError, OSError, ValueError) as e:  # truncated or foreign: a miss
             log.warning("ignoring unreadable stats file %s (%s)", path, e)
             return None
 

@@ -95,7 +95,7 @@ def all_reduce_moments(acc: dict[int, SecondMoment]) -> None:
         state = acc[l].state_dict()
         total = state["sum"].to(device)
         torch.distributed.all_reduce(total)
-        acc[l].load_state_dict({"sum": total, "count": torch.tensor(int(round(n)))})
+        acc[l].load_state_dict({"sum": total, "count": torch.tensor(round(n))})
 
 
 def broadcast(value: T) -> T:

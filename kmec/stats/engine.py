@@ -130,9 +130,15 @@ class MomentProvider:
         missing = distributed.broadcast(sorted(l for l, e in found.items() if e is None))
         moments: dict[int, SecondMoment] = {}
         for layer, entry in found.items():
-            if layer not in missing and entry is not None:
-                moments[layer] = self.cache.load(entry)
-                self.sources[layer] = f"cache ({entry.tokens} tokens)"
+            if layer in missing:
+                continue
+            # Under torchrun rank 0 decides; another rank may have looked before a write landed.
+            entry = entry or self.cache.lookup(keys[layer], self.config.tokens)
+            if entry is None:
+                raise StatsError(f"rank {dist.rank} cannot read the cached stats of layer {layer}",
+                                 hint="put the stats cache (KMEC_HOME) on storage every rank sees")
+            moments[layer] = self.cache.load(entry)
+            self.sources[layer] = f"cache ({entry.tokens} tokens)"
         if missing:
             moments.update(self._compute({l: keys[l] for l in missing}, dist))
         self._moments = moments

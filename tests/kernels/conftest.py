@@ -20,8 +20,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 def xtx_interp():
     """kmec.kernels.xtx with its kernel running in Triton's interpreter."""
     pytest.importorskip("triton")
-    import kmec.kernels.xtx as xtx
     from triton.runtime.interpreter import InterpretedFunction
+
+    from kmec.kernels import xtx
 
     if not isinstance(xtx._xtx_kernel, InterpretedFunction):
         xtx = importlib.reload(xtx)

@@ -12,13 +12,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from kmec.models.adapters import adapter_for  # noqa: E402
-from kmec.models.facts import facts_from_config  # noqa: E402
-from kmec.planner.model import StatsRequest  # noqa: E402
-from kmec.stats import StatsCache, distributed, provider  # noqa: E402
-from tests.conftest import ByteTokenizer, build_tiny_model  # noqa: E402
+from kmec.models.adapters import adapter_for
+from kmec.models.facts import facts_from_config
+from kmec.planner.model import StatsRequest
+from kmec.stats import StatsCache, distributed, provider
+from tests.conftest import ByteTokenizer, build_tiny_model
 
 LAYERS = (0, 2)
 TOKENS = 1200

@@ -20,8 +20,9 @@ def _sm(n: int, d: int = 6, seed: int = 0) -> SecondMoment:
 
 
 def test_every_field_changes_the_key_but_tokens_only_the_full_hash():
-    changes = dict(model_fingerprint="x", module="other", layer=4, corpus_fingerprint="y",
-                   tokenizer_hash="z", max_len=128, dtype="bfloat16", max_samples=10, format=99)
+    changes = {"model_fingerprint": "x", "module": "other", "layer": 4, "corpus_fingerprint": "y",
+               "tokenizer_hash": "z", "max_len": 128, "dtype": "bfloat16", "max_samples": 10,
+               "format": 99}
     hashes = {KEY.model_copy(update={k: v}).base_hash() for k, v in changes.items()}
     assert len(hashes) == len(changes) and KEY.base_hash() not in hashes
     assert KEY.full_hash(100) != KEY.full_hash(200)

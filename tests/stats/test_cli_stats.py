@@ -16,7 +16,7 @@ from kmec.errors import StatsError
 def run(*args, home: Path):
     env = {**os.environ, "KMEC_HOME": str(home), "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "kmec", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, check=False)
 
 
 def test_parse_layers():

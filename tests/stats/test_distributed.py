@@ -39,7 +39,8 @@ def test_two_cpu_ranks_equal_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(worker.ROOT))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            worker.__file__, str(out), str(corpus)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]

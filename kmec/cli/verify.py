@@ -1,0 +1,130 @@
+"""``kmec verify`` and ``kmec audit``: check an edited model's promises.
+
+    kmec verify build/ [--spec SPEC] [--max-examples N] [--report-dir DIR] [--json]
+    kmec audit EDITED_MODEL_DIR --base MODEL --build build/
+
+Exit codes: 0 every claim holds, 1 a claim is violated (the summary names
+it), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(highlight=False, stderr=True)
+out_console = Console(highlight=False)
+
+
+def _summary_table(report: Any) -> Table:
+    table = Table("claim", "protocol", "threshold", "pass", "fail", "n/a", "mean", "failing edits",
+                  title=f"kmec verify: {'PASS' if report.ok else 'FAIL'}")
+    labels = list(dict.fromkeys(r.claim for r in report.claims))
+    for label in labels:
+        rows = [r for r in report.claims if r.claim == label]
+        failing = [r.edit for r in rows if r.status == "fail"]
+        mean = report.aggregate.means.get(label)
+        table.add_row(label, rows[0].protocol, f"{rows[0].threshold:g}",
+                      str(sum(r.status == "pass" for r in rows)), str(len(failing)),
+                      str(sum(r.status == "n/a" for r in rows)),
+                      "–" if mean is None else f"{mean:.3f}",
+                      ", ".join(failing[:6]) + (" …" if len(failing) > 6 else ""),
+                      style=None if not failing else "red")
+    a, c = report.audit, report.capability
+    table.add_row("audit", "weights", "", "1" if a.ran and a.ok else "0",
+                  "1" if not a.ok else "0", "0" if a.ran else "1", "", ", ".join(a.undeclared[:4]),
+                  style=None if a.ok else "red")
+    if c.ran:
+        table.add_row("capability", "ppl+questions", "", "1" if c.ok else "0",
+                      "0" if c.ok else "1", "0", f"{c.ppl_ratio:.4f}", "",
+                      style=None if c.ok else "red")
+    return table
+
+
+def verify_cmd(
+    target: str = typer.Argument(..., help="Build directory (kmec compile's output) or artifact folder."),
+    spec: str = typer.Option(None, "--spec", help="Spec file to take the claims from "
+                             "(required for a bare artifact)."),
+    max_examples: int = typer.Option(None, "--max-examples", min=1,
+                                     help="Hypothesis examples per locality property "
+                                     "(overrides the claims' `sample`)."),
+    report_dir: str = typer.Option(None, "--report-dir", help="Where to write the reports "
+                                   "[default: BUILD/report]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout."),
+) -> None:
+    """Verify every claim of the spec on the edited model; write JSON/JUnit/Markdown/HTML reports."""
+    from kmec.verify.build import default_report_dir, verify_build
+    from kmec.verify.render import to_json
+
+    folder = Path(report_dir) if report_dir else default_report_dir(target)
+    columns = (TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        report = verify_build(target, spec_path=spec, max_examples=max_examples,
+                              report_dir=folder, progress=progress)
+    if as_json:
+        sys.stdout.write(to_json(report))
+    else:
+        out_console.print(_summary_table(report))
+        style = "green" if report.ok else "bold red"
+        out_console.print(f"[{style}]{report.summary}[/]", markup=True, soft_wrap=True)
+        out_console.print(f"reports: {folder}/report.html (also report.json, junit.xml, report.md)",
+                          soft_wrap=True)
+    raise typer.Exit(report.exit_code)
+
+
+def _load_weights(ref: str) -> Any:
+    """A causal LM's weights from an alias, folder or hub id (no tokenizer needed)."""
+    from transformers import AutoModelForCausalLM
+
+    from kmec.errors import ModelError
+    from kmec.models.load import resolve_ref
+
+    r = resolve_ref(ref)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(r.path) if r.path else r.text)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the weights of {ref!r}: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def audit_cmd(
+    edited: str = typer.Argument(..., help="Folder of the edited model to audit."),
+    base: str = typer.Option(..., "--base", help="The base model (alias, folder or hub id)."),
+    build: str = typer.Option(..., "--build", help="Build directory (or artifact folder) "
+                              "that declares the edit."),
+) -> None:
+    """Prove an edited model differs from its base only by the artifact's declared deltas."""
+    from kmec.artifacts import audit, load_artifact
+
+    artifact = load_artifact(build)
+    with console.status("loading models"):
+        base_model = _load_weights(base)
+        edited_model = _load_weights(edited)
+    result = audit(base_model, edited_model, artifact)
+    table = Table("parameter", "status")
+    for name in artifact.manifest.params:
+        table.add_row(name, "mismatched" if name in result.mismatched else "declared, matches")
+    for name in result.undeclared:
+        table.add_row(name, "UNDECLARED CHANGE", style="red")
+    out_console.print(table)
+    out_console.print(result.summary(), style="green" if result.ok else "bold red", soft_wrap=True)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("verify")(verify_cmd)
+    app.command("audit")(audit_cmd)

@@ -1,0 +1,22 @@
+"""Verification: check a spec's claims on the base and edited models.
+
+Contents:
+    verify()         Spec + Plan + base/edited models -> Report
+    verify_build()   a build directory (or artifact + spec) -> Report, reports written
+    Report           the report model (JSON-serialisable, deterministic)
+    write_reports()  report.json, junit.xml, report.md, report.html
+
+Modules: ``claims`` (claims -> probes), ``scoring`` (batched scoring),
+``strategies`` (hypothesis neighbourhoods), ``metrics`` (the formulas),
+``evaluate`` / ``extras`` (claim evaluation, audit, partial applications),
+``runner`` (orchestration), ``report`` / ``render`` (+ ``templates/``).
+"""
+
+from __future__ import annotations
+
+from kmec.verify.build import verify_build
+from kmec.verify.render import write_reports
+from kmec.verify.report import Report
+from kmec.verify.runner import verify
+
+__all__ = ["Report", "verify", "verify_build", "write_reports"]

@@ -1,0 +1,209 @@
+"""Claims turned into probes: what to ask the models about each edit.
+
+Contents:
+    Probe             a prompt, the answer expected after the edit, and the old answer
+    Case              one user edit with every probe its claims need
+    build_cases()     Spec (+ Plan) -> one Case per user edit, in plan order
+    claims_of()       the spec's claims, or the default ones when it declares none
+    not_applicable()  why a claim says nothing about an edit (None if it applies)
+    claim_label()     a short, stable name for a claim ("locality[kl<=0.1]")
+    in_scope()        prompts some edit declares in scope (never locality probes)
+
+The plan is the authority on what was compiled (its rendered prompts are what
+the backends saw); the spec supplies what the plan does not carry: preserve
+prompts, portability probes and the reverse template. Paired inverse edits
+(``name~reverse``) are how reversal is implemented, not user edits: their
+effect is checked by the reversal claim of the edit they belong to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from kmec.errors import VerifyError
+from kmec.grammar.templates import is_template, render
+from kmec.planner.model import EditRequest, Plan
+from kmec.spec import Claim, PromptEdit, Spec, TripleEdit
+
+DEFAULT_CLAIMS: tuple[Claim, ...] = (
+    Claim(metric="efficacy", threshold=1.0),
+    Claim(metric="locality", threshold=0.9, sample=20),
+)
+
+
+class Probe(BaseModel):
+    """A prompt and what should follow it after the edit (``old``: before it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: str
+    target: str
+    old: str | None = None
+
+
+class Case(BaseModel):
+    """One user edit and the probes its claims are evaluated on.
+
+    Attributes:
+        name: the edit's name.
+        kind: ``triple`` or ``prompt`` (free-form).
+        subject, relation: for triple edits (subject also for keyed free-form ones).
+        efficacy: the edit prompt -> new target (old target when declared).
+        generality: in-scope prompts (rendered paraphrases + declared scope).
+        preserve: declared prompts whose output must not change.
+        portability: declared related questions with their expected answers.
+        reversal: the reverse question (object = new) -> subject, when expected.
+        step, step_index: the plan step that made the edit, and its position.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    kind: Literal["triple", "prompt"]
+    subject: str | None = None
+    relation: str | None = None
+    efficacy: Probe
+    generality: tuple[Probe, ...] = ()
+    preserve: tuple[str, ...] = ()
+    portability: tuple[Probe, ...] = ()
+    reversal: tuple[Probe, ...] = ()
+    expect_reversal: bool = False
+    step: str | None = None
+    step_index: int = 0
+
+
+def _edit_of(spec: Spec, name: str) -> TripleEdit | PromptEdit:
+    for e in spec.edits:
+        if e.name == name:
+            return e
+    raise VerifyError(f"the plan edits {name!r}, which the spec does not declare",
+                      hint="verify the build against the spec it was compiled from "
+                      "(drop --spec, or recompile)")
+
+
+def _reverse(spec: Spec, edit: TripleEdit | PromptEdit) -> tuple[Probe, ...]:
+    if not isinstance(edit, TripleEdit):
+        return ()
+    rel = spec.relation(edit.relation)
+    if rel is None or rel.reverse is None:
+        return ()
+    prompt = render(rel.reverse, subject=edit.subject, object=edit.new)
+    return (Probe(prompt=prompt, target=edit.subject),)
+
+
+def _portability(edit: TripleEdit | PromptEdit) -> tuple[Probe, ...]:
+    subject = edit.subject if isinstance(edit, TripleEdit) else (edit.subject or "")
+    out = []
+    for p in edit.portability:
+        prompt = render(p.prompt, subject=subject) if is_template(p.prompt) else p.prompt
+        out.append(Probe(prompt=prompt, target=p.target))
+    return tuple(out)
+
+
+def _request_from_spec(spec: Spec, edit: TripleEdit | PromptEdit) -> EditRequest:
+    """What the planner's resolve pass renders, for verifying without a plan."""
+    if isinstance(edit, PromptEdit):
+        return EditRequest(name=edit.name, prompt=edit.prompt, subject=edit.subject,
+                           target_new=edit.target, target_old=edit.old, scope=edit.scope)
+    rel = spec.relation(edit.relation)
+    if rel is None:
+        raise VerifyError(f"edit {edit.name!r} uses relation {edit.relation!r}, "
+                          "which the spec does not declare")
+    prompt = render(rel.prompt, subject=edit.subject)
+    scope = tuple(render(t, subject=edit.subject) for t in rel.paraphrases) + edit.scope
+    return EditRequest(name=edit.name, prompt=prompt, subject=edit.subject, target_new=edit.new,
+                       target_old=edit.old,
+                       scope=tuple(p for p in dict.fromkeys(scope) if p != prompt))
+
+
+def _case(spec: Spec, req: EditRequest, step: str | None, index: int) -> Case:
+    edit = _edit_of(spec, req.name)
+    scope = tuple(Probe(prompt=p, target=req.target_new, old=req.target_old) for p in req.scope)
+    return Case(
+        name=req.name,
+        kind=edit.kind,
+        subject=edit.subject if isinstance(edit, TripleEdit) else edit.subject,
+        relation=edit.relation if isinstance(edit, TripleEdit) else None,
+        efficacy=Probe(prompt=req.prompt, target=req.target_new, old=req.target_old),
+        generality=scope,
+        preserve=tuple(dict.fromkeys(edit.preserve)),
+        portability=_portability(edit),
+        reversal=_reverse(spec, edit) if edit.expect_reversal else (),
+        expect_reversal=edit.expect_reversal,
+        step=step,
+        step_index=index,
+    )
+
+
+def build_cases(spec: Spec, plan: Plan | None = None) -> tuple[Case, ...]:
+    """One :class:`Case` per user edit: in plan order, or spec order without a plan.
+
+    Raises:
+        VerifyError: the plan names an edit the spec lacks, or a template fails.
+    """
+    if plan is None:
+        return tuple(_case(spec, _request_from_spec(spec, e), None, i)
+                     for i, e in enumerate(spec.edits))
+    cases = []
+    for i, step in enumerate(plan.steps):
+        for req in step.edits:
+            if not req.inverse:
+                cases.append(_case(spec, req, step.id, i))
+    return tuple(cases)
+
+
+def claims_of(spec: Spec) -> tuple[tuple[Claim, bool], ...]:
+    """The claims to check, each with ``declared``: the spec's own, or
+    :data:`DEFAULT_CLAIMS` (efficacy ≥ 1 and locality ≥ 0.9 on 20 samples)
+    when the spec declares none."""
+    if spec.claims:
+        return tuple((c, True) for c in spec.claims)
+    return tuple((c, False) for c in DEFAULT_CLAIMS)
+
+
+def not_applicable(claim: Claim, case: Case, order: str, last_step: int) -> str | None:
+    """Why ``claim`` does not apply to ``case``; None when it applies."""
+    m = claim.metric
+    if m == "generality" and not case.generality:
+        return "the edit has no in-scope paraphrases or scope prompts"
+    if m == "portability" and not case.portability:
+        return "the edit declares no portability probes"
+    if m == "reversal" and not case.reversal:
+        return "the edit does not declare `expect reversal`"
+    if m == "retention":
+        if order != "sequence":
+            return "retention applies to `order sequence` only (edits here are one batch)"
+        if case.step_index >= last_step:
+            return "the edit is in the last step: no later edit could have undone it"
+    return None
+
+
+def claim_label(claim: Claim) -> str:
+    """A short stable label: metric, protocol when not ``prob``, KL budget.
+
+    >>> claim_label(Claim(metric="locality", threshold=0.9, kl=0.1))
+    'locality[kl<=0.1]'
+    >>> claim_label(Claim(metric="efficacy", threshold=1.0, protocol="token"))
+    'efficacy[token]'
+    """
+    parts = []
+    if claim.protocol != "prob":
+        parts.append(claim.protocol)
+    if claim.neighbours_of:
+        parts.append(f"of={claim.neighbours_of}")
+    if claim.kl is not None:
+        parts.append(f"kl<={claim.kl:g}")
+    return claim.metric + (f"[{','.join(parts)}]" if parts else "")
+
+
+def in_scope(cases: Sequence[Case]) -> frozenset[str]:
+    """Every prompt some edit declares in scope: edit prompts, paraphrases,
+    scope prompts, reverse and portability questions (they are meant to move)."""
+    out: set[str] = set()
+    for c in cases:
+        out.add(c.efficacy.prompt)
+        out.update(p.prompt for p in c.generality + c.reversal + c.portability)
+    return frozenset(out)

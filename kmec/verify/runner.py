@@ -1,0 +1,352 @@
+"""``verify``: evaluate every claim of a spec on a base and an edited model.
+
+Contents:
+    verify()        Spec + Plan + base/edited models -> Report (reads models, never writes them)
+    PPL_TOLERANCE   how much the corpus-slice perplexity may rise
+
+The run, in order:
+
+1. Cases: one per user edit (:mod:`kmec.verify.claims`).
+2. Samples: for every locality claim and edit, hypothesis draws the
+   neighbourhood (generation only, seeded) and the example database's stored
+   failures are read back (replayed first, so a failure found once is checked
+   again).
+3. One batched scoring pass over every prompt any check needs, on both models
+   at once (:class:`kmec.verify.scoring.ScoreCache`).
+4. Claims are evaluated from the cache; for a locality claim with a
+   violation, hypothesis searches again (same seed: the same draws) and
+   shrinks the first failure to a minimal counterexample, which is saved to
+   the database and added to the sample (so the next run, which replays it,
+   gives the same report).
+5. Canaries (perplexity, general questions), CounterFact+ prefixed
+   neighbourhoods, greedy continuations of the edit prompts.
+6. Retention / scalability on partial applications of the artifact, and
+   the weight-diff audit, when the artifact is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
+
+from kmec import __version__
+from kmec.artifacts import Artifact
+from kmec.errors import VerifyError
+from kmec.hashing import sha256_text
+from kmec.planner.draft import spec_hash
+from kmec.planner.model import Plan
+from kmec.spec import Claim, Spec
+from kmec.verify import canaries, metrics
+from kmec.verify.claims import Case, build_cases, claim_label, claims_of, in_scope, not_applicable
+from kmec.verify.evaluate import (
+    Decoder,
+    capability,
+    counterexample,
+    edit_row,
+    locality_claim,
+    probe_claim,
+)
+from kmec.verify.extras import audit_section, plus_items, plus_rows, step_scores
+from kmec.verify.report import (
+    Aggregate,
+    AuditSection,
+    CapabilitySection,
+    ClaimResult,
+    Counterexample,
+    Report,
+)
+from kmec.verify.scoring import Item, ScoreCache, greedy_continuations, perplexity
+from kmec.verify.strategies import (
+    Draw,
+    NeighbourSpace,
+    minimal_failure,
+    neighbour_space,
+    replay,
+    sample,
+)
+
+log = logging.getLogger("kmec")
+
+Progress = Callable[[str, int, int], None]
+PPL_TOLERANCE = 0.05  # edited/base perplexity of the corpus slice may be at most 1.05
+DEFAULT_SAMPLE = 50  # locality draws per edit when a claim gives no `sample`
+GREEDY_TOKENS = 8
+
+
+def _seed_for(seed: int, *parts: str) -> int:
+    return int(sha256_text("|".join((str(seed), *parts)))[:16], 16)
+
+
+@dataclass
+class _Job:
+    """One locality property: a claim on an edit, its space and its draws."""
+
+    index: int
+    claim: Claim
+    declared: bool
+    case: Case
+    space: NeighbourSpace
+    key: str
+    seed_value: int
+    n: int
+    draws: list[Draw] = field(default_factory=list)
+
+
+class _Run:
+    """The state of one verification (models, cache, database, timings)."""
+
+    def __init__(self, spec: Spec, plan: Plan | None, base: Any, edited: Any, tok: Any, seed: int,
+                 max_examples: int | None, db: ExampleDatabase | None,
+                 progress: Progress | None) -> None:
+        self.spec, self.plan, self.base, self.edited, self.tok = spec, plan, base, edited, tok
+        self.seed, self.max_examples, self.db = seed, max_examples, db
+        self.progress = progress or (lambda _s, _d, _t: None)
+        self.cache = ScoreCache([base, edited], tok)
+        self.dec = Decoder(tok)
+        self.cases: tuple[Case, ...] = build_cases(spec, plan)
+        if not self.cases:
+            raise VerifyError("the spec declares no edits: there is nothing to verify")
+        self.claims = claims_of(spec)
+        self.timing: dict[str, float] = {}
+        self.replayed = 0
+        self.last_step = max(c.step_index for c in self.cases)
+
+    def timed(self, name: str, t0: float) -> None:
+        self.timing[name] = round(self.timing.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+    # -------------------------------------------------------------- sampling
+
+    def locality_jobs(self) -> list[_Job]:
+        t0 = time.perf_counter()
+        excluded = in_scope(self.cases)
+        jobs = []
+        loc = [(i, c, d) for i, (c, d) in enumerate(self.claims) if c.metric == "locality"]
+        for n_done, (ci, claim, declared) in enumerate(loc):
+            for case in self.cases:
+                space = neighbour_space(self.spec, case, claim, self.cases, excluded)
+                label = f"{ci}:{claim_label(claim)}"
+                job = _Job(ci, claim, declared, case, space, key=f"{case.name}|{label}|{space.digest}",
+                           seed_value=_seed_for(self.seed, case.name, label),
+                           n=self.max_examples or claim.sample or DEFAULT_SAMPLE)
+                job.draws = sample(space, job.n, key=job.key, seed_value=job.seed_value)
+                stored = replay(space, self.db, key=job.key, seed_value=job.seed_value)
+                self.replayed += len(stored)
+                job.draws += stored
+                jobs.append(job)
+            self.progress("sampling", n_done + 1, len(loc))
+        self.timed("sampling_s", t0)
+        return jobs
+
+    def probe_items(self) -> list[Item]:
+        items: list[Item] = []
+        for case in self.cases:
+            for p in (case.efficacy, *case.generality, *case.portability, *case.reversal):
+                items.append(Item(p.prompt, p.target))
+                if p.old is not None:
+                    items.append(Item(p.prompt, p.old))
+            items += [Item(p) for p in case.preserve]
+        return items
+
+    # -------------------------------------------------------------- claims
+
+    def shrink(self, job: _Job) -> Counterexample | None:
+        """Minimal counterexample for a locality job with a violation (added to its draws)."""
+        def fails(d: Draw) -> bool:
+            return not metrics.agrees(*self.cache.get(Item(d.prompt)), job.claim.kl)
+
+        if not any(fails(d) for d in job.draws):
+            return None
+        found = minimal_failure(job.space, fails, job.n, key=job.key, seed_value=job.seed_value,
+                                database=self.db)
+        if found is None:
+            return None
+        job.draws.append(found)
+        return counterexample(found, self.cache, self.dec, job.claim.kl)
+
+    def claim_results(self, jobs: list[_Job]) -> list[ClaimResult]:
+        t0 = time.perf_counter()
+        by_claim = {(j.index, j.case.name): j for j in jobs}
+        out: list[ClaimResult] = []
+        for ci, (claim, declared) in enumerate(self.claims):
+            for case in self.cases:
+                why = not_applicable(claim, case, self.spec.order, self.last_step)
+                if why is not None:
+                    out.append(ClaimResult(claim=claim_label(claim), metric=claim.metric,
+                                           protocol=claim.protocol, threshold=claim.threshold,
+                                           declared=declared, edit=case.name, status="n/a",
+                                           note=why))
+                elif claim.metric == "locality":
+                    job = by_claim[(ci, case.name)]
+                    found = self.shrink(job)
+                    out.append(locality_claim(claim, declared, case, job.draws, self.cache,
+                                              self.dec, found))
+                else:
+                    note = ("scored on the model after all edits of the sequence"
+                            if claim.metric == "retention" else "")
+                    out.append(probe_claim(claim, declared, case, self.cache, self.dec, note))
+        self.timed("claims_s", t0)
+        return out
+
+
+def _aggregate(run: _Run, results: list[ClaimResult], artifact: Artifact | None) -> Aggregate:
+    means: dict[str, float | None] = {}
+    for label in dict.fromkeys(r.claim for r in results):
+        scores = [r.score for r in results if r.claim == label and r.score is not None]
+        means[label] = round(sum(scores) / len(scores), 6) if scores else None
+    efficacy = [metrics.probe_value(*(s[1] for s in _new_old(run, c)), "prob") for c in run.cases]
+    notes: list[str] = []
+    agg: dict[str, float | None] = {}
+    steps = step_scores(run.base, run.tok, run.cases, artifact, run.spec.order,
+                        retention=any(c.metric == "retention" for c, _ in run.claims))
+    if run.spec.order == "batch":
+        agg["scalability"] = round(metrics.scalability(efficacy), 6)
+        if steps:
+            single = [steps[c.name] for c in run.cases if c.name in steps]
+            batch = [v for c, v in zip(run.cases, efficacy) if c.name in steps]
+            rel = metrics.relative_scalability(batch, single)
+            agg["relative_scalability"] = None if rel is None else round(rel, 6)
+            notes.append(f"relative scalability over {len(single)} edit(s) that have a step "
+                         "of their own (each applied alone vs. the whole batch)")
+        else:
+            notes.append("relative scalability needs single-edit steps in the artifact "
+                         "(one batched step cannot be split into single edits)")
+    else:
+        earlier = [(c, v) for c, v in zip(run.cases, efficacy) if c.step_index < run.last_step]
+        if earlier:
+            agg["retention"] = round(metrics.retention([v for _, v in earlier]), 6)
+            own = [steps[c.name] for c, _ in earlier if c.name in steps]
+            if steps and len(own) == len(earlier):
+                rel = metrics.relative_retention([v for _, v in earlier], own)
+                agg["relative_retention"] = None if rel is None else round(rel, 6)
+        notes.append("retention: earlier edits scored on the model after all edits (efficacy, "
+                     "prob protocol); relative to each edit's score right after its own step")
+    return Aggregate(means=means, notes=tuple(notes), **agg)
+
+
+def _new_old(run: _Run, case: Case) -> tuple:
+    p = case.efficacy
+    new = run.cache.get(Item(p.prompt, p.target))
+    old = run.cache.get(Item(p.prompt, p.old)) if p.old is not None else (None, None)
+    return new, old
+
+
+def _capability(run: _Run) -> CapabilitySection:
+    loc = [c for c, _ in run.claims if c.metric == "locality"]
+    if not loc:
+        return CapabilitySection(ran=False)
+    t0 = time.perf_counter()
+    ppl = perplexity([run.base, run.edited], run.tok, canaries.CORPUS_SLICE)
+    section = capability((ppl[0], ppl[1]), PPL_TOLERANCE, canaries.GENERAL_QUESTIONS,
+                         max(c.threshold for c in loc), run.cache, run.dec)
+    run.progress("canaries", 1, 1)
+    run.timed("canaries_s", t0)
+    return section
+
+
+def _failures(results: list[ClaimResult], audit: AuditSection, cap: CapabilitySection) -> list[str]:
+    failed = [f"{r.claim} on edit {r.edit!r} ({r.score:.3f} < {r.threshold:g})"
+              for r in results if r.status == "fail" and r.score is not None]
+    if not audit.ok:
+        failed.append(f"audit: {audit.summary}")
+    if not cap.ok:
+        failed.append(f"capability: perplexity ratio {cap.ppl_ratio} (max {1 + (cap.ppl_tolerance or 0):g}), "
+                      f"general questions kept {cap.questions_survived} (min {cap.questions_threshold})")
+    return failed
+
+
+def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, tok: Any, *,
+           seed: int | None = None, max_examples: int | None = None,
+           db_dir: str | Path | None = None, progress: Progress | None = None,
+           artifact: Artifact | None = None) -> Report:
+    """Check every claim of ``spec`` on ``edited_model`` against ``base_model``.
+
+    Args:
+        spec: the spec (``spec.source`` locates ``subjects from`` files).
+        plan: the compiled plan (None: prompts rendered from the spec).
+        base_model, edited_model: the models before and after the edit (not modified).
+        tok: their tokenizer.
+        seed: seed of the property-based samples (default: the spec's seed).
+        max_examples: hypothesis examples per locality property (overrides ``sample``).
+        db_dir: hypothesis example database folder (None: no database).
+        progress: ``progress(stage, done, total)``.
+        artifact: the artifact; enables the weight-diff audit, retention and
+            relative scalability.
+
+    Returns:
+        The :class:`Report`; ``report.exit_code`` is 0 when every claim holds, else 1.
+
+    Raises:
+        VerifyError: nothing to verify, or inputs that do not fit together.
+    """
+    t_start = time.perf_counter()
+    db = DirectoryBasedExampleDatabase(str(db_dir)) if db_dir is not None else None
+    run = _Run(spec, plan, base_model, edited_model, tok, spec.seed if seed is None else seed,
+               max_examples, db, progress)
+    jobs = run.locality_jobs()
+    t0 = time.perf_counter()
+    items = run.probe_items() + [Item(d.prompt) for j in jobs for d in j.draws]
+    if jobs:
+        items += [Item(q) for q in canaries.GENERAL_QUESTIONS]
+    plus = plus_items(spec, run.cases)
+    items += [Item(p) for _, p in plus]
+    run.cache.prefetch(items, progress=run.progress)
+    run.timed("scoring_s", t0)
+    results = run.claim_results(jobs)
+    cap = _capability(run)
+    t0 = time.perf_counter()
+    greedy = greedy_continuations([base_model, edited_model], tok,
+                                  [c.efficacy.prompt for c in run.cases], max_new_tokens=GREEDY_TOKENS)
+    run.timed("greedy_s", t0)
+    rows = tuple(edit_row(c, run.cache, run.dec, g, results) for c, g in zip(run.cases, greedy))
+    t0 = time.perf_counter()
+    agg = _aggregate(run, results, artifact)
+    audit = audit_section(base_model, edited_model, artifact)
+    run.timed("audit_and_steps_s", t0)
+    failed = _failures(results, audit, cap)
+    checks = sum(r.status != "n/a" for r in results) + audit.ran + cap.ran
+    summary = (f"all {checks} checks hold" if not failed else
+               f"{len(failed)} of {checks} checks failed: " + "; ".join(failed))
+    notes = _notes(run, results)
+    run.timing.update(total_s=round(time.perf_counter() - t_start, 3),
+                      items_scored=run.cache.items_scored, cache_lookups=run.cache.lookups,
+                      replayed_examples=run.replayed)
+    return Report(
+        kmec_version=__version__, ok=not failed, exit_code=1 if failed else 0, summary=summary,
+        failed=tuple(failed), model=plan.model if plan else (spec.model or ""),
+        base_fingerprint=(plan.model_fingerprint if plan else
+                          artifact.manifest.base_fingerprint if artifact else ""),
+        spec_hash=spec_hash(spec), plan_hash=plan.sha256 if plan else None,
+        artifact=_artifact_info(artifact), order=spec.order, seed=run.seed,
+        spec=spec.model_dump(mode="json"), plan=plan.model_dump(mode="json") if plan else None,
+        claims=tuple(results), edits=rows, aggregate=agg, audit=audit, capability=cap,
+        plus=plus_rows(plus, run.cache, run.dec), notes=notes, timing=dict(run.timing))
+
+
+def _artifact_info(artifact: Artifact | None) -> dict[str, Any]:
+    if artifact is None:
+        return {}
+    m = artifact.manifest
+    return {"base_model": m.base_model, "plan_hash": m.plan_hash, "params": list(m.params),
+            "payloads": {p.id: {"kind": p.kind, "step": p.step, "param": p.param, "site": p.site,
+                                "rank": p.rank, "sha256": dict(sorted(p.tensors.items()))}
+                         for p in m.payloads}}
+
+
+def _notes(run: _Run, results: list[ClaimResult]) -> tuple[str, ...]:
+    notes = []
+    if not run.spec.claims:
+        notes.append("the spec declares no claims; checked the defaults: efficacy >= 1 and "
+                      "locality >= 0.9 on 20 sampled prompts")
+    if any(r.metric == "retention" and r.status != "n/a" for r in results):
+        notes.append("retention scores are measured after all edits of the sequence were applied")
+    vacuous = {r.claim for r in results} - {r.claim for r in results if r.status != "n/a"}
+    for label in sorted(vacuous):
+        notes.append(f"claim {label} applies to no edit of this spec")
+    return tuple(notes)
+

@@ -1,0 +1,433 @@
+"""Batched scoring of prompts and target continuations on one or more models.
+
+Contents:
+    Item             a prompt and an optional target continuation
+    Encoded          token ids of prompt + target and where the target starts
+    ItemScore        what one model says about one item
+    spaced()         the target as it follows the prompt (``" Paris"``, not ``"Paris"``)
+    encode_item()    tokenise prompt and target together; locate the target tokens
+    score_logprobs() an ItemScore from log-probabilities at an item's positions (pure)
+    score_items()    score many items on several models in right-padded batches
+    ScoreCache       per-item memo over score_items (hypothesis asks the same prompts again)
+    perplexity()     per-model perplexity of texts (a general-capability canary)
+    greedy_continuations()  greedy text each model writes after each prompt
+
+Every item is run through every model in the same batch, so the KL divergence
+between the first model (the base) and each other model at the prompt's last
+position is computed on the fly and no full next-token distribution is kept.
+
+Batches are right-padded: a causal model's real tokens only attend to earlier
+real tokens and sit at positions ``0..len-1``, so padding after them changes
+nothing, and each row's log-probabilities are gathered at its true positions.
+Rows are sorted by length before batching to keep padding small, and an item
+whose tokens are a prefix of another's is read from the longer one's row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kmec.errors import VerifyError
+
+Progress = Callable[[str, int, int], None]
+
+# Families whose causal-LM head is exactly ``lm_head(base_model(x).last_hidden_state)``
+# (no logit scaling or soft-capping), so the head can run on gathered positions only.
+_PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "gpt2", "gptj", "gpt_neox"})
+
+
+@dataclass(frozen=True)
+class Item:
+    """A prompt and, optionally, the continuation to score after it."""
+
+    prompt: str
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of prompt + target; ``ids[n_prompt:]`` are the target's tokens."""
+
+    ids: tuple[int, ...]
+    n_prompt: int
+
+    @property
+    def target_ids(self) -> tuple[int, ...]:
+        return self.ids[self.n_prompt:]
+
+    @property
+    def positions(self) -> range:
+        """Positions whose next-token distribution is read: the prompt's last
+        token, then each target token but the last."""
+        return range(self.n_prompt - 1, self.n_prompt - 1 + max(len(self.target_ids), 1))
+
+    @property
+    def length(self) -> int:
+        """Tokens that must be fed to read every position."""
+        return self.positions.stop
+
+
+@dataclass(frozen=True)
+class ItemScore:
+    """One model's view of one item.
+
+    Attributes:
+        target_ids: the target's token ids (empty for a bare prompt).
+        target_logprobs: log P(target token i | prompt, target tokens < i).
+        target_hits: whether each target token is the arg-max (teacher forced).
+        top_ids, top_probs: the top-k next tokens after the prompt.
+        kl: KL(P_ref ‖ P_this) of the next-token distributions after the prompt,
+            in nats; the reference is the first model scored (0 for it).
+    """
+
+    target_ids: tuple[int, ...]
+    target_logprobs: tuple[float, ...]
+    target_hits: tuple[bool, ...]
+    top_ids: tuple[int, ...]
+    top_probs: tuple[float, ...]
+    kl: float = 0.0
+
+    @property
+    def mean_logprob(self) -> float:
+        """Mean target-token log-probability (length-normalised, as CounterFact)."""
+        lp = self.target_logprobs
+        return sum(lp) / len(lp) if lp else 0.0
+
+    @property
+    def prob(self) -> float:
+        """exp(mean target-token log-probability): a per-token probability."""
+        return math.exp(self.mean_logprob)
+
+    @property
+    def token_accuracy(self) -> float:
+        """Fraction of target tokens that are the teacher-forced arg-max."""
+        h = self.target_hits
+        return sum(h) / len(h) if h else 0.0
+
+    @property
+    def exact(self) -> bool:
+        """Every target token is the arg-max: greedy decoding emits the target."""
+        return bool(self.target_hits) and all(self.target_hits)
+
+    @property
+    def top1(self) -> int:
+        return self.top_ids[0]
+
+
+def spaced(prompt: str, target: str) -> str:
+    """The target as it follows the prompt: with the separating space a
+    byte-level BPE tokenizer puts in front of a word.
+
+    >>> spaced("The capital of France is", "Paris")
+    ' Paris'
+    >>> spaced("Q: capital of France? A: ", "Paris"), spaced("x", " y")
+    ('Paris', ' y')
+    """
+    if not target or target[0].isspace() or not prompt or prompt[-1].isspace():
+        return target
+    return " " + target
+
+
+def _ids(tok: Any, text: str, special: bool = True) -> list[int]:
+    return list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_item(tok: Any, item: Item) -> Encoded:
+    """Tokenise ``prompt + spaced(target)`` together and find the target tokens.
+
+    When the joint tokenisation starts with the prompt's own tokens, the rest
+    are the target's. When a merge crosses the boundary (rare: the prompt ends
+    mid-word), the target is tokenised on its own and appended.
+
+    Raises:
+        VerifyError: the prompt has no tokens (nothing predicts the target).
+    """
+    p = _ids(tok, item.prompt)
+    if not p:
+        raise VerifyError(f"prompt {item.prompt!r} has no tokens, so nothing can be scored after it")
+    if item.target is None:
+        return Encoded(tuple(p), len(p))
+    text = spaced(item.prompt, item.target)
+    full = _ids(tok, item.prompt + text)
+    if len(full) > len(p) and full[: len(p)] == p:
+        return Encoded(tuple(full), len(p))
+    return Encoded(tuple(p + _ids(tok, text, special=False)), len(p))
+
+
+def score_logprobs(logprobs: torch.Tensor, target_ids: Sequence[int],
+                   ref_first: torch.Tensor | None = None, topk: int = 5) -> ItemScore:
+    """Score one item from the log-probabilities read at its positions.
+
+    Args:
+        logprobs: ``[n_positions, vocab]`` log-softmax rows; row 0 is the
+            distribution after the prompt, row i the one after target token i-1.
+        target_ids: the target's tokens (may be empty).
+        ref_first: the reference model's row 0, for the KL divergence.
+        topk: how many top next tokens to keep.
+
+    Returns:
+        The :class:`ItemScore` (``kl = Σ_v P_ref(v)·(log P_ref(v) − log P(v))``).
+    """
+    lp = logprobs.float()
+    tgt = torch.tensor(list(target_ids), dtype=torch.long)
+    if len(tgt):
+        rows = lp[: len(tgt)]
+        t_lp = rows.gather(1, tgt[:, None]).squeeze(1)
+        hits = rows.argmax(dim=1) == tgt
+        target_lp, target_hits = tuple(t_lp.tolist()), tuple(bool(h) for h in hits.tolist())
+    else:
+        target_lp, target_hits = (), ()
+    k = min(topk, lp.shape[1])
+    top = lp[0].topk(k)
+    kl = 0.0
+    if ref_first is not None:
+        ref = ref_first.float()
+        kl = max(float((ref.exp() * (ref - lp[0])).sum()), 0.0)
+    return ItemScore(tuple(target_ids), target_lp, target_hits, tuple(top.indices.tolist()),
+                     tuple(top.values.exp().tolist()), kl)
+
+
+# ---------------------------------------------------------------- batched forward
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Final hidden states and the head that maps them to logits (or logits
+    and an identity head for families whose head is not a plain linear map)."""
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if model.config.model_type in _PLAIN_HEAD and body is not None and body is not model \
+            and head is not None:
+        out = body(input_ids=ids, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state, head
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits, None
+
+
+@dataclass
+class _Row:
+    """One sequence fed to the models and the items read from it.
+
+    ``reads`` are ``(item index, first position, target ids)``: an item whose
+    tokens are a prefix of another item's tokens is read from that item's
+    row, since a causal model's output at a position only depends on the
+    tokens up to it. Corpus-prefix probes ("The river rises", "The river
+    rises in a", ...) then cost one forward pass per sentence.
+    """
+
+    ids: tuple[int, ...]
+    reads: list[tuple[int, int, tuple[int, ...]]]
+
+    @property
+    def positions(self) -> list[int]:
+        want = {p for _, first, t in self.reads for p in range(first, first + max(len(t), 1))}
+        return sorted(want)
+
+
+def _rows(encoded: Sequence[Encoded]) -> list[_Row]:
+    """Group items so that each is read from the longest item it is a prefix of.
+
+    In lexicographic order a sequence is directly followed by its extensions,
+    so walking backwards, an item that is a prefix of the next one shares
+    the next one's host.
+    """
+    needed = [e.ids[: e.length] for e in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: (needed[i], i))
+    host: dict[int, int] = {}
+    for k in range(len(order) - 1, -1, -1):
+        i = order[k]
+        nxt = order[k + 1] if k + 1 < len(order) else None
+        if nxt is not None and needed[nxt][: len(needed[i])] == needed[i]:
+            host[i] = host[nxt]
+        else:
+            host[i] = i
+    rows: dict[int, _Row] = {}
+    for i in range(len(encoded)):
+        h = host[i]
+        if h not in rows:
+            rows[h] = _Row(needed[h], [])
+        rows[h].reads.append((i, encoded[i].n_prompt - 1, encoded[i].target_ids))
+    return [rows[h] for h in sorted(rows)]
+
+
+def _pad(rows: Sequence[_Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        mask[i, : len(r.ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _score_batch(models: Sequence[Any], rows: Sequence[_Row], pad_id: int,
+                 topk: int) -> dict[int, tuple[ItemScore, ...]]:
+    """Run ``rows`` through every model; score each read (KL against model 0)."""
+    refs: dict[int, torch.Tensor] = {}
+    per_item: dict[int, list[ItemScore]] = {}
+    for mi, model in enumerate(models):
+        ids, mask = _pad(rows, pad_id, _device(model))
+        with torch.no_grad():
+            hidden, head = _hidden(model, ids, mask)
+            for r, row in enumerate(rows):
+                pos = row.positions
+                at = {p: k for k, p in enumerate(pos)}
+                h = hidden[r, pos]
+                lp = (head(h) if head is not None else h).float().log_softmax(-1).cpu()
+                for item, first, target in row.reads:
+                    mine = lp[at[first]: at[first] + max(len(target), 1)]
+                    if mi == 0:
+                        refs[item] = mine[0]
+                    per_item.setdefault(item, []).append(
+                        score_logprobs(mine, target, refs[item] if mi else None, topk))
+    return {i: tuple(s) for i, s in per_item.items()}
+
+
+def _batches(rows: Sequence[_Row], max_batch_tokens: int) -> list[list[_Row]]:
+    """Rows sorted by length, in batches of at most ``max_batch_tokens`` padded tokens."""
+    batches: list[list[_Row]] = []
+    cur: list[_Row] = []
+    for row in sorted(rows, key=lambda r: (len(r.ids), r.ids)):
+        width = len(row.ids)  # sorted: the newest row is the widest
+        if cur and (len(cur) + 1) * width > max_batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(row)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def pad_id_of(tok: Any) -> int:
+    pid = getattr(tok, "pad_token_id", None)
+    if pid is None:
+        pid = getattr(tok, "eos_token_id", None)
+    return int(pid or 0)
+
+
+def score_encoded(models: Sequence[Any], encoded: Sequence[Encoded], *, pad_id: int = 0,
+                  max_batch_tokens: int = 2048, topk: int = 5,
+                  progress: Progress | None = None) -> list[tuple[ItemScore, ...]]:
+    """Score already-encoded items on every model (see :func:`score_items`)."""
+    out: dict[int, tuple[ItemScore, ...]] = {}
+    for batch in _batches(_rows(encoded), max_batch_tokens):
+        out.update(_score_batch(models, batch, pad_id, topk))
+        if progress is not None:
+            progress("scoring", len(out), len(encoded))
+    return [out[i] for i in range(len(encoded))]
+
+
+def score_items(models: Sequence[Any], tok: Any, items: Sequence[Item], *,
+                max_batch_tokens: int = 2048, topk: int = 5,
+                progress: Progress | None = None) -> list[tuple[ItemScore, ...]]:
+    """Score ``items`` on every model in right-padded, length-sorted batches.
+
+    Args:
+        models: causal LMs; the first is the reference for ``ItemScore.kl``.
+        tok: their (shared) tokenizer.
+        items: prompts with optional targets.
+        max_batch_tokens: padded tokens per batch (rows × widest row).
+        topk: top next tokens kept per item.
+        progress: ``progress("scoring", done, total)``.
+
+    Returns:
+        One tuple per item, one :class:`ItemScore` per model, in input order.
+    """
+    encoded = [encode_item(tok, it) for it in items]
+    return score_encoded(models, encoded, pad_id=pad_id_of(tok),
+                         max_batch_tokens=max_batch_tokens, topk=topk, progress=progress)
+
+
+class ScoreCache:
+    """Scores of items on fixed models, computed once per item.
+
+    ``prefetch`` scores every missing item in batches; ``get`` scores a
+    missing item alone (hypothesis's shrinker asks for prompts nobody
+    predicted). ``items_scored`` counts items actually run through the models.
+    """
+
+    def __init__(self, models: Sequence[Any], tok: Any, *, max_batch_tokens: int = 2048,
+                 topk: int = 5) -> None:
+        self.models = tuple(models)
+        self.tok = tok
+        self.max_batch_tokens = max_batch_tokens
+        self.topk = topk
+        self._store: dict[Item, tuple[ItemScore, ...]] = {}
+        self.items_scored = 0
+        self.lookups = 0
+
+    def __contains__(self, item: Item) -> bool:
+        return item in self._store
+
+    def prefetch(self, items: Iterable[Item], progress: Progress | None = None) -> None:
+        """Score every item not yet cached, batched."""
+        missing = [it for it in dict.fromkeys(items) if it not in self._store]
+        if not missing:
+            return
+        scores = score_items(self.models, self.tok, missing, max_batch_tokens=self.max_batch_tokens,
+                             topk=self.topk, progress=progress)
+        self._store.update(zip(missing, scores))
+        self.items_scored += len(missing)
+
+    def get(self, item: Item) -> tuple[ItemScore, ...]:
+        """The scores of ``item`` on each model (scored now if not cached)."""
+        self.lookups += 1
+        if item not in self._store:
+            self.prefetch([item])
+        return self._store[item]
+
+
+# ---------------------------------------------------------------- canaries and display
+
+
+def perplexity(models: Sequence[Any], tok: Any, texts: Sequence[str], *, max_len: int = 128,
+               max_batch_tokens: int = 2048) -> tuple[float, ...]:
+    """Perplexity of each model on ``texts``: exp(−mean log P(token | tokens before)).
+
+    Each text is cut to ``max_len`` tokens; every token after the first is scored.
+    """
+    encoded = []
+    for t in texts:
+        ids = _ids(tok, t)[:max_len]
+        if len(ids) >= 2:
+            encoded.append(Encoded(tuple(ids), 1))
+    if not encoded:
+        raise VerifyError("the perplexity corpus slice has no text to score")
+    scores = score_encoded(models, encoded, pad_id=pad_id_of(tok), max_batch_tokens=max_batch_tokens)
+    out = []
+    for m in range(len(models)):
+        lps = [lp for row in scores for lp in row[m].target_logprobs]
+        out.append(math.exp(-sum(lps) / len(lps)))
+    return tuple(out)
+
+
+def greedy_continuations(models: Sequence[Any], tok: Any, prompts: Sequence[str], *,
+                         max_new_tokens: int = 8) -> list[tuple[str, ...]]:
+    """The text each model writes greedily after each prompt (left-padded batch).
+
+    Returns:
+        One tuple per prompt, one continuation per model.
+    """
+    if not prompts:
+        return []
+    pad = pad_id_of(tok)
+    enc = [_ids(tok, p) for p in prompts]
+    width = max(len(e) for e in enc)
+    per_model = []
+    for model in models:
+        dev = _device(model)
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=dev)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=dev)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, pad_token_id=pad,
+                                 temperature=None, top_p=None, top_k=None)
+        per_model.append([tok.decode(row[width:].tolist(), skip_special_tokens=True) for row in out])
+    return [tuple(texts) for texts in zip(*per_model)]

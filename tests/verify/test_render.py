@@ -1,0 +1,105 @@
+"""Reports: JSON round trip, JUnit structure, self-contained HTML, Markdown."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+from kmec.backends.base import LowRank
+from kmec.spec import Claim
+from kmec.verify.render import kl_histogram_svg, to_html, to_json, to_junit, to_markdown, write_reports
+from kmec.verify.report import Report
+from tests.verify.conftest import PARAM
+from tests.verify.test_verify import run
+
+CLAIMS = (Claim(metric="efficacy", threshold=1.0),
+          Claim(metric="generality", threshold=0.0, protocol="token"),
+          Claim(metric="reversal", threshold=1.0),
+          Claim(metric="locality", threshold=0.9, sample=30, kl=0.05))
+
+
+@pytest.fixture(scope="module")
+def failing(setup) -> Report:
+    g = torch.Generator().manual_seed(3)
+    return run(setup, [LowRank(PARAM, torch.randn(32, 1, generator=g) * 3,
+                               torch.randn(2048, 1, generator=g) * 3)], CLAIMS)
+
+
+def test_json_is_canonical_and_round_trips(failing):
+    text = to_json(failing)
+    data = json.loads(text)
+    assert list(data) == sorted(data) and "timing" in data and data["exit_code"] == 1
+    assert Report.model_validate_json(text).model_dump(mode="json") == data
+    assert data["spec"]["edits"][0]["name"] == "france" and data["plan"]["steps"][0]["id"]
+
+
+def test_junit_has_one_testcase_per_claim_per_edit(failing):
+    root = ET.fromstring(to_junit(failing))
+    claim_suites = [s for s in root if s.get("name") != "kmec.checks"]
+    assert [s.get("name") for s in claim_suites] == [
+        "kmec.efficacy", "kmec.generality[token]", "kmec.reversal", "kmec.locality[kl<=0.05]"]
+    assert all(len(list(s)) == 1 and s[0].get("name") == "france" for s in claim_suites)
+    assert claim_suites[2][0].find("skipped") is not None  # reversal not expected
+    loc = claim_suites[3][0].find("failure")
+    assert loc is not None and "minimal counterexample" in loc.text
+    checks = {c.get("name"): c for c in root.find("testsuite[@name='kmec.checks']")}
+    assert set(checks) == {"audit", "capability"}
+    assert int(root.get("tests")) == 6 and int(root.get("failures")) >= 1
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.urls: list[str] = []
+        self.stack: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+        if tag not in ("meta", "br", "input", "img", "link", "hr"):
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}> after {self.stack[-3:]}"
+        self.stack.pop()
+
+
+def test_html_is_self_contained_and_well_formed(failing):
+    html = to_html(failing)
+    p = _Tags()
+    p.feed(html)
+    assert p.stack == [], p.stack[-5:]
+    assert p.urls == [] and "script" not in p.tags and "link" not in p.tags
+    assert {"svg", "table", "style", "details"} <= set(p.tags)
+    cx = next(c for c in failing.claims if c.counterexample).counterexample
+    assert cx.prompt in html and "Minimal counterexample" in html
+    assert failing.plan_hash in html and failing.spec_hash in html
+    assert "FAIL" in html and failing.edits[0].target_new in html
+
+
+def test_markdown_names_claims_and_failures(failing):
+    md = to_markdown(failing)
+    assert md.startswith("# kmec verify: FAIL")
+    assert "| `locality[kl<=0.05]` |" in md and "## Failures" in md
+    assert "Minimal counterexample" in md
+
+
+def test_histogram_svg():
+    svg = kl_histogram_svg([1e-7, 1e-3, 1e-3, 5.0, 50.0], budget=0.01)
+    assert svg.startswith("<svg") and svg.endswith("</svg>") and "budget 0.01" in svg
+    assert "5 locality prompts" in svg
+
+
+def test_write_reports(failing, tmp_path):
+    paths = write_reports(failing, tmp_path / "report")
+    assert sorted(p.name for p in paths.values()) == ["junit.xml", "report.html", "report.json",
+                                                       "report.md"]
+    assert all(p.stat().st_size > 0 for p in paths.values())
