@@ -1,6 +1,6 @@
 """Benchmark the XᵀX kernels: accuracy of Triton vs the torch reference, and speed.
 
-    .venv/bin/python benchmarks/bench_kernels.py [--json OUT]
+    .venv/bin/python benchmarks/bench_kernels.py [--json OUT] [--threads 1]
 
 Measures, on whatever machine runs it:
 
@@ -117,7 +117,10 @@ def speed(d: int = 1536, n: int = 4096) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: stable timings on a shared machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     results = {"accuracy": accuracy(), "running_sum": running_sum_precision(), "speed": speed(),
                "triton_mode": "cuda" if torch.cuda.is_available() else "interpreter (CPU)"}
     print(f"XᵀX kernels vs float64 reference (d=80, N=256, masked; triton: {results['triton_mode']})")
