@@ -1,7 +1,7 @@
 """Benchmark verification on the embedded model (SmolLM2-135M).
 
     .venv/bin/python benchmarks/bench_verify.py [--prompts 200] [--rounds 2]
-        [--edits 12] [--sample 200] [--threads N] [--write]
+        [--spec specs/examples/capitals.kmec] [--threads N] [--skip-budget] [--write]
 
 (a) Scoring: the same prompts (locality-style bare prompts and prompt +
     target pairs, as ``kmec verify`` scores them) through
@@ -9,11 +9,11 @@
     time, interleaved round by round in one process so CPU contention from
     other work hits both alike. Target: batched ≥ 5× faster; the two must
     agree within 1e-4.
-(b) Budget: a full ``kmec.verify.verify`` of a spec with ``--edits`` capital
-    edits (rank-one deltas on the last MLP, made here so the benchmark does not
-    depend on the compiler) and a locality claim of ``--sample`` drawn prompts
-    per edit, plus efficacy and generality claims. Target: < 60 s after the
-    model is loaded.
+(b) Budget: a full ``kmec.verify.verify`` of ``--spec`` (default: the README
+    demo ``specs/examples/capitals.kmec``: 12 edits, a locality claim of 200
+    drawn prompts per edit, efficacy, generality and reversal claims),
+    compiled first with ``kmec.compile`` (its step cache makes reruns quick).
+    Target: < 60 s after the model is loaded.
 
 ``--write`` puts the results, the command, the machine and the date into the
 "Verification" section of BENCHMARKS.md (between its markers; other sections
@@ -29,22 +29,23 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+# As ``kmec verify`` does (kmec/cli/verify.py): idle OpenMP threads sleep
+# rather than spin, which matters on a shared 2-core machine. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kmec.artifacts import apply, build_artifact  # noqa: E402
-from kmec.backends.base import LowRank  # noqa: E402
-from kmec.models.hooks import Trace  # noqa: E402
-from kmec.models.load import load_model  # noqa: E402
-from kmec.planner.model import EditRequest, Plan, Step  # noqa: E402
-from kmec.spec import Claim, Relation, Spec, TripleEdit  # noqa: E402
-from kmec.verify import canaries, verify  # noqa: E402
-from kmec.verify.scoring import Item, score_items  # noqa: E402
+from kmec.artifacts import apply
+from kmec.models.load import load_model
+from kmec.verify import canaries, verify
+from kmec.verify.scoring import Item, _rows, encode_item, score_items
 
 BEGIN, END = "<!-- verify:begin -->", "<!-- verify:end -->"
 CAPITALS = [("France", "Paris", "Lyon"), ("Germany", "Berlin", "Munich"), ("Italy", "Rome", "Milan"),
@@ -89,59 +90,32 @@ def bench_scoring(model, tok, items: list[Item], rounds: int) -> dict:
             pairs += list(zip(b[0].top_probs, s[0].top_probs))
             diff = max([diff] + [abs(x - y) for x, y in pairs])
     tb, ts = min(batched_t), min(single_t)
+    rows = len(_rows([encode_item(tok, it) for it in items]))
     tokens = sum(len(tok(it.prompt + (" " + it.target if it.target else ""))["input_ids"])
                  for it in items)
-    return {"n": len(items), "tokens": tokens, "batched_s": tb, "single_s": ts,
+    return {"n": len(items), "rows": rows, "tokens": tokens, "batched_s": tb, "single_s": ts,
             "speedup": ts / tb, "max_diff": diff}
 
 
-def crude_edit(model, tok, prompt: str, new: str, layer: int) -> LowRank:
-    """Rank-one delta on the last MLP: the prompt's key maps to the new target's
-    embedding direction (a C = I 'ROME'; enough to move the edit prompt)."""
-    path = f"model.layers.{layer}.mlp.down_proj"
-    ids = tok(prompt)["input_ids"]
-    with torch.no_grad(), Trace(model, path, retain_input=True) as tr:
-        logits = model(torch.tensor([ids])).logits[0, -1]
-    k = tr.input[0, -1].double()
-    emb = model.get_input_embeddings().weight.double()
-    new_id = tok(" " + new, add_special_tokens=False)["input_ids"][0]
-    u = emb[new_id] - emb[int(logits.argmax())]
-    u = 8.0 * u / u.norm()
-    return LowRank(f"{path}.weight", u[:, None].float(), (k / (k @ k))[:, None].float())
+def bench_budget(spec_path: Path, build: Path) -> dict:
+    """Compile ``spec_path`` (cached steps make a rerun quick) and time ``verify`` on it."""
+    from kmec.compile import compile_spec
+    from kmec.verify.build import load_inputs
 
-
-def bench_budget(lm, n_edits: int, sample: int) -> dict:
-    model, tok = lm.model, lm.tok
-    rel = Relation(name="capital", prompt=TEMPLATES[0], paraphrases=TEMPLATES[1:],
-                   subjects=NEIGHBOURS)
-    lang = Relation(name="language", prompt="The official language of {{ subject }} is")
-    edits = tuple(TripleEdit(name=s.lower(), subject=s, relation="capital", old=old, new=new,
-                             preserve=(f"The currency of {s} is the",))
-                  for s, old, new in CAPITALS[:n_edits])
-    claims = (Claim(metric="efficacy", threshold=1.0), Claim(metric="generality", threshold=0.5),
-              Claim(metric="locality", threshold=0.9, sample=sample, kl=0.5))
-    spec = Spec(model="smollm2-135m", relations=(rel, lang), edits=edits, claims=claims)
-    layer = lm.facts.n_layers - 1
-    reqs, payloads = [], []
-    for e in edits:
-        prompt = f"The capital of {e.subject} is"
-        reqs.append(EditRequest(name=e.name, prompt=prompt, subject=e.subject, target_new=e.new,
-                                target_old=e.old,
-                                scope=tuple(t.replace("{{ subject }}", e.subject) for t in TEMPLATES[1:])))
-        payloads.append(crude_edit(model, tok, prompt, e.new, layer))
-    plan = Plan(kmec_version="bench", spec_hash="0" * 64, model="smollm2-135m",
-                model_fingerprint=lm.facts.fingerprint, model_arch=lm.facts.arch, seed=0,
-                order="batch", steps=(Step(id="s00-bench", backend="bench", edits=tuple(reqs)),))
-    art = build_artifact([("s00-bench", payloads)], base_model="smollm2-135m",
-                         base_fingerprint=lm.facts.fingerprint, base_arch=lm.facts.arch,
-                         weight_layout="out_in", plan_hash=plan.sha256)
-    edited = copy.deepcopy(model)
-    apply(art, edited, fingerprint=lm.facts.fingerprint)
     t0 = time.perf_counter()
-    report = verify(spec, plan, model, edited, tok, seed=0, artifact=art)
+    compile_spec(spec_path, out=build)
+    compile_s = time.perf_counter() - t0
+    inputs = load_inputs(build)
+    lm = load_model(inputs.model)
+    edited = copy.deepcopy(lm.model)
+    apply(inputs.artifact, edited, fingerprint=lm.facts.fingerprint)
+    t0 = time.perf_counter()
+    report = verify(inputs.spec, inputs.plan, lm.model, edited, lm.tok, artifact=inputs.artifact)
     seconds = time.perf_counter() - t0
     loc = [c for c in report.claims if c.metric == "locality"]
-    return {"edits": n_edits, "sample": sample, "seconds": seconds,
+    sample = max((c.sample or 0) for c in inputs.spec.claims if c.metric == "locality")
+    return {"spec": str(spec_path.relative_to(ROOT)), "edits": len(inputs.spec.edits),
+            "sample": sample, "seconds": seconds, "compile_s": compile_s,
             "locality_prompts": sum(c.n for c in loc), "items_scored": report.timing["items_scored"],
             "timing": report.timing, "summary": report.summary}
 
@@ -151,7 +125,7 @@ def _write(text: str) -> None:
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{BEGIN}\n{text}{END}"
     if BEGIN in doc and END in doc:
-        doc = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _m: block, doc, flags=re.S)
+        doc = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _m: block, doc, flags=re.DOTALL)
     else:
         doc = doc.rstrip("\n") + f"\n\n## Verification\n\n{block}\n"
     path.write_text(doc)
@@ -161,8 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--edits", type=int, default=12)
-    ap.add_argument("--sample", type=int, default=200)
+    ap.add_argument("--spec", type=Path, default=ROOT / "specs" / "examples" / "capitals.kmec")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-budget", action="store_true")
     ap.add_argument("--write", action="store_true")
@@ -176,29 +149,40 @@ def main() -> None:
           f"one at a time {sc['single_s']:.2f} s, {sc['speedup']:.1f}x, max diff {sc['max_diff']:.1e}")
     bud = None
     if not args.skip_budget:
-        bud = bench_budget(lm, args.edits, args.sample)
-        print(f"verify {bud['edits']} edits, locality sample {bud['sample']}/edit: "
+        with tempfile.TemporaryDirectory(prefix="kmec-bench-") as tmp:
+            bud = bench_budget(args.spec.resolve(), Path(tmp) / "build")
+        print(f"verify {bud['spec']}: {bud['edits']} edits, locality sample {bud['sample']}/edit: "
               f"{bud['seconds']:.1f} s ({bud['locality_prompts']} locality probes, "
               f"{bud['items_scored']} items scored); {bud['timing']}")
         print(bud["summary"])
     if args.write:
         cmd = "python benchmarks/bench_verify.py " + " ".join(sys.argv[1:])
-        lines = [f"Command: `{cmd.strip()}` · {dt.date.today().isoformat()} · "
-                 f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                 f"{torch.get_num_threads()} torch threads; SmolLM2-135M fp32 on CPU.", "",
-                 "| measurement | result | target |", "|---|---|---|",
-                 f"| scoring {sc['n']} prompts ({sc['tokens']} tokens), batched | "
-                 f"{sc['batched_s']:.2f} s | |",
+        machine = (f"Command: `{cmd.strip()}` · {dt.date.today().isoformat()} · "
+                   f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY="
+                   f"{os.environ.get('OMP_WAIT_POLICY')}; SmolLM2-135M fp32 on CPU.")
+        lines = [machine, "", "| measurement | result | target |", "|---|---|---|",
+                 (f"| scoring {sc['n']} prompts ({sc['tokens']} tokens), batched | "
+                  f"{sc['batched_s']:.2f} s | |"),
                  f"| same prompts one at a time | {sc['single_s']:.2f} s | |",
                  f"| speed-up | **{sc['speedup']:.1f}×** | ≥ 5× |",
                  f"| max difference batched vs single | {sc['max_diff']:.1e} | ≤ 1e-4 |"]
         if bud:
-            lines.append(f"| `verify`: {bud['edits']} edits, locality sample {bud['sample']} per "
-                         f"edit ({bud['locality_prompts']} probes, {bud['items_scored']} unique "
-                         f"items scored) | **{bud['seconds']:.1f} s** | < 60 s |")
-        lines += ["", "Both scorers are run in the same process, interleaved round by round "
-                  "(best of rounds). The machine is shared: absolute times vary with load; the "
-                  "ratio is the result.", ""]
+            lines.append(f"| `verify` of `{bud['spec']}` (compiled): {bud['edits']} edits, locality "
+                         f"sample {bud['sample']} per edit ({bud['locality_prompts']} probes, "
+                         f"{bud['items_scored']} unique items scored) | **{bud['seconds']:.1f} s** "
+                         f"| < 60 s |")
+        lines += ["", ("Both scorers run in the same process, interleaved round by round "
+                       "(best of rounds). The machine is shared: absolute times vary with load; "
+                       "the ratio is the result."), "",
+                  ("Where the batched scorer's time goes: rows are sorted by length and a batch "
+                   "is closed before a quarter of it would be padding; an item whose tokens are "
+                   f"a prefix of another's (corpus-sentence prefixes, a bare prompt and the same "
+                   f"prompt with its target) is read from the longer row ({sc['n']} items -> "
+                   f"{sc['rows']} rows here); the unembedding runs only on the positions read, "
+                   "one GEMM per group of rows. `kmec verify` sets OMP_WAIT_POLICY=PASSIVE "
+                   "(unless set): on this shared 2-core machine spinning OpenMP threads made "
+                   "verification 3-10x slower under load."), ""]
         _write("\n".join(lines))
 
 

@@ -7,9 +7,11 @@ Contents:
     write_reports()  report.json, junit.xml, report.md, report.html
 
 Modules: ``claims`` (claims -> probes), ``scoring`` (batched scoring),
-``strategies`` (hypothesis neighbourhoods), ``metrics`` (the formulas),
-``evaluate`` / ``extras`` (claim evaluation, audit, partial applications),
-``runner`` (orchestration), ``report`` / ``render`` (+ ``templates/``).
+``decode`` (perplexity, greedy continuations), ``canaries`` (held-out text,
+general questions), ``strategies`` (hypothesis neighbourhoods), ``metrics``
+(the formulas), ``evaluate`` / ``extras`` (claim evaluation, audit, partial
+applications), ``runner`` (orchestration), ``build`` (build directories),
+``report`` / ``render`` (+ ``templates/``).
 """
 
 from __future__ import annotations

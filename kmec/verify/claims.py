@@ -125,7 +125,7 @@ def _case(spec: Spec, req: EditRequest, step: str | None, index: int) -> Case:
     return Case(
         name=req.name,
         kind=edit.kind,
-        subject=edit.subject if isinstance(edit, TripleEdit) else edit.subject,
+        subject=edit.subject,
         relation=edit.relation if isinstance(edit, TripleEdit) else None,
         efficacy=Probe(prompt=req.prompt, target=req.target_new, old=req.target_old),
         generality=scope,

@@ -106,13 +106,13 @@ def _log_bins(values: Sequence[float], lo: float = 1e-6, hi: float = 10.0, n: in
 def kl_histogram_svg(values: Sequence[float], budget: float | None = None, *,
                      width: int = 560, height: int = 180) -> str:
     """An inline SVG histogram of KL values on a log scale (1e-6 … 10 nats)."""
-    n, pad, axis = 21, 36, 24
+    n, pad, axis = 21, 36, 36
     counts = _log_bins(values, n=n)
     top = max(counts) or 1
     plot_w, plot_h = width - 2 * pad, height - axis - 16
     bar_w = plot_w / n
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="histogram of locality KL">',
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+              f'viewBox="0 0 {width} {height}" role="img" aria-label="histogram of locality KL">'),
              f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fafafa"/>']
     for i, c in enumerate(counts):
         h = plot_h * c / top

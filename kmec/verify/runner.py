@@ -44,6 +44,7 @@ from kmec.planner.model import Plan
 from kmec.spec import Claim, Spec
 from kmec.verify import canaries, metrics
 from kmec.verify.claims import Case, build_cases, claim_label, claims_of, in_scope, not_applicable
+from kmec.verify.decode import greedy_continuations, perplexity
 from kmec.verify.evaluate import (
     Decoder,
     capability,
@@ -61,7 +62,7 @@ from kmec.verify.report import (
     Counterexample,
     Report,
 )
-from kmec.verify.scoring import Item, ScoreCache, greedy_continuations, perplexity
+from kmec.verify.scoring import Item, ScoreCache
 from kmec.verify.strategies import (
     Draw,
     NeighbourSpace,
@@ -76,7 +77,7 @@ log = logging.getLogger("kmec")
 Progress = Callable[[str, int, int], None]
 PPL_TOLERANCE = 0.05  # edited/base perplexity of the corpus slice may be at most 1.05
 DEFAULT_SAMPLE = 50  # locality draws per edit when a claim gives no `sample`
-GREEDY_TOKENS = 8
+GREEDY_TOKENS = 8  # at most; the longest new target + 3 tokens suffices to show it
 
 
 def _seed_for(seed: int, *parts: str) -> int:
@@ -300,8 +301,11 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
     results = run.claim_results(jobs)
     cap = _capability(run)
     t0 = time.perf_counter()
+    longest = max(len(run.cache.get(Item(c.efficacy.prompt, c.efficacy.target))[0].target_ids)
+                  for c in run.cases)
     greedy = greedy_continuations([base_model, edited_model], tok,
-                                  [c.efficacy.prompt for c in run.cases], max_new_tokens=GREEDY_TOKENS)
+                                  [c.efficacy.prompt for c in run.cases],
+                                  max_new_tokens=min(GREEDY_TOKENS, longest + 3))
     run.timed("greedy_s", t0)
     rows = tuple(edit_row(c, run.cache, run.dec, g, results) for c, g in zip(run.cases, greedy))
     t0 = time.perf_counter()

@@ -9,8 +9,7 @@ Contents:
     score_logprobs() an ItemScore from log-probabilities at an item's positions (pure)
     score_items()    score many items on several models in right-padded batches
     ScoreCache       per-item memo over score_items (hypothesis asks the same prompts again)
-    perplexity()     per-model perplexity of texts (a general-capability canary)
-    greedy_continuations()  greedy text each model writes after each prompt
+    score_encoded()  the same for already-encoded items
 
 Every item is run through every model in the same batch, so the KL divergence
 between the first model (the base) and each other model at the prompt's last
@@ -39,6 +38,8 @@ Progress = Callable[[str, int, int], None]
 # Families whose causal-LM head is exactly ``lm_head(base_model(x).last_hidden_state)``
 # (no logit scaling or soft-capping), so the head can run on gathered positions only.
 _PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "gpt2", "gptj", "gpt_neox"})
+PAD_WASTE = 0.25  # a batch is closed before more than this share of it would be padding
+HEAD_POSITIONS = 256  # positions per unembedding GEMM (256 x 49k fp32 logits = 50 MB)
 
 
 @dataclass(frozen=True)
@@ -276,30 +277,54 @@ def _score_batch(models: Sequence[Any], rows: Sequence[_Row], pad_id: int,
         ids, mask = _pad(rows, pad_id, _device(model))
         with torch.no_grad():
             hidden, head = _hidden(model, ids, mask)
-            for r, row in enumerate(rows):
-                pos = row.positions
-                at = {p: k for k, p in enumerate(pos)}
-                h = hidden[r, pos]
+            for group in _head_groups(rows):
+                # the positions read from a group of rows go through the head in one GEMM
+                where = [(r, p) for r in group for p in rows[r].positions]
+                at = {rp: k for k, rp in enumerate(where)}
+                h = hidden[[r for r, _ in where], [p for _, p in where]]
                 lp = (head(h) if head is not None else h).float().log_softmax(-1).cpu()
-                for item, first, target in row.reads:
-                    mine = lp[at[first]: at[first] + max(len(target), 1)]
-                    if mi == 0:
-                        refs[item] = mine[0]
-                    per_item.setdefault(item, []).append(
-                        score_logprobs(mine, target, refs[item] if mi else None, topk))
+                for r in group:
+                    for item, first, target in rows[r].reads:
+                        start = at[(r, first)]
+                        mine = lp[start: start + max(len(target), 1)]
+                        if mi == 0:
+                            refs[item] = mine[0]
+                        per_item.setdefault(item, []).append(
+                            score_logprobs(mine, target, refs[item] if mi else None, topk))
     return {i: tuple(s) for i, s in per_item.items()}
 
 
-def _batches(rows: Sequence[_Row], max_batch_tokens: int) -> list[list[_Row]]:
-    """Rows sorted by length, in batches of at most ``max_batch_tokens`` padded tokens."""
+def _head_groups(rows: Sequence[_Row], max_positions: int = HEAD_POSITIONS) -> list[list[int]]:
+    """Row indices in groups of at most ``max_positions`` read positions (a
+    longer row alone): bounds the [positions, vocab] log-prob block in memory."""
+    groups: list[list[int]] = [[]]
+    n = 0
+    for r, row in enumerate(rows):
+        k = len(row.positions)
+        if groups[-1] and n + k > max_positions:
+            groups.append([])
+            n = 0
+        groups[-1].append(r)
+        n += k
+    return groups
+
+
+def _batches(rows: Sequence[_Row], max_batch_tokens: int,
+             max_waste: float = PAD_WASTE) -> list[list[_Row]]:
+    """Rows sorted by length, in batches of at most ``max_batch_tokens`` padded
+    tokens, of which at most ``max_waste`` may be padding (padding is compute
+    thrown away; on a CPU it costs as much as real tokens)."""
     batches: list[list[_Row]] = []
     cur: list[_Row] = []
+    real = 0
     for row in sorted(rows, key=lambda r: (len(r.ids), r.ids)):
         width = len(row.ids)  # sorted: the newest row is the widest
-        if cur and (len(cur) + 1) * width > max_batch_tokens:
+        padded = (len(cur) + 1) * width
+        if cur and (padded > max_batch_tokens or padded > (1 + max_waste) * (real + width)):
             batches.append(cur)
-            cur = []
+            cur, real = [], 0
         cur.append(row)
+        real += width
     if cur:
         batches.append(cur)
     return batches
@@ -382,52 +407,3 @@ class ScoreCache:
         if item not in self._store:
             self.prefetch([item])
         return self._store[item]
-
-
-# ---------------------------------------------------------------- canaries and display
-
-
-def perplexity(models: Sequence[Any], tok: Any, texts: Sequence[str], *, max_len: int = 128,
-               max_batch_tokens: int = 2048) -> tuple[float, ...]:
-    """Perplexity of each model on ``texts``: exp(−mean log P(token | tokens before)).
-
-    Each text is cut to ``max_len`` tokens; every token after the first is scored.
-    """
-    encoded = []
-    for t in texts:
-        ids = _ids(tok, t)[:max_len]
-        if len(ids) >= 2:
-            encoded.append(Encoded(tuple(ids), 1))
-    if not encoded:
-        raise VerifyError("the perplexity corpus slice has no text to score")
-    scores = score_encoded(models, encoded, pad_id=pad_id_of(tok), max_batch_tokens=max_batch_tokens)
-    out = []
-    for m in range(len(models)):
-        lps = [lp for row in scores for lp in row[m].target_logprobs]
-        out.append(math.exp(-sum(lps) / len(lps)))
-    return tuple(out)
-
-
-def greedy_continuations(models: Sequence[Any], tok: Any, prompts: Sequence[str], *,
-                         max_new_tokens: int = 8) -> list[tuple[str, ...]]:
-    """The text each model writes greedily after each prompt (left-padded batch).
-
-    Returns:
-        One tuple per prompt, one continuation per model.
-    """
-    if not prompts:
-        return []
-    pad = pad_id_of(tok)
-    enc = [_ids(tok, p) for p in prompts]
-    width = max(len(e) for e in enc)
-    per_model = []
-    for model in models:
-        dev = _device(model)
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=dev)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=dev)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, pad_token_id=pad,
-                                 temperature=None, top_p=None, top_k=None)
-        per_model.append([tok.decode(row[width:].tolist(), skip_special_tokens=True) for row in out])
-    return [tuple(texts) for texts in zip(*per_model)]

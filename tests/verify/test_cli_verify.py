@@ -25,7 +25,7 @@ from tests.verify.conftest import (
 )
 
 CLAIMS = (Claim(metric="efficacy", threshold=1.0),
-          Claim(metric="locality", threshold=0.9, sample=30))
+          Claim(metric="locality", threshold=0.9, sample=30, kl=0.05))
 
 
 @pytest.fixture()
@@ -80,7 +80,8 @@ def test_verify_violation_exits_1_naming_the_claim(setup, tmp_path, tiny_loader,
     build, _ = write_build(setup, tmp_path, [broad])
     assert cli("verify", str(build), "--report-dir", str(tmp_path / "r")) == 1
     out = capsys.readouterr().out
-    assert "FAIL" in out and "locality on edit 'france'" in out
+    # claim labels hold brackets: printed as text, not taken for console markup
+    assert "FAIL" in out and "locality[kl<=0.05] on edit 'france'" in out
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["exit_code"] == 1 and any("locality" in f for f in report["failed"])
 
@@ -124,3 +125,21 @@ def test_audit_command(setup, tmp_path, good, capsys):
                "--build", str(build)) == 1
     out = capsys.readouterr().out
     assert "undeclared parameters moved: model.layers.0.self_attn.q_proj.weight" in out
+
+
+def test_verify_undeclared_change_exits_1_naming_the_parameter(setup, tmp_path, tiny_loader,
+                                                                good, monkeypatch, capsys):
+    """A broken apply (or a tampered model) that moves an undeclared weight fails the audit."""
+    from kmec.artifacts import apply as real_apply
+
+    def leaky_apply(artifact, model, **kw):
+        applied = real_apply(artifact, model, **kw)
+        with torch.no_grad():
+            model.get_parameter("model.layers.0.mlp.gate_proj.weight")[0, 0] += 1e-3
+        return applied
+
+    monkeypatch.setattr("kmec.verify.build.apply", leaky_apply)
+    build, _ = write_build(setup, tmp_path, [good])
+    assert cli("verify", str(build), "--max-examples", "10") == 1
+    out = capsys.readouterr().out
+    assert "audit failed: undeclared parameters moved: model.layers.0.mlp.gate_proj.weight" in out

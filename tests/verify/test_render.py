@@ -11,7 +11,14 @@ import torch
 
 from kmec.backends.base import LowRank
 from kmec.spec import Claim
-from kmec.verify.render import kl_histogram_svg, to_html, to_json, to_junit, to_markdown, write_reports
+from kmec.verify.render import (
+    kl_histogram_svg,
+    to_html,
+    to_json,
+    to_junit,
+    to_markdown,
+    write_reports,
+)
 from kmec.verify.report import Report
 from tests.verify.conftest import PARAM
 from tests.verify.test_verify import run

@@ -7,15 +7,8 @@ import math
 import pytest
 import torch
 
-from kmec.verify.scoring import (
-    Item,
-    ScoreCache,
-    encode_item,
-    greedy_continuations,
-    perplexity,
-    score_items,
-    spaced,
-)
+from kmec.verify.decode import greedy_continuations, perplexity
+from kmec.verify.scoring import Item, ScoreCache, encode_item, score_items, spaced
 from tests.conftest import FAMILIES, ByteTokenizer, build_tiny_model
 
 ITEMS = [Item("The capital of France is", "Paris"), Item("abc", None), Item("x", "yz"),
@@ -115,3 +108,21 @@ def test_prefixes_are_read_from_one_row():
             assert b[m].top_ids == single[m].top_ids
             assert b[m].target_logprobs == pytest.approx(single[m].target_logprobs, abs=1e-4)
             assert b[m].kl == pytest.approx(single[m].kl, abs=1e-4)
+
+
+def test_head_groups_bound_the_logit_block(monkeypatch):
+    from kmec.verify import scoring
+
+    tok = ByteTokenizer()
+    rows = scoring._rows([encode_item(tok, it) for it in ITEMS])
+    groups = scoring._head_groups(rows, max_positions=4)
+    assert sorted(r for g in groups for r in g) == list(range(len(rows)))
+    assert all(len(g) == 1 or sum(len(rows[r].positions) for r in g) <= 4 for g in groups)
+    models = [build_tiny_model("gpt2"), build_tiny_model("gpt2", seed=1)]
+    whole = score_items(models, tok, ITEMS)
+    monkeypatch.setattr(scoring, "_head_groups", lambda rows: [[r] for r in range(len(rows))])
+    split = score_items(models, tok, ITEMS)
+    for a, b in zip(whole, split):
+        for m in range(2):
+            assert a[m].target_logprobs == pytest.approx(b[m].target_logprobs, abs=1e-5)
+            assert a[m].kl == pytest.approx(b[m].kl, abs=1e-6)
