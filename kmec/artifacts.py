@@ -6,6 +6,7 @@ Contents:
     Artifact        manifest + payload tensors
     build_artifact()  payloads + provenance -> Artifact (hashes computed here)
     save_artifact() / load_artifact()   safetensors + JSON, atomic, no pickle
+    check_base()    refuse a model whose fingerprint is not the artifact's base
     apply()         add the payloads to a model in place -> Applied (revertible)
     Applied         handle with ``revert()`` (restores exact original bytes)
     audit()         prove an edited model differs from its base only as declared
@@ -20,11 +21,18 @@ A ``LowRank`` payload adds ``scale · u vᵀ`` to a parameter in the math layout
 ``[out, in]``; the ``weight_layout`` recorded in the manifest (from the
 ArchAdapter) says whether the stored weight is ``[out, in]`` (``nn.Linear``)
 or ``[in, out]`` (GPT-2's ``Conv1D``), so no shapes are sniffed.
+
+Nothing here unpickles: tensors are read with safetensors and everything else
+is JSON, so a downloaded artifact cannot run code. Payloads holding NaN or inf
+are refused by :func:`apply`, and :func:`audit` fails on non-finite weights.
+Edited model folders (``kmec apply`` / ``kmec revert``) live in
+:mod:`kmec.edited`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +40,8 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from kmec import __version__
 from kmec.backends.base import Dense, LowRank, MemoryTable, Payload
@@ -167,36 +175,86 @@ def save_artifact(artifact: Artifact, path: str | Path) -> Path:
 def load_artifact(path: str | Path) -> Artifact:
     """Load an artifact folder and check every tensor against its recorded sha256.
 
+    Args:
+        path: the artifact folder, or a build directory holding ``artifact/``.
+
     Raises:
         ArtifactError: the folder, manifest or tensors are missing, unreadable,
-            or do not match their hashes.
+            written in another artifact format, or do not match their hashes.
     """
     path = Path(path)
     if (path / "artifact" / MANIFEST).exists():
         path = path / "artifact"  # a build directory
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist",
+                            hint="pass the build directory kmec compile wrote, or its artifact/ folder")
     mpath = path / MANIFEST
     if not mpath.exists():
         raise ArtifactError(f"{path} is not a kmec artifact (no {MANIFEST})",
                             hint="pass the artifact folder or the build directory kmec compile wrote")
     try:
-        manifest = Manifest.model_validate(json.loads(mpath.read_text()))
-    except (json.JSONDecodeError, ValidationError) as e:
-        raise ArtifactError(f"{mpath} is not a valid manifest: {str(e).splitlines()[0]}") from None
-    if manifest.format != FORMAT:
-        raise ArtifactError(f"{path} has format {manifest.format!r}; this kmec reads {FORMAT!r}")
+        raw = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{mpath} is not valid JSON: {e}",
+                            hint="the artifact is corrupt; recompile it") from None
+    check_format(raw, FORMAT, mpath)
     try:
-        tensors = load_file(str(path / TENSORS)) if manifest.payloads else {}
-    except (OSError, SafetensorError) as e:
-        raise ArtifactError(f"cannot read {path / TENSORS}: {e}",
-                            hint="the artifact is incomplete or corrupt; recompile it") from None
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        raise ArtifactError(f"{mpath} is not a valid manifest: {_first_error(e)}",
+                            hint="the artifact is corrupt; recompile it") from None
+    tensors = _read_tensors(path / TENSORS) if manifest.payloads else {}
     for entry in manifest.payloads:
         for name, digest in entry.tensors.items():
             if name not in tensors:
-                raise ArtifactError(f"artifact {path} lacks tensor {name}")
+                raise ArtifactError(f"artifact {path} lacks tensor {name}",
+                                    hint="the artifact is incomplete; recompile it")
             if sha256_tensor(tensors[name]) != digest:
                 raise ArtifactError(f"tensor {name} in {path} does not match its recorded sha256",
                                     hint="the artifact was modified after compilation; recompile it")
     return Artifact(manifest, tensors)
+
+
+def check_format(raw: Any, expected: str, where: Path) -> None:
+    """Refuse JSON written in another kmec format (checked before validating its fields).
+
+    Raises:
+        ArtifactError: ``raw`` is not an object or its ``format`` is not ``expected``.
+    """
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{where} is not a {expected.split('/')[0]} record (not a JSON object)")
+    found = raw.get("format")
+    if found == expected:
+        return
+    if isinstance(found, str) and found.split("/")[0] == expected.split("/")[0]:
+        writer = raw.get("kmec_version", "another version")
+        raise ArtifactError(
+            f"{where} was written in format {found!r} (by kmec {writer}); this kmec "
+            f"({__version__}) reads {expected!r}",
+            hint=f"use kmec {writer} to read it, or recompile the spec with this kmec")
+    raise ArtifactError(f"{where} has format {found!r}; this kmec reads {expected!r}",
+                        hint="it was not written by kmec, or is corrupt")
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never pickle) whose metadata names this format."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    except (OSError, SafetensorError) as e:
+        raise ArtifactError(f"cannot read {file}: {e}",
+                            hint="the artifact is incomplete or corrupt; recompile it") from None
+    if fmt != FORMAT:
+        raise ArtifactError(f"{file} has tensor format {fmt!r}; this kmec reads {FORMAT!r}",
+                            hint="the artifact was assembled from mixed versions; recompile it")
+    return tensors
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err.get("loc", ())) or "<root>"
+    return f"{where}: {err.get('msg', 'invalid')}"
 
 
 # ---------------------------------------------------------------- apply / revert
@@ -231,9 +289,56 @@ def low_rank_delta(p: LowRank, layout: str, dtype: torch.dtype, device: Any) -> 
     return (d.T if layout == "in_out" else d).to(dtype)
 
 
+def check_base(manifest: Manifest, fingerprint: str, *, model: str | None = None) -> None:
+    """Refuse a model that is not the base the artifact was compiled for.
+
+    Args:
+        manifest: the artifact's manifest.
+        fingerprint: :func:`kmec.models.load.fingerprint_model` of the model.
+        model: how the user named the model (for the message), if known.
+
+    Raises:
+        ArtifactError: the fingerprints differ; the message names both prefixes.
+    """
+    if fingerprint == manifest.base_fingerprint:
+        return
+    given = f"the model {model!r}" if model else "the model given"
+    raise ArtifactError(
+        f"this artifact was compiled for base model {manifest.base_model!r} "
+        f"(fingerprint {manifest.base_fingerprint[:12]}), but {given} has fingerprint "
+        f"{fingerprint[:12]}",
+        hint="apply it to the model it was compiled for (--model), or recompile the spec for "
+        "this model (kmec compile SPEC --model ...)",
+    )
+
+
+def _check_payloads(artifact: Artifact) -> None:
+    """Refuse non-finite or malformed payloads before any weight is touched."""
+    for entry, p in zip(artifact.manifest.payloads, artifact.payloads()):
+        where = f"payload {entry.id} (step {entry.step}, {entry.param or entry.site})"
+        if isinstance(p, LowRank):
+            if p.u.ndim != 2 or p.v.ndim != 2 or p.u.shape[1] != p.v.shape[1]:
+                raise ArtifactError(f"{where} has factors of shapes {tuple(p.u.shape)} and "
+                                    f"{tuple(p.v.shape)}; expected [out, r] and [in, r]",
+                                    hint="the artifact is corrupt; recompile it")
+            named = {"u": p.u, "v": p.v, "scale": torch.tensor(p.scale)}
+        elif isinstance(p, Dense):
+            named = {"delta": p.delta}
+        else:
+            named = {"keys": p.keys, "values": p.values, "radius": p.radius}
+        for part, t in named.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ArtifactError(f"{where} holds non-finite values (NaN or inf) in {part}",
+                                    hint="the edit diverged when it was computed; recompile the "
+                                    "spec (lower the learning rate or max_delta) and check its log")
+
+
 def apply(artifact: Artifact, model: Any, *, fingerprint: str | None = None,
           check: bool = True) -> Applied:
     """Add the artifact's payloads to ``model`` in place.
+
+    Every payload is checked (finite, well-formed) before any weight changes;
+    if applying fails part way, the weights already touched are restored.
 
     Args:
         artifact: the artifact.
@@ -242,20 +347,16 @@ def apply(artifact: Artifact, model: Any, *, fingerprint: str | None = None,
         check: refuse a model whose fingerprint differs from the base's.
 
     Raises:
-        ArtifactError: fingerprint mismatch, unknown parameter, shape mismatch.
+        ArtifactError: fingerprint mismatch, non-finite payload, unknown
+            parameter, shape mismatch, or a delta that overflows the weights' dtype.
     """
     if check:
         if fingerprint is None:
             from kmec.models.load import fingerprint_model
 
             fingerprint = fingerprint_model(model)
-        if fingerprint != artifact.manifest.base_fingerprint:
-            raise ArtifactError(
-                f"this artifact was compiled for base model {artifact.manifest.base_model!r} "
-                f"(fingerprint {artifact.manifest.base_fingerprint[:12]}), but the model given "
-                f"has fingerprint {fingerprint[:12]}",
-                hint="apply it to the model it was compiled for, or recompile the spec for this model",
-            )
+        check_base(artifact.manifest, fingerprint)
+    _check_payloads(artifact)
     params = dict(model.named_parameters())
     applied = Applied(model, artifact)
     layout = artifact.manifest.weight_layout
@@ -280,6 +381,11 @@ def apply(artifact: Artifact, model: Any, *, fingerprint: str | None = None,
                     raise ArtifactError(f"delta for {p.param} has shape {tuple(delta.shape)}, "
                                         f"the parameter has {tuple(w.shape)}")
                 w.add_(delta)
+                if not bool(torch.isfinite(w).all()):
+                    raise ArtifactError(f"applying the delta makes {p.param} non-finite in "
+                                        f"{w.dtype} (overflow)",
+                                        hint="load the model in float32, or recompile with a "
+                                        "smaller max_delta")
     except BaseException:
         applied.revert()
         raise
@@ -297,12 +403,15 @@ class AuditResult:
     undeclared: tuple[str, ...]  # parameters that moved but the artifact does not declare
     mismatched: tuple[str, ...]  # declared parameters whose change differs from the delta
     checked: int
-    max_error: float
+    max_error: float  # over declared parameters with finite values
+    nonfinite: tuple[str, ...] = ()  # declared parameters holding NaN or inf after the edit
 
     def summary(self) -> str:
         if self.ok:
             return f"audit passed: {self.checked} parameters checked, max delta error {self.max_error:.2e}"
         parts = []
+        if self.nonfinite:
+            parts.append("non-finite values (NaN or inf) in: " + ", ".join(self.nonfinite))
         if self.undeclared:
             parts.append("undeclared parameters moved: " + ", ".join(self.undeclared))
         if self.mismatched:
@@ -314,8 +423,10 @@ def audit(base: Any, edited: Any, artifact: Artifact, *, rtol: float = 1e-4) -> 
     """Check that ``edited`` differs from ``base`` exactly by the artifact's deltas.
 
     Every parameter not named in the manifest must be bit-identical; every
-    declared parameter must satisfy ``‖(edited − base) − Δ‖ ≤ rtol·‖Δ‖ + 4·eps·‖W‖``
-    (Δ being the sum of the artifact's payloads on it).
+    declared parameter must be finite and satisfy
+    ``‖(edited − base) − Δ‖ ≤ rtol·‖Δ‖ + 4·eps·‖W‖`` (Δ being the sum of the
+    artifact's payloads on it). A NaN anywhere fails: comparisons with NaN are
+    false, so "error > bound" alone would let it pass.
     """
     layout = artifact.manifest.weight_layout
     declared: dict[str, torch.Tensor] = {}
@@ -326,7 +437,7 @@ def audit(base: Any, edited: Any, artifact: Artifact, *, rtol: float = 1e-4) -> 
              else p.delta.float().cpu())
         declared[p.param] = declared.get(p.param, 0) + d
     base_params = dict(base.named_parameters())
-    undeclared, mismatched, max_err, n = [], [], 0.0, 0
+    undeclared, mismatched, nonfinite, max_err, n = [], [], [], 0.0, 0
     for name, w_edit in edited.named_parameters():
         n += 1
         w_base = base_params.get(name)
@@ -342,8 +453,12 @@ def audit(base: Any, edited: Any, artifact: Artifact, *, rtol: float = 1e-4) -> 
         # rounding of W + Δ in the parameter's dtype is at most ~eps·|W| per element
         eps = torch.finfo(w_edit.dtype).eps
         bound = rtol * declared[name].norm().item() + 4 * eps * w_base.float().norm().item()
+        if not (math.isfinite(err) and math.isfinite(bound)
+                and bool(torch.isfinite(w_edit).all())):
+            nonfinite.append(name)
+            continue
         max_err = max(max_err, err)
         if err > bound:
             mismatched.append(name)
-    return AuditResult(not undeclared and not mismatched, tuple(undeclared), tuple(mismatched),
-                       n, max_err)
+    ok = not undeclared and not mismatched and not nonfinite
+    return AuditResult(ok, tuple(undeclared), tuple(mismatched), n, max_err, tuple(nonfinite))

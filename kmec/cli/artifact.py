@@ -1,0 +1,50 @@
+"""``kmec apply`` / ``kmec revert``: edited model folders from artifacts, and back."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False, stderr=True)
+out_console = Console(highlight=False, soft_wrap=True)
+
+
+def apply_cmd(
+    target: str = typer.Argument(..., help="Build directory (kmec compile --out) or artifact folder."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to write the edited model to."),
+    model: str = typer.Option(None, "--model", help="Base model (alias, folder or hub id); "
+                              "default: the one the artifact was compiled for."),
+) -> None:
+    """Apply an artifact to its base model and save the edited model as a Hugging Face folder.
+
+    The folder also holds kmec_edit.json and the original tensors of the edited
+    parameters, so `kmec revert` can restore the base model exactly.
+    """
+    from kmec.artifacts import load_artifact
+    from kmec.edited import write_edited
+
+    artifact = load_artifact(target)
+    with console.status("loading the base model and applying the artifact"):
+        w = write_edited(artifact, out, model=model)
+    n = len(artifact.manifest.payloads)
+    out_console.print(f"applied {n} payload(s) to {len(w.params)} parameter(s) of "
+                      f"{model or artifact.manifest.base_model} ({w.base_fingerprint[:12]}) -> "
+                      f"{w.path}/ (fingerprint {w.edited_fingerprint[:12]}, tokenizer {w.tokenizer})")
+
+
+def revert_cmd(
+    edited: str = typer.Argument(..., help="Folder written by kmec apply."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to write the restored base model to."),
+) -> None:
+    """Restore the base model bit-for-bit from a folder written by `kmec apply`."""
+    from kmec.edited import revert_folder
+
+    with console.status("restoring the base weights"):
+        w = revert_folder(edited, out)
+    out_console.print(f"restored {len(w.params)} parameter(s); {w.path}/ has the base "
+                      f"fingerprint {w.base_fingerprint[:12]}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("apply")(apply_cmd)
+    app.command("revert")(revert_cmd)

@@ -1,0 +1,282 @@
+"""Edited model folders: an artifact applied and saved, and reverted exactly.
+
+Contents:
+    EDIT_RECORD / BASE_PARAMS   the two files kmec adds to an edited model folder
+    EditRecord       what ``kmec_edit.json`` holds (manifest, both fingerprints, hashes)
+    load_weights()   a causal LM's weights (float32, CPU) without its tokenizer
+    write_edited()   artifact + base model -> edited Hugging Face folder (atomic)
+    read_record() / read_base_params()   read and hash-check an edited folder's kmec files
+    revert_folder()  edited folder -> the base model, bit-for-bit (atomic)
+
+An edited folder is an ordinary Hugging Face model folder (``config.json``,
+``model.safetensors``, tokenizer files) plus::
+
+    kmec_edit.json                 canonical JSON (EditRecord)
+    kmec_base_params.safetensors   the exact original tensors of the edited parameters
+
+Only the parameters the artifact changes are stored, so the second file is
+small (one MLP matrix per edited layer). Reverting copies them back and checks
+that the result has the base model's fingerprint.
+
+Tokenizers: applying an artifact needs no tokenizer, so none is loaded. The
+tokenizer files of a base model folder (or installed alias) are copied as they
+are; for a hub id the tokenizer is loaded and saved by transformers. A base
+folder without tokenizer files (e.g. a tiny test model) gives an edited folder
+without them, and the record says so (``tokenizer: "none"``).
+
+Weights are loaded in float32, as ``kmec compile`` loads them, so the base
+fingerprint computed here is the one the artifact records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from kmec import __version__
+from kmec.artifacts import Artifact, Manifest, apply, check_base, check_format
+from kmec.errors import ArtifactError, ModelError
+from kmec.hashing import atomic_dir, canonical_json, sha256_tensor
+from kmec.models.load import ModelRef, fingerprint_model, load_model, resolve_ref
+
+log = logging.getLogger("kmec")
+
+EDITED_FORMAT = "kmec-edited-model/1"
+EDIT_RECORD = "kmec_edit.json"
+BASE_PARAMS = "kmec_base_params.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+class EditRecord(BaseModel):
+    """Contents of ``kmec_edit.json`` in an edited model folder."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: str = EDITED_FORMAT
+    kmec_version: str
+    base_model: str  # the reference the base weights were loaded from
+    base_fingerprint: str
+    edited_fingerprint: str
+    base_params: dict[str, str]  # parameter name -> sha256 of its original tensor
+    tokenizer: Literal["copied", "saved", "none"]
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class Written:
+    """What :func:`write_edited` or :func:`revert_folder` wrote."""
+
+    path: Path
+    base_fingerprint: str
+    edited_fingerprint: str
+    params: tuple[str, ...]
+    tokenizer: str
+
+
+def load_weights(ref: str | ModelRef, *, safetensors_only: bool = False) -> tuple[Any, Any]:
+    """Load a causal LM in float32 on CPU; return ``(model, tokenizer or None)``.
+
+    Folders and aliases are loaded without a tokenizer (none is needed to
+    apply or revert); hub ids go through :func:`kmec.models.load.load_model`,
+    which handles an unreachable hub, and return its tokenizer.
+
+    Raises:
+        ModelError: the reference does not resolve or the files do not load.
+    """
+    if isinstance(ref, str):
+        ref = resolve_ref(ref)
+    if ref.path is None:
+        lm = load_model(ref)
+        return lm.model, lm.tok
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(ref.path), dtype=torch.float32,
+            **({"use_safetensors": True} if safetensors_only else {}))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ModelError(f"cannot load the model weights in {ref.path}: {first}") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model, None
+
+
+def _write_tokenizer(src: Path | None, tok: Any, dest: Path) -> Literal["copied", "saved", "none"]:
+    if src is not None:
+        files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+        for f in files:
+            shutil.copy2(f, dest / f.name)
+        return "copied" if files else "none"
+    if tok is not None:
+        tok.save_pretrained(dest)
+        return "saved"
+    return "none"
+
+
+def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = None) -> Written:
+    """Apply ``artifact`` to its base model and write the edited model folder.
+
+    Args:
+        artifact: the artifact (see :func:`kmec.artifacts.load_artifact`).
+        out: the folder to write (replaced atomically).
+        model: the base model reference; defaults to the manifest's ``base_model``.
+
+    Raises:
+        ArtifactError: the model is not the artifact's base, the artifact holds
+            external-memory payloads (hooks cannot be saved as weights), or
+            ``out`` is the base model's own folder.
+        ModelError: the base model cannot be resolved or loaded.
+    """
+    m = artifact.manifest
+    memory = [e.site for e in m.payloads if e.kind == "memory"]
+    if memory:
+        raise ArtifactError(
+            f"the artifact holds external-memory payloads (at {', '.join(sorted(set(memory)))}), "
+            "which run as hooks and cannot be saved in a model folder",
+            hint="load the base model and apply the artifact in Python (kmec.artifacts.apply)")
+    name = model or m.base_model
+    try:
+        ref = resolve_ref(name)
+    except ModelError as e:
+        if model is None:
+            raise ModelError(f"cannot find the artifact's base model: {e.message}",
+                             hint=f"pass --model with the folder or alias of {name!r}") from None
+        raise
+    out = Path(out)
+    if ref.path is not None and out.resolve() == ref.path.resolve():
+        raise ArtifactError(f"--out {out} is the base model's own folder",
+                            hint="write the edited model to a new folder")
+    weights, tok = load_weights(ref)
+    base_fp = fingerprint_model(weights)
+    check_base(m, base_fp, model=name)
+    applied = apply(artifact, weights, fingerprint=base_fp)
+    edited_fp = fingerprint_model(weights)
+    originals = {k: v.contiguous() for k, v in applied.originals.items()}
+    with atomic_dir(out) as tmp:
+        weights.save_pretrained(tmp)
+        tokenizer = _write_tokenizer(ref.path, tok, tmp)
+        save_file(originals, str(tmp / BASE_PARAMS), metadata={"format": EDITED_FORMAT})
+        record = EditRecord(kmec_version=__version__, base_model=name, base_fingerprint=base_fp,
+                            edited_fingerprint=edited_fp, tokenizer=tokenizer, manifest=m,
+                            base_params={k: sha256_tensor(v) for k, v in originals.items()})
+        (tmp / EDIT_RECORD).write_text(canonical_json(record.model_dump(mode="json")))
+    log.info("wrote edited model %s (%d parameter(s) changed)", out, len(originals))
+    return Written(out, base_fp, edited_fp, tuple(sorted(originals)), tokenizer)
+
+
+def read_record(folder: str | Path) -> EditRecord:
+    """Read and validate an edited folder's ``kmec_edit.json`` (JSON only).
+
+    Raises:
+        ArtifactError: the folder is missing, not a kmec-edited model, written in
+            another format, or its record is corrupt.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} does not exist or is not a folder",
+                            hint="pass the folder kmec apply wrote")
+    path = folder / EDIT_RECORD
+    if not path.exists():
+        raise ArtifactError(f"{folder} is not a kmec-edited model (no {EDIT_RECORD})",
+                            hint="kmec revert only undoes folders written by kmec apply")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}",
+                            hint="the edited folder is corrupt; re-run kmec apply") from None
+    check_format(raw, EDITED_FORMAT, path)
+    try:
+        record = EditRecord.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "<root>"
+        raise ArtifactError(f"{path} is not a valid kmec edit record: {where}: {err['msg']}",
+                            hint="the edited folder is corrupt; re-run kmec apply") from None
+    if set(record.base_params) != set(record.manifest.params):
+        raise ArtifactError(f"{path} records originals for {sorted(record.base_params)} but the "
+                            f"artifact edits {list(record.manifest.params)}",
+                            hint="the edited folder is corrupt; re-run kmec apply")
+    return record
+
+
+def read_base_params(folder: str | Path, record: EditRecord) -> dict[str, torch.Tensor]:
+    """Read ``kmec_base_params.safetensors`` and check each tensor's sha256 (no pickle).
+
+    Raises:
+        ArtifactError: the file is missing, unreadable, or a tensor is missing,
+            extra, or does not match its recorded hash.
+    """
+    path = Path(folder) / BASE_PARAMS
+    hint = "the original weights cannot be restored from this folder; load the base model instead"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing", hint=hint) from None
+    except (OSError, SafetensorError) as e:
+        raise ArtifactError(f"cannot read {path}: {e}", hint=hint) from None
+    if set(tensors) != set(record.base_params):
+        missing = sorted(set(record.base_params) - set(tensors))
+        extra = sorted(set(tensors) - set(record.base_params))
+        raise ArtifactError(f"{path} does not hold the recorded parameters (missing {missing}, "
+                            f"unexpected {extra})", hint=hint)
+    for name, digest in record.base_params.items():
+        if sha256_tensor(tensors[name]) != digest:
+            raise ArtifactError(f"the original of {name} in {path} does not match its recorded "
+                                "sha256 (the file was modified or is corrupt)", hint=hint)
+    return tensors
+
+
+def revert_folder(edited: str | Path, out: str | Path) -> Written:
+    """Restore the base model from an edited folder, bit-for-bit, and write it.
+
+    Args:
+        edited: a folder written by :func:`write_edited`.
+        out: the folder to write the base model to (replaced atomically).
+
+    Raises:
+        ArtifactError: not a kmec-edited folder, missing or corrupt kmec files,
+            weights changed since ``kmec apply``, or a result that is not the
+            recorded base model.
+    """
+    edited = Path(edited)
+    record = read_record(edited)
+    originals = read_base_params(edited, record)
+    model, _ = load_weights(ModelRef(str(edited), "folder", edited.resolve()),
+                            safetensors_only=True)
+    now = fingerprint_model(model)
+    if now != record.edited_fingerprint:
+        raise ArtifactError(
+            f"the weights in {edited} changed after kmec apply wrote them (fingerprint "
+            f"{now[:12]}, recorded {record.edited_fingerprint[:12]}); reverting would not give "
+            "the base model", hint=f"load the base model {record.base_model!r} instead")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, original in originals.items():
+            w = params.get(name)
+            if w is None or w.shape != original.shape or w.dtype != original.dtype:
+                raise ArtifactError(f"{edited} has no parameter {name} of shape "
+                                    f"{tuple(original.shape)} and dtype {original.dtype}")
+            w.copy_(original)
+    restored = fingerprint_model(model)
+    if restored != record.base_fingerprint:
+        raise ArtifactError(
+            f"the restored model has fingerprint {restored[:12]}, not the recorded base "
+            f"{record.base_fingerprint[:12]}", hint=f"load the base model {record.base_model!r}")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer = _write_tokenizer(edited, None, tmp)
+    log.info("restored base model %s -> %s", record.base_model, out)
+    return Written(Path(out), restored, now, tuple(sorted(originals)), tokenizer)
