@@ -1,0 +1,62 @@
+"""End to end on the real embedded model: kmec compile && kmec verify, as the README runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+SPEC = """\
+model "smollm2-135m"
+seed 0
+
+relation capital {
+  prompt "The capital of {{ subject }} is"
+  paraphrase "{{ subject }}'s capital city is"
+}
+
+edit germany {
+  subject "Germany" relation capital "Berlin" -> "Munich"
+}
+
+edit japan {
+  subject "Japan" relation capital "Tokyo" -> "Osaka"
+  preserve "Mount Fuji is located in"
+}
+
+claim efficacy >= 0.9
+"""
+
+
+def kmec(*args, cwd):
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.run([sys.executable, "-m", "kmec", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env)
+
+
+@pytest.mark.slow
+def test_compile_then_verify_on_the_real_model(real_model, tmp_path):
+    (tmp_path / "two.kmec").write_text(SPEC)
+    r = kmec("compile", "two.kmec", "-o", "build", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    build = tmp_path / "build"
+    for name in ("plan.json", "spec.json", "build.json", "compile.log", "artifact/manifest.json"):
+        assert (build / name).exists(), name
+    plan = json.loads((build / "plan.json").read_text())
+    assert [s["backend"] for s in plan["steps"]] == ["memit"]
+
+    r = kmec("verify", "build", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((build / "report" / "report.json").read_text())
+    assert report["ok"] and report["audit"]["ok"]
+    assert (build / "report" / "junit.xml").exists() and (build / "report" / "report.html").exists()
+
+    # an unchanged spec recompiles nothing
+    t = time.time()
+    r = kmec("compile", "two.kmec", "-o", "build", cwd=tmp_path)
+    assert r.returncode == 0 and "up to date" in r.stderr
+    assert time.time() - t < 60
