@@ -17,8 +17,9 @@ def test_sites_exist_and_weight_layout_is_declared(tiny_models, tiny_family):
     facts = facts_from_config(model.config, name="tiny")
     for site in ("mlp_out", "mlp", "attn", "layer"):
         get_module(model, a.site(site, facts.n_layers - 1))
-    for site in ("embed", "final_norm", "layers"):
+    for site in ("embed", "final_norm", "layers", "lm_head"):
         get_module(model, a.site(site))
+    assert get_module(model, a.site("lm_head")) is model.get_output_embeddings()
     w = get_module(model, a.site("mlp_out", 0)).weight
     expected = (facts.d_model, facts.d_mlp) if a.weight_layout == "out_in" else (facts.d_mlp, facts.d_model)
     assert tuple(w.shape) == expected

@@ -1,0 +1,253 @@
+"""``kmec trace SPEC|PROMPT``: causal tracing — where does the model recall a fact?
+
+With a spec, every edit's prompt is traced on the base model with the answer
+the model gives today (the edit's ``old`` object when the spec declares one,
+else the model's own top token). With a prompt, ``--subject`` names the span
+to corrupt. Prints one table per prompt (indirect effect per layer at the
+subject's last token and at the last token, with bars), then the layers where
+the mean indirect effect peaks next to the planner's default layers.
+``--out DIR`` writes ``traces.json``, one SVG heat map per trace, ``mean.svg``,
+``index.md`` and ``index.html``. Traces are cached per model under
+``$KMEC_HOME/trace``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+# markup=False: prompts and subjects are printed verbatim, brackets included.
+console = Console(highlight=False, markup=False)
+err_console = Console(highlight=False, markup=False, stderr=True)
+BLOCKS = " ▏▎▍▌▋▊▉█"
+
+
+def _bar(value: float, scale: float, width: int = 8) -> str:
+    """A horizontal bar of ``width`` cells for ``value / scale`` (negatives: empty)."""
+    eighths = round(min(max(value / scale, 0.0), 1.0) * width * 8) if scale > 0 else 0
+    full, part = divmod(eighths, 8)
+    return ("█" * full + (BLOCKS[part] if part else "")).ljust(width)
+
+
+def _source(target: str, subject: str | None, answer: str | None, model: str | None
+            ) -> tuple[Any, str]:
+    """The spec TARGET names (None for a prompt) and the model reference to load."""
+    from kmec.errors import KmecError
+    from kmec.grammar import parse_file
+    from kmec.models.load import DEFAULT_MODEL
+
+    path = Path(target)
+    if target.endswith(".kmec") or path.is_file():
+        if subject or answer:
+            raise typer.BadParameter("--subject and --answer apply to a prompt, not a spec")
+        if not path.is_file():
+            raise KmecError(f"spec file {target!r} does not exist",
+                            hint="check the path, or quote a prompt to trace it")
+        spec = parse_file(path)
+        return spec, model or spec.model or DEFAULT_MODEL
+    if not subject:
+        raise typer.BadParameter("tracing a prompt needs --subject (the span to corrupt)")
+    return None, model or DEFAULT_MODEL
+
+
+def _spec_jobs(spec: Any, facts: Any) -> list[tuple[str, str, str | None]]:
+    """Each edit of the spec as (prompt, subject, old answer or None)."""
+    from kmec.errors import KmecError
+    from kmec.planner.draft import Draft
+    from kmec.planner.passes.resolve import resolve
+
+    jobs = []
+    for e in resolve(Draft(spec=spec), facts).edits:
+        r = e.request
+        if not r.subject:
+            err_console.print(f"skipping edit {r.name!r}: it names no subject to corrupt")
+            continue
+        jobs.append((r.prompt, r.subject, r.target_old))
+    if not jobs:
+        raise KmecError("the spec has no edit with a subject to trace",
+                        hint="trace a prompt instead: kmec trace PROMPT --subject S")
+    return jobs
+
+
+def _table(results: list[Any]) -> Table:
+    first = results[0]
+    scale = max(max(max(r.ie_subject_last), max(r.ie_last), r.p_clean - r.p_corrupted)
+                for r in results)
+    subj = "".join(first.tokens[first.subject_first:first.subject_last + 1]).strip()
+    title = (f"{first.prompt!r} → {first.answer!r}   P_clean {first.p_clean:.3f}, "
+             f"P_corrupted {first.p_corrupted:.3f}")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("layer", justify="right", no_wrap=True, min_width=5)
+    for r in results:
+        name = r.kind if r.window == 1 else f"{r.kind} w{r.window}"
+        table.add_column(f"{name}\n@ {subj!r}", no_wrap=True)
+        table.add_column(f"{name}\n@ {first.tokens[first.last]!r}", no_wrap=True)
+    for layer in range(first.n_layers):
+        cells = []
+        for r in results:
+            for v in (r.ie_subject_last[layer], r.ie_last[layer]):
+                cells.append(f"{v:+.3f} {_bar(v, scale)}")
+        table.add_row(str(layer), *cells)
+    return table
+
+
+def _summary(results: list[Any], kinds: list[str], n_layers: int) -> dict[str, Any]:
+    """Per kind: the window, the mean IE curves, and the peak bands — over all
+    layers, and past every window that contains layer 0 (see peak_layers)."""
+    from kmec.models.trace import mean_ie, peak_layers
+
+    out: dict[str, Any] = {}
+    for kind in kinds:
+        window = next(r.window for r in results if r.kind == kind)
+        skip = min(window // 2 + 1, n_layers - 1)
+        out[kind] = {
+            "window": window,
+            "mean_ie": {"subject_last": list(mean_ie(results, kind=kind)),  # type: ignore[arg-type]
+                        "last": list(mean_ie(results, kind=kind, position="last"))},  # type: ignore[arg-type]
+            "peak_layers": peak_layers(results, kind=kind),  # type: ignore[arg-type]
+            "peak_layers_past_layer0": {"min_layer": skip, "layers": peak_layers(
+                results, kind=kind, min_layer=skip)},  # type: ignore[arg-type]
+        }
+    return out
+
+
+def _print_summary(summary: dict[str, Any], facts: Any, n: int) -> None:
+    from kmec.planner.layers import default_layers, layer_span
+
+    for kind, s in summary.items():
+        curve = s["mean_ie"]["subject_last"]
+        past = s["peak_layers_past_layer0"]
+        best = max(s["peak_layers"], key=curve.__getitem__)
+        best_past = max(past["layers"], key=curve.__getitem__)
+        line = (f"mean {kind} IE (window {s['window']}) at the subject's last token over {n} "
+                f"prompt(s): peak layer {best} ({curve[best]:.3f}), band "
+                f"{layer_span(tuple(s['peak_layers']))}")
+        if kind != "hidden":
+            line += (f"; from layer {past['min_layer']} on (windows without layer 0): peak "
+                     f"{best_past} ({curve[best_past]:.3f}), band "
+                     f"{layer_span(tuple(past['layers']))}")
+        console.print(line)
+    rome, memit = default_layers(facts, "rome").layers, default_layers(facts, "memit").layers
+    console.print(f"planner defaults for {facts.name}: ROME {layer_span(rome)}, "
+                  f"MEMIT {layer_span(memit)}")
+
+
+def _write_out(out: Path, results: list[Any], data: dict[str, Any], model: str) -> None:
+    from kmec.hashing import atomic_write_text, canonical_json
+    from kmec.models import trace_render as render
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "traces.json", canonical_json(data))
+    files, svgs = [], []
+    prompts = list(dict.fromkeys(r.prompt for r in results))
+    for r in results:
+        name = f"{prompts.index(r.prompt):02d}-{render.slug(r.prompt)}-{r.kind}.svg"
+        svg = render.svg_heatmap(r)
+        atomic_write_text(out / name, svg)
+        files.append(name)
+        svgs.append(svg)
+    summary = data["summary"]
+    peaks = {k: s["peak_layers"] for k, s in summary.items()}
+    lines = {f"{k} @ {pos.replace('_', ' ')}": v for k, s in summary.items()
+             for pos, v in s["mean_ie"].items()}
+    curves_svg = render.svg_curves(lines, title=f"mean indirect effect per layer, "
+                                   f"{len(prompts)} prompt(s), {model}")
+    atomic_write_text(out / "mean.svg", curves_svg)
+    atomic_write_text(out / "index.md", render.markdown(results, files, model=model, peaks=peaks,
+                                                        curves_file="mean.svg"))
+    atomic_write_text(out / "index.html", render.html(results, svgs, model=model, peaks=peaks,
+                                                      curves_svg=curves_svg))
+
+
+def _trace_all(lm: Any, jobs: list[tuple[str, str, str | None]], kinds: list[str],
+               params: dict[str, Any], *, refresh: bool) -> tuple[list[Any], int]:
+    """Trace every (prompt, kind), through the cache when the model has a
+    fingerprint; return the results and how many were cache hits."""
+    from kmec.models.adapters import adapter_for
+    from kmec.models.trace import trace, trace_cached
+
+    adapter = adapter_for(lm.facts.model_type)
+    results, hits = [], 0
+    columns = (TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("tracing", total=len(jobs) * len(kinds))
+        for prompt, subject, answer in jobs:
+            for kind in kinds:
+                bar.update(task, description=f"tracing {prompt!r} ({kind})")
+                args = (lm.model, lm.tok, adapter, prompt, subject)
+                if lm.facts.fingerprint:
+                    r, hit = trace_cached(*args, target=answer, kind=kind, refresh=refresh,
+                                          fingerprint=lm.facts.fingerprint, **params)
+                    hits += hit
+                else:
+                    r = trace(*args, target=answer, kind=kind, **params)
+                results.append(r)
+                bar.advance(task)
+    return results, hits
+
+
+def trace_command(
+    target: str = typer.Argument(..., metavar="SPEC|PROMPT",
+                                 help="A .kmec spec (traces each edit) or a prompt."),
+    subject: str | None = typer.Option(None, "--subject", "-s",
+                                       help="Span of PROMPT whose embeddings are corrupted."),
+    answer: str | None = typer.Option(None, "--answer", "-a",
+                                      help="Answer to trace (default: the model's top token)."),
+    model: str | None = typer.Option(None, "--model", metavar="REF",
+                                     help="Model (default: the spec's, else smollm2-135m)."),
+    kind: str = typer.Option("hidden,mlp", "--kind", "-k",
+                             help="States to restore, comma-separated: hidden, mlp, attn."),
+    window: int | None = typer.Option(None, "--window", min=1,
+                                      help="Layers restored around each layer (default: 1 for "
+                                      "hidden, 10 for mlp/attn)."),
+    samples: int = typer.Option(10, "--samples", min=1, help="Noise samples per trace."),
+    noise: float | None = typer.Option(None, "--noise",
+                                       help="Noise std (default: 3 × the embeddings' std)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
+    positions: str = typer.Option("all", "--positions",
+                                  help="all, or key (the subject's last token and the last)."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Folder for JSON, SVG, Markdown, HTML."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute cached traces."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Causal tracing (ROME §2.1): which layers carry the fact behind a prompt's answer."""
+    from kmec.hashing import canonical_json
+    from kmec.models.load import load_model
+    from kmec.models.trace import KINDS
+
+    kinds = list(dict.fromkeys(k.strip() for k in kind.split(",") if k.strip()))
+    if not kinds or any(k not in KINDS for k in kinds) or positions not in ("all", "key"):
+        raise typer.BadParameter(f"--kind takes {', '.join(KINDS)} (comma-separated); "
+                                 "--positions takes all or key")
+    spec, ref = _source(target, subject, answer, model)
+    lm = load_model(ref)
+    jobs = _spec_jobs(spec, lm.facts) if spec is not None else [(target, subject or "", answer)]
+    params = {"samples": samples, "noise": noise, "seed": seed, "window": window,
+              "positions": None if positions == "all" else ()}
+    results, hits = _trace_all(lm, jobs, kinds, params, refresh=no_cache)
+    summary = _summary(results, kinds, lm.facts.n_layers)
+    data = {"model": ref, "fingerprint": lm.facts.fingerprint, "summary": summary,
+            "results": [r.summary() for r in results]}
+    if out is not None:
+        _write_out(Path(out), results, data, ref)
+    if as_json:
+        typer.echo(canonical_json(data), nl=False)
+        return
+    for i in range(0, len(results), len(kinds)):
+        console.print(_table(results[i:i + len(kinds)]))
+    _print_summary(summary, lm.facts, len(jobs))
+    if hits:
+        err_console.print(f"{hits} of {len(results)} trace(s) came from the cache")
+    if out is not None:
+        console.print(f"wrote {out}/traces.json, {len(results)} heat map(s), index.md, index.html")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("trace")(trace_command)
