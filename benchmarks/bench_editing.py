@@ -1,0 +1,156 @@
+"""CounterFact editing benchmark for the rank-one backends on the embedded model.
+
+Protocol (ROME/MEMIT papers, probability comparison): for each record,
+  efficacy      P(new) > P(true) on the rewrite prompt
+  paraphrase    the same, averaged over the paraphrase prompts
+  neighbourhood P(true) > P(new) averaged over the neighbourhood prompts
+where P(x) is the mean per-token log-probability of " x" after the prompt.
+The neighbourhood score of the *unedited* model is measured in the same run
+as the baseline it is compared with.
+
+  rome  (one edit at a time on a fresh model):
+      python benchmarks/bench_editing.py --method rome --n 200
+  memit (all N edits in one batch):
+      python benchmarks/bench_editing.py --method memit --n 1000
+
+Statistics come from kmec's cache (computed on first use, not timed per edit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from kmec.artifacts import apply, build_artifact  # noqa: E402
+from kmec.backends import get_backend  # noqa: E402
+from kmec.backends.base import ExecContext  # noqa: E402
+from kmec.backends.keys import target_text  # noqa: E402
+from kmec.models.adapters import adapter_for  # noqa: E402
+from kmec.models.load import kmec_home, load_model  # noqa: E402
+from kmec.planner.layers import default_layers  # noqa: E402
+from kmec.planner.model import EditRequest, StatsRequest, Step  # noqa: E402
+from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, provider  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact.json"
+
+
+@torch.no_grad()
+def mean_logprob(model, tok, pairs, batch=32):
+    """Mean per-token log-probability of each target after its prompt (batched)."""
+    out = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        rows, spans = [], []
+        for prompt, target in chunk:
+            ctx = tok.encode(prompt, add_special_tokens=False)
+            tgt = tok.encode(target_text(prompt, target), add_special_tokens=False)
+            rows.append(ctx + tgt)
+            spans.append((len(ctx), len(tgt)))
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tok.pad_token_id or 0)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = 1
+        logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        for r, (start, n) in enumerate(spans):
+            pos = torch.arange(start - 1, start - 1 + n)
+            toks = ids[r, start:start + n]
+            out.append(float(logp[r, pos, toks].mean()))
+    return out
+
+
+def scores(model, tok, records):
+    """Efficacy, paraphrase and neighbourhood indicators per record."""
+    res = []
+    for rec in records:
+        rw = rec["requested_rewrite"]
+        new, true = rw["target_new"]["str"], rw["target_true"]["str"]
+        prompt = rw["prompt"].format(rw["subject"])
+        para, neigh = rec["paraphrase_prompts"], rec["neighborhood_prompts"]
+        pairs = [(p, x) for p in [prompt, *para, *neigh] for x in (new, true)]
+        lp = mean_logprob(model, tok, pairs)
+        diff = [lp[2 * i] - lp[2 * i + 1] for i in range(len(pairs) // 2)]  # new − true
+        res.append({"efficacy": float(diff[0] > 0),
+                    "paraphrase": sum(d > 0 for d in diff[1:1 + len(para)]) / max(len(para), 1),
+                    "neighbourhood": sum(d < 0 for d in diff[1 + len(para):]) / max(len(neigh), 1)})
+    return res
+
+
+def request(rec, i):
+    rw = rec["requested_rewrite"]
+    return EditRequest(name=f"cf{i}", prompt=rw["prompt"].format(rw["subject"]),
+                       subject=rw["subject"], target_new=rw["target_new"]["str"],
+                       target_old=rw["target_true"]["str"])
+
+
+def mean(rows, key):
+    return sum(r[key] for r in rows) / max(len(rows), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", choices=("rome", "memit"), default="rome")
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    lm = load_model("smollm2-135m")
+    adapter = adapter_for(lm.facts.model_type)
+    records = json.loads(args.data.read_text())[: args.n]
+    layers = default_layers(lm.facts, args.method).layers
+    stats = provider(lm.model, lm.tok, lm.facts, adapter,
+                     StatsRequest(layers=layers, tokens=DEFAULT_TOKENS, max_len=DEFAULT_MAX_LEN))
+    for layer in layers:
+        stats.second_moment(layer)  # fill the cache before timing
+    backend = get_backend(args.method)
+    params = backend.default_params(lm.facts).model_dump(mode="json")
+    ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts, stats=stats,
+                      cache_dir=kmec_home() / "backends", seed=0)
+    before = scores(lm.model, lm.tok, records)
+    after, t_edit = [], 0.0
+    if args.method == "rome":
+        for i, rec in enumerate(records):
+            step = Step(id=f"s{i}", backend="rome", edits=(request(rec, i),), layers=layers, params=params)
+            t = time.perf_counter()
+            payloads = backend.execute(step, ctx)
+            t_edit += time.perf_counter() - t
+            art = build_artifact([(step.id, payloads)], base_model="smollm2-135m", base_fingerprint="",
+                                 base_arch="", weight_layout=adapter.weight_layout, plan_hash="")
+            handle = apply(art, lm.model, check=False)
+            after += scores(lm.model, lm.tok, [rec])
+            handle.revert()
+            print(f"{i + 1}/{len(records)} efficacy so far {mean(after, 'efficacy'):.3f}", flush=True)
+    else:
+        step = Step(id="s0", backend="memit", edits=tuple(request(r, i) for i, r in enumerate(records)),
+                    layers=layers, params=params)
+        t = time.perf_counter()
+        payloads = backend.execute(step, ctx)
+        t_edit = time.perf_counter() - t
+        art = build_artifact([(step.id, payloads)], base_model="smollm2-135m", base_fingerprint="",
+                             base_arch="", weight_layout=adapter.weight_layout, plan_hash="")
+        handle = apply(art, lm.model, check=False)
+        after = scores(lm.model, lm.tok, records)
+        handle.revert()
+    result = {"method": args.method, "n": len(records), "layers": list(layers),
+              "efficacy": mean(after, "efficacy"), "paraphrase": mean(after, "paraphrase"),
+              "neighbourhood": mean(after, "neighbourhood"),
+              "neighbourhood_unedited": mean(before, "neighbourhood"),
+              "efficacy_unedited": mean(before, "efficacy"),
+              "seconds_total_edit": t_edit, "seconds_per_edit": t_edit / max(len(records), 1),
+              "torch_threads": torch.get_num_threads()}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
