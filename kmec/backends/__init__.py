@@ -7,12 +7,13 @@ Contents:
 
 from __future__ import annotations
 
+from kmec.backends.alphaedit import AlphaEdit
 from kmec.backends.base import Backend
 from kmec.backends.memit import Memit
 from kmec.backends.rome import Rome
 from kmec.errors import PlanError, did_you_mean
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Rome(), Memit())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Rome(), Memit(), AlphaEdit())}
 
 
 def get_backend(name: str, registry: dict[str, Backend] | None = None) -> Backend:

@@ -8,7 +8,11 @@ model's family and size) are merged with what the spec overrides:
   honour the bound); noted as trivially true for ``memory``, which changes no
   weight;
 * ``layers``: mirrored from the step when the Params have a ``layers`` field,
-  so the two never disagree.
+  so the two never disagree;
+* ``protect``: under ``order sequence``, when the Params have a ``protect``
+  field (AlphaEdit), the name, prompt and subject of every edit of the earlier
+  steps, whose keys the step's update must leave unchanged (the backend
+  recomputes them on the model, which carries the earlier edits by then).
 
 The merged values are validated by the backend's ``Params`` model and stored
 as JSON values.
@@ -26,7 +30,8 @@ from kmec.planner.draft import Draft
 from kmec.planner.model import Reason, Step
 
 
-def _merge(draft: Draft, step: Step, defaults: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def _merge(draft: Draft, step: Step, defaults: dict[str, Any],
+           earlier: tuple[Step, ...]) -> tuple[dict[str, Any], list[str]]:
     params = dict(defaults)
     notes = []
     bound = draft.spec.method.max_delta
@@ -44,6 +49,11 @@ def _merge(draft: Draft, step: Step, defaults: dict[str, Any]) -> tuple[dict[str
     if "layers" in params:
         params["layers"] = list(step.layers)
         notes.append("layers mirrored from the step")
+    if "protect" in params and draft.spec.order == "sequence":
+        params["protect"] = [{"name": e.name, "prompt": e.prompt, "subject": e.subject}
+                             for s in earlier for e in s.edits]
+        if params["protect"]:
+            notes.append(f"protects the keys of the {len(params['protect'])} earlier edit(s)")
     return params, notes
 
 
@@ -81,7 +91,7 @@ def choose_params(draft: Draft, facts: ModelFacts) -> Draft:
                             hint=f"register the {step.backend} backend in kmec.backends.BACKENDS")
         if step.backend not in defaults:
             defaults[step.backend] = backend.default_params(facts).model_dump(mode="json")
-        params, notes = _merge(draft, step, defaults[step.backend])
+        params, notes = _merge(draft, step, defaults[step.backend], draft.steps[:i])
         params = _validate(backend, params, step.backend)
         because = f"{step.backend} backend defaults for {facts.family} ({facts.n_layers} layers)"
         if notes:

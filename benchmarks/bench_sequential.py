@@ -1,0 +1,170 @@
+"""Sequential CounterFact edits on the embedded model, with and without null-space projection.
+
+    .venv/bin/python benchmarks/bench_sequential.py [--n 20] [--variants alphaedit,noproj]
+        [--data ../shared/data/counterfact_easyedit/counterfact-edit.json] [--json OUT]
+
+The first ``--n`` records of the CounterFact file (EasyEdit format) become
+free-form edits ``prompt -> target_new`` keyed on ``subject``, in a spec with
+``order sequence``; ``kmec.planner.plan`` turns it into one alphaedit step per
+edit (layers, statistics and the ``protect`` lists as the planner chooses).
+Each step is executed on the model that already carries the earlier edits,
+exactly as ``kmec.compile.execute`` does, and its payloads are then applied.
+
+Variants (same plan, different params):
+
+* ``alphaedit``: the defaults (projection onto the null space of C, earlier
+  edits' keys protected);
+* ``noproj``: ``project = false`` (P = I), earlier keys still protected;
+* ``noprotect``: projection, but no protected keys;
+* ``memit``: the same steps run by the MEMIT backend (sequential MEMIT, the
+  AlphaEdit paper's baseline).
+
+Reported after all ``n`` edits (CounterFact protocol, length-normalised
+target log-probability, targets scored with their leading space):
+
+* efficacy: P(new) > P(old) on the edit prompt, over all n edits;
+* immediate efficacy: the same, right after the edit's own step;
+* paraphrase: P(new) > P(old) on the rephrased prompt;
+* neighbourhood: P(locality truth) > P(new) on the locality prompt;
+* seconds per edit (backend execution only; the statistics are cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kmec.artifacts import apply, build_artifact
+from kmec.backends import get_backend
+from kmec.backends.base import ExecContext
+from kmec.backends.memit import MemitParams
+from kmec.models.adapters import adapter_for
+from kmec.models.load import kmec_home, load_model
+from kmec.planner import plan as make_plan
+from kmec.planner.model import Step
+from kmec.spec import PromptEdit, Spec
+from kmec.stats import provider
+from kmec.verify.scoring import Item, score_items
+
+DATA = ROOT.parent / "shared" / "data" / "counterfact_easyedit" / "counterfact-edit.json"
+VARIANTS = ("alphaedit", "noproj", "noprotect", "memit")
+
+
+def load_records(path: Path, n: int) -> list[dict[str, Any]]:
+    return json.loads(path.read_text())[:n]
+
+
+def sequence_spec(records: list[dict[str, Any]]) -> Spec:
+    edits = tuple(PromptEdit(name=f"cf{r['case_id']}", prompt=r["prompt"], target=r["target_new"],
+                             old=r["ground_truth"], subject=r["subject"]) for r in records)
+    return Spec(model="smollm2-135m", order="sequence", edits=edits)
+
+
+def variant_step(step: Step, variant: str) -> Step:
+    """``step`` with the variant's backend and params."""
+    if variant == "memit":
+        return step.model_copy(update={"backend": "memit",
+                                       "params": MemitParams().model_dump(mode="json")})
+    params = dict(step.params)
+    if variant == "noproj":
+        params["project"] = False
+    elif variant == "noprotect":
+        params["protect"] = []
+    return step.model_copy(update={"params": params})
+
+
+def wins(model: Any, tok: Any, pairs: list[tuple[str, str, str]]) -> list[bool]:
+    """For (prompt, a, b): mean token log P(a) > mean token log P(b) after prompt."""
+    items = [Item(p, t) for p, a, b in pairs for t in (a, b)]
+    scores = score_items([model], tok, items)
+    return [scores[2 * i][0].mean_logprob > scores[2 * i + 1][0].mean_logprob
+            for i in range(len(pairs))]
+
+
+def evaluate(model: Any, tok: Any, records: list[dict[str, Any]]) -> dict[str, float]:
+    eff = wins(model, tok, [(r["prompt"], r["target_new"], r["ground_truth"]) for r in records])
+    para = wins(model, tok, [(r["rephrase_prompt"], r["target_new"], r["ground_truth"])
+                             for r in records])
+    neigh = wins(model, tok, [(r["locality_prompt"], r["locality_ground_truth"], r["target_new"])
+                              for r in records])
+    mean = lambda xs: sum(xs) / len(xs)
+    return {"efficacy": mean(eff), "paraphrase": mean(para), "neighbourhood": mean(neigh)}
+
+
+def run_variant(lm: Any, records: list[dict[str, Any]], variant: str, log: Any = print
+                ) -> dict[str, Any]:
+    """Execute the sequence under ``variant``; evaluate; restore the model exactly."""
+    adapter = adapter_for(lm.facts.model_type)
+    plan = make_plan(sequence_spec(records), lm.facts)
+    stats = provider(lm.model, lm.tok, lm.facts, adapter, plan.steps[0].needs_stats)
+    stats.prepare()
+    applied, immediate, seconds = [], [], 0.0
+    try:
+        for i, (step, rec) in enumerate(zip(plan.steps, records)):
+            step = variant_step(step, variant)
+            ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts,
+                              stats=stats, cache_dir=kmec_home() / "backends", seed=plan.seed)
+            t0 = time.perf_counter()
+            payloads = list(get_backend(step.backend).execute(step, ctx))
+            seconds += time.perf_counter() - t0
+            art = build_artifact([(step.id, payloads)], base_model=plan.model,
+                                 base_fingerprint=lm.facts.fingerprint, base_arch=lm.facts.arch,
+                                 weight_layout=adapter.weight_layout, plan_hash=plan.sha256)
+            applied.append(apply(art, lm.model, check=False))
+            immediate += wins(lm.model, lm.tok, [(rec["prompt"], rec["target_new"],
+                                                  rec["ground_truth"])])
+            if (i + 1) % 5 == 0 or i + 1 == len(records):
+                log(f"  {variant}: {i + 1}/{len(records)} edits, {seconds / (i + 1):.1f} s/edit, "
+                    f"immediate efficacy so far {sum(immediate) / len(immediate):.2f}")
+        out = evaluate(lm.model, lm.tok, records)
+    finally:
+        for a in reversed(applied):
+            a.revert()
+    out.update(variant=variant, n=len(records), immediate=sum(immediate) / len(immediate),
+               seconds_per_edit=seconds / len(records), seconds=seconds)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--variants", default="alphaedit,noproj")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    lm = load_model("smollm2-135m")
+    records = load_records(args.data, args.n)
+    base = evaluate(lm.model, lm.tok, records)
+    print(f"base model on {len(records)} records: efficacy {base['efficacy']:.2f}, paraphrase "
+          f"{base['paraphrase']:.2f}, neighbourhood {base['neighbourhood']:.2f}")
+    results = [dict(base, variant="base", n=len(records))]
+    for v in variants:
+        r = run_variant(lm, records, v)
+        results.append(r)
+        print(f"{v}: after {r['n']} sequential edits: efficacy {r['efficacy']:.2f} (immediate "
+              f"{r['immediate']:.2f}), paraphrase {r['paraphrase']:.2f}, neighbourhood "
+              f"{r['neighbourhood']:.2f}; {r['seconds_per_edit']:.1f} s/edit, {r['seconds']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
