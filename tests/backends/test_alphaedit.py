@@ -21,7 +21,7 @@ from kmec.models.load import LoadedModel, ModelRef, fingerprint_model
 from kmec.planner import plan as make_plan
 from kmec.planner.model import EditRequest, Plan, StatsRequest, Step
 from kmec.spec import MethodHint, PromptEdit, Spec
-from tests.conftest import ByteTokenizer, build_tiny_model
+from tests.conftest import SpaceLetterTokenizer, build_tiny_model
 from tests.planner.helpers import FACTS
 
 LAYERS = (0, 1, 2)
@@ -32,39 +32,6 @@ VALUE = {"steps": 60, "weight_decay": 0.0, "clamp": 1e4}
 SUBJECTS = ("bcc", "lfx", "zvj", "itg", "tbs", "vfn")
 EDITS = tuple(EditRequest(name=f"e{i}", prompt=f"The key of {s}", subject=s, target_new=chr(65 + i))
               for i, s in enumerate(SUBJECTS))
-
-
-class SpaceLetterTokenizer(ByteTokenizer):
-    """ByteTokenizer, except that a space before a capital letter is one token
-    (as " Paris" is one BPE token), so a target is predicted right after the
-    subject's last token rather than after a shared space token."""
-
-    def _pieces(self, text: str) -> list[tuple[int, int, int]]:
-        raw, out, i = text.encode("utf-8"), [], 0
-        while i < len(raw):
-            if raw[i] == 32 and i + 1 < len(raw) and 65 <= raw[i + 1] <= 90:
-                out.append((raw[i + 1] - 63, i, i + 2))  # ids 2..27 are unused by bytes
-                i += 2
-            else:
-                out.append((1 + raw[i] % (self.vocab_size - 1), i, i + 1))
-                i += 1
-        return out
-
-    def encode(self, text, add_special_tokens=False):
-        return [t for t, _, _ in self._pieces(text)]
-
-    def decode(self, ids, skip_special_tokens=False):
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        return "".join(" " + chr(i + 63) if 2 <= i <= 27 else chr((i - 1) % 256)
-                       for i in ids if i != 0)
-
-    def __call__(self, texts, return_offsets_mapping=False, **kw):
-        out = super().__call__(texts, **kw)
-        if return_offsets_mapping:
-            offs = [[(a, b) for _, a, b in self._pieces(t)]
-                    for t in ([texts] if isinstance(texts, str) else texts)]
-            out["offset_mapping"] = offs[0] if isinstance(texts, str) else offs
-        return out
 
 
 class CorpusStats:

@@ -17,7 +17,7 @@ from kmec.models.facts import facts_from_config
 from kmec.models.hooks import TraceDict
 from kmec.models.load import fingerprint_model
 from kmec.planner.model import EditRequest, Step
-from tests.conftest import ByteTokenizer, build_tiny_model
+from tests.conftest import ByteTokenizer, SpaceLetterTokenizer, build_tiny_model
 
 
 class CorpusStats:
@@ -43,6 +43,20 @@ def greedy_next(model, tok, prompt):
     return int(model(ids).logits[0, -1].argmax())
 
 
+def says(model, tok, prompt, target):
+    """Greedy decoding after ``prompt`` emits every token of `` target``.
+
+    (With the byte tokenizer the first target token is the space that every
+    target shares, so checking only the next token would prove nothing.)"""
+    want = tok.encode(target_text(prompt, target))
+    ids = tok.encode(prompt)
+    for t in want:
+        if int(model(torch.tensor([ids])).logits[0, -1].argmax()) != t:
+            return False
+        ids = ids + [t]
+    return True
+
+
 def ctx_for(model, tok, layers, tmp_path):
     adapter = adapter_for(model.config.model_type)
     facts = facts_from_config(model.config, name="tiny", fingerprint=fingerprint_model(model))
@@ -57,20 +71,19 @@ EDIT = EditRequest(name="e", prompt="The key of abc", subject="abc", target_new=
 
 def test_rome_edit_takes_on_every_family(tiny_family, tmp_path):
     model = build_tiny_model(tiny_family, seed=3)
-    tok = ByteTokenizer()
+    tok = SpaceLetterTokenizer()
     before_fp = fingerprint_model(model)
     ctx = ctx_for(model, tok, [1], tmp_path)
     step = Step(id="s01-rome", backend="rome", edits=(EDIT,), layers=(1,),
                 params={"value": {"steps": 60, "weight_decay": 0.0, "clamp": 1e4}})
     payloads = get_backend("rome").execute(step, ctx)
     assert fingerprint_model(model) == before_fp  # execute never mutates the model
-    target_tok = tok.encode(target_text(EDIT.prompt, EDIT.target_new))[0]
-    assert greedy_next(model, tok, EDIT.prompt) != target_tok
+    assert not says(model, tok, EDIT.prompt, EDIT.target_new)
     art = build_artifact([(step.id, payloads)], base_model="tiny", base_fingerprint=before_fp,
                          base_arch="x", weight_layout=ctx.adapter.weight_layout, plan_hash="h")
     original = {n: p.clone() for n, p in model.named_parameters()}
     handle = apply(art, model, fingerprint=before_fp)
-    assert greedy_next(model, tok, EDIT.prompt) == target_tok
+    assert says(model, tok, EDIT.prompt, EDIT.target_new)
     base = build_tiny_model(tiny_family, seed=3)
     assert audit(base, model, art).ok
     handle.revert()
@@ -80,7 +93,7 @@ def test_rome_edit_takes_on_every_family(tiny_family, tmp_path):
 
 def test_memit_batch_takes(tmp_path):
     model = build_tiny_model("llama", seed=5)
-    tok = ByteTokenizer()
+    tok = SpaceLetterTokenizer()
     edits = tuple(EditRequest(name=f"e{i}", prompt=f"The key of {s}", subject=s, target_new=t)
                   for i, (s, t) in enumerate([("abc", "Q"), ("xyz", "R"), ("mno", "S")]))
     ctx = ctx_for(model, tok, [0, 1, 2], tmp_path)
@@ -91,7 +104,7 @@ def test_memit_batch_takes(tmp_path):
     art = build_artifact([(step.id, payloads)], base_model="tiny", base_fingerprint="",
                          base_arch="x", weight_layout="out_in", plan_hash="h")
     apply(art, model, check=False)
-    hits = sum(greedy_next(model, tok, e.prompt) == tok.encode(" " + e.target_new)[0] for e in edits)
+    hits = sum(says(model, tok, e.prompt, e.target_new) for e in edits)
     assert hits >= 2
 
 
