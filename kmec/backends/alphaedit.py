@@ -71,9 +71,10 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kmec.backends.base import ExecContext, LowRank, Payload
+from kmec.backends.base import ExecContext, Payload
 from kmec.backends.keys import compute_keys, context_prefixes, residual_at
-from kmec.backends.linalg import bound_relative_change, spd_solve, temporarily_added
+from kmec.backends.linalg import spd_solve
+from kmec.backends.spread import spread_over_layers
 from kmec.backends.values import ValueParams, optimise_deltas
 from kmec.errors import BackendError
 from kmec.hashing import atomic_write_bytes, sha256_tensor
@@ -189,25 +190,12 @@ class AlphaEdit:
         ctx.log.info("alphaedit: %d target(s), mean target prob %.3f, %d protected key(s)",
                      len(edits), float(prob.mean()), len(p.protect))
         z = residual_at(model, tok, adapter, top, edits) + delta
-        payloads: list[Payload] = []
-        with temporarily_added(model, adapter.weight_layout) as tmp:
-            for j, layer in enumerate(layers):
-                k = compute_keys(model, tok, adapter, [layer], edits, prefixes)[layer]
-                cur = residual_at(model, tok, adapter, top, edits)
-                resid = (z - cur) / (len(layers) - j)
-                basis, alpha = _projection(ctx, step, layer, stats.second_moment(layer), p)
-                u, v = null_space_update(k, resid, basis, protected.get(layer), alpha)
-                param = f"{adapter.site('mlp_out', layer)}.weight"
-                scale, ratio = bound_relative_change(u, v, tmp.params[param], p.max_delta)
-                if scale < 1.0:
-                    ctx.log.warning("alphaedit layer %d: ‖ΔW‖/‖W‖ = %.4f exceeds max_delta %.4f; "
-                                    "scaled down", layer, ratio, p.max_delta)
-                    u = u * scale
-                payloads.append(LowRank(param, u, v))
-                tmp.add(param, u, v)
-                if ctx.progress:
-                    ctx.progress(f"alphaedit: layer {layer}", j + 1, len(layers))
-        return payloads
+
+        def solve(layer: int, k: torch.Tensor, resid: torch.Tensor):
+            basis, alpha = _projection(ctx, step, layer, stats.second_moment(layer), p)
+            return null_space_update(k, resid, basis, protected.get(layer), alpha)
+
+        return spread_over_layers(ctx, "alphaedit", layers, edits, prefixes, z, solve, p.max_delta)
 
 
 def _projection(ctx: ExecContext, step: Step, layer: int, c: torch.Tensor,

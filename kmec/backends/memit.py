@@ -32,9 +32,10 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from kmec.backends.base import ExecContext, LowRank, Payload
-from kmec.backends.keys import compute_keys, context_prefixes, residual_at
-from kmec.backends.linalg import bound_relative_change, spd_solve, temporarily_added
+from kmec.backends.base import ExecContext, Payload
+from kmec.backends.keys import context_prefixes, residual_at
+from kmec.backends.linalg import spd_solve
+from kmec.backends.spread import spread_over_layers
 from kmec.backends.values import ValueParams, optimise_deltas
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts
@@ -100,22 +101,8 @@ class Memit:
                                       seed=ctx.seed, progress=tick)
         ctx.log.info("memit: %d targets, mean target prob %.3f", len(edits), float(prob.mean()))
         z = residual_at(model, tok, adapter, top, edits) + delta
-        payloads: list[Payload] = []
-        with temporarily_added(model, adapter.weight_layout) as tmp:
-            for j, layer in enumerate(layers):
-                k = compute_keys(model, tok, adapter, [layer], edits, prefixes)[layer]
-                cur = residual_at(model, tok, adapter, top, edits)
-                resid = (z - cur) / (len(layers) - j)
-                lam = p.lambda_rel * k.shape[1]
-                u, v = batch_update(k, resid, ctx.stats.second_moment(layer), lam)
-                param = f"{adapter.site('mlp_out', layer)}.weight"
-                scale, ratio = bound_relative_change(u, v, tmp.params[param], p.max_delta)
-                if scale < 1.0:
-                    ctx.log.warning("memit layer %d: ‖ΔW‖/‖W‖ = %.4f exceeds max_delta %.4f; "
-                                    "scaled down", layer, ratio, p.max_delta)
-                    u = u * scale
-                payloads.append(LowRank(param, u, v))
-                tmp.add(param, u, v)
-                if ctx.progress:
-                    ctx.progress(f"memit: layer {layer}", j + 1, len(layers))
-        return payloads
+        lam = p.lambda_rel * ctx.facts.d_mlp
+        return spread_over_layers(
+            ctx, "memit", layers, edits, prefixes, z,
+            lambda layer, k, resid: batch_update(k, resid, ctx.stats.second_moment(layer), lam),
+            p.max_delta)
