@@ -46,6 +46,8 @@ class EditRequest(_Frozen):
         target_old: the old object when declared.
         scope: other in-scope prompts (rendered paraphrases + extra prompts).
         inverse: True for the paired inverse edit added for a reversal claim.
+        preserve: the edit's ``preserve`` prompts, whose output must not change
+            (KL anchors for fine-tuning, negatives for a scope classifier).
     """
 
     name: str
@@ -55,6 +57,7 @@ class EditRequest(_Frozen):
     target_old: str | None = None
     scope: tuple[str, ...] = ()
     inverse: bool = False
+    preserve: tuple[str, ...] = ()
 
 
 class StatsRequest(_Frozen):

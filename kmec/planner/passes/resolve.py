@@ -49,7 +49,8 @@ def _triple(spec: Spec, edit: TripleEdit) -> DraftEdit:
         reverse = _render(rel.reverse, f"{where} reverse", subject=edit.subject, obj=edit.new)
     request = EditRequest(name=edit.name, prompt=prompt, subject=edit.subject,
                           target_new=edit.new, target_old=edit.old,
-                          scope=_unique(paraphrases + edit.scope, prompt))
+                          scope=_unique(paraphrases + edit.scope, prompt),
+                          preserve=tuple(dict.fromkeys(edit.preserve)))
     return DraftEdit(request=request, source=edit.name, expect_reversal=edit.expect_reversal,
                      reverse_prompt=reverse)
 
@@ -62,7 +63,8 @@ def _free_form(edit: PromptEdit) -> DraftEdit:
                         "to key the edit on the prompt's last token)")
     request = EditRequest(name=edit.name, prompt=edit.prompt, subject=edit.subject,
                           target_new=edit.target, target_old=edit.old,
-                          scope=_unique(edit.scope, edit.prompt))
+                          scope=_unique(edit.scope, edit.prompt),
+                          preserve=tuple(dict.fromkeys(edit.preserve)))
     return DraftEdit(request=request, source=edit.name, free_form=True,
                      keyed=edit.subject is not None, expect_reversal=edit.expect_reversal)
 
