@@ -8,10 +8,18 @@ where P(x) is the mean per-token log-probability of " x" after the prompt.
 The neighbourhood score of the *unedited* model is measured in the same run
 as the baseline it is compared with.
 
+Both CounterFact formats are read: the EasyEdit file (one rephrase, one
+locality prompt with its own ground truth; the issue's 200 / 1,000 records)
+and ROME's (two paraphrases, ten neighbourhood prompts that keep the edit's
+true object; the default ``--data``).
+
   rome  (one edit at a time on a fresh model):
+      python benchmarks/bench_editing.py --method rome --n 200 --data EASYEDIT
       python benchmarks/bench_editing.py --method rome --n 200
   memit (all N edits in one batch):
-      python benchmarks/bench_editing.py --method memit --n 1000
+      python benchmarks/bench_editing.py --method memit --n 1000 --data EASYEDIT
+
+with EASYEDIT = ../shared/data/counterfact_easyedit/counterfact-edit.json.
 
 Statistics come from kmec's cache (computed on first use, not timed per edit).
 """
@@ -67,15 +75,34 @@ def mean_logprob(model, tok, pairs, batch=32):
     return out
 
 
+def normalise(rec):
+    """One record of either CounterFact format as a plain dict.
+
+    ROME format (``counterfact/counterfact.json``): ten neighbourhood prompts,
+    each expected to keep the edit's true object. EasyEdit format
+    (``counterfact_easyedit/counterfact-edit.json``): one rephrase and one
+    locality prompt with its own ground truth.
+    """
+    if "requested_rewrite" in rec:
+        rw = rec["requested_rewrite"]
+        true = rw["target_true"]["str"]
+        return {"subject": rw["subject"], "prompt": rw["prompt"].format(rw["subject"]),
+                "new": rw["target_new"]["str"], "true": true,
+                "paraphrases": list(rec["paraphrase_prompts"]),
+                "neighbours": [(p, true) for p in rec["neighborhood_prompts"]]}
+    return {"subject": rec["subject"], "prompt": rec["prompt"], "new": rec["target_new"],
+            "true": rec["ground_truth"], "paraphrases": [rec["rephrase_prompt"]],
+            "neighbours": [(rec["locality_prompt"], rec["locality_ground_truth"])]}
+
+
 def scores(model, tok, records):
-    """Efficacy, paraphrase and neighbourhood indicators per record."""
+    """Efficacy, paraphrase and neighbourhood indicators per (normalised) record."""
     res = []
     for rec in records:
-        rw = rec["requested_rewrite"]
-        new, true = rw["target_new"]["str"], rw["target_true"]["str"]
-        prompt = rw["prompt"].format(rw["subject"])
-        para, neigh = rec["paraphrase_prompts"], rec["neighborhood_prompts"]
-        pairs = [(p, x) for p in [prompt, *para, *neigh] for x in (new, true)]
+        new, true = rec["new"], rec["true"]
+        para, neigh = rec["paraphrases"], rec["neighbours"]
+        pairs = [(p, x) for p in [rec["prompt"], *para] for x in (new, true)]
+        pairs += [(p, x) for p, answer in neigh for x in (new, answer)]
         lp = mean_logprob(model, tok, pairs)
         diff = [lp[2 * i] - lp[2 * i + 1] for i in range(len(pairs) // 2)]  # new − true
         res.append({"efficacy": float(diff[0] > 0),
@@ -85,10 +112,8 @@ def scores(model, tok, records):
 
 
 def request(rec, i):
-    rw = rec["requested_rewrite"]
-    return EditRequest(name=f"cf{i}", prompt=rw["prompt"].format(rw["subject"]),
-                       subject=rw["subject"], target_new=rw["target_new"]["str"],
-                       target_old=rw["target_true"]["str"])
+    return EditRequest(name=f"cf{i}", prompt=rec["prompt"], subject=rec["subject"],
+                       target_new=rec["new"], target_old=rec["true"])
 
 
 def mean(rows, key):
@@ -105,7 +130,7 @@ def main() -> None:
     torch.manual_seed(0)
     lm = load_model("smollm2-135m")
     adapter = adapter_for(lm.facts.model_type)
-    records = json.loads(args.data.read_text())[: args.n]
+    records = [normalise(r) for r in json.loads(args.data.read_text())[: args.n]]
     layers = default_layers(lm.facts, args.method).layers
     stats = provider(lm.model, lm.tok, lm.facts, adapter,
                      StatsRequest(layers=layers, tokens=DEFAULT_TOKENS, max_len=DEFAULT_MAX_LEN))
@@ -140,7 +165,7 @@ def main() -> None:
         handle = apply(art, lm.model, check=False)
         after = scores(lm.model, lm.tok, records)
         handle.revert()
-    result = {"method": args.method, "n": len(records), "layers": list(layers),
+    result = {"method": args.method, "n": len(records), "data": str(args.data), "layers": list(layers),
               "efficacy": mean(after, "efficacy"), "paraphrase": mean(after, "paraphrase"),
               "neighbourhood": mean(after, "neighbourhood"),
               "neighbourhood_unedited": mean(before, "neighbourhood"),
