@@ -83,6 +83,16 @@ def _list_cache() -> None:
     console.print(f"{len(entries)} entries in {cache.root}")
 
 
+def _products(value: str) -> str:
+    from kmec.kernels import PRODUCTS
+
+    aliases = {"bf16": "bfloat16", "fp32": "float32"}
+    value = aliases.get(value, value)
+    if value not in PRODUCTS:
+        raise StatsError(f"unknown --products {value!r}", hint=f"use one of: {', '.join(PRODUCTS)}")
+    return value
+
+
 def stats(
     model: str = typer.Argument(None, help="Alias, model folder or hub id."),
     layers: str = typer.Option(None, "--layers", help="Layers, e.g. 3-8 or 2,4,6-7."),
@@ -94,6 +104,10 @@ def stats(
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype for the pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     kernel: str = typer.Option(None, "--kernel", help="torch | triton [default: by device]."),
+    products: str = typer.Option("bfloat16", "--products",
+                                 help="Precision of the k·kᵀ products: bfloat16 (keys rounded "
+                                 "to bf16, exact products summed in fp32: what plans use) or "
+                                 "float32."),
     batch_tokens: int = typer.Option(None, "--batch-tokens", help="Padded tokens per batch."),
     list_: bool = typer.Option(False, "--list", help="List the statistics cache and exit."),
 ) -> None:
@@ -112,7 +126,7 @@ def stats(
     dist = distributed.init_from_env(device)
     request = StatsRequest(layers=parse_layers(layers), corpus=corpus,
                            tokens=tokens or DEFAULT_TOKENS, max_len=max_len or DEFAULT_MAX_LEN,
-                           dtype=dtype)
+                           dtype=dtype, products=_products(products))
     lm = load_model(model, dtype=dtype, device=device)
     adapter = adapter_for(lm.facts.model_type)
     start = time.monotonic()

@@ -31,14 +31,20 @@ import os
 import torch
 
 from kmec.errors import StatsError
-from kmec.kernels.reference import symmetrize_upper, xtx_accumulate_torch, xtx_reference
+from kmec.kernels.reference import (
+    PRODUCTS,
+    Products,
+    symmetrize_upper,
+    xtx_accumulate_torch,
+    xtx_reference,
+)
 
 log = logging.getLogger("kmec")
 
 KERNELS = ("torch", "triton")
 KERNEL_ENV = "KMEC_KERNEL"
 
-__all__ = ["KERNELS", "KERNEL_ENV", "resolve_kernel", "symmetrize_upper", "triton_available",
+__all__ = ["KERNELS", "KERNEL_ENV", "PRODUCTS", "Products", "resolve_kernel", "symmetrize_upper", "triton_available",
            "xtx_accumulate", "xtx_reference"]
 
 
@@ -92,6 +98,7 @@ def xtx_accumulate(
     mask: torch.Tensor | None = None,
     *,
     kernel: str | None = None,
+    products: Products = "float32",
 ) -> torch.Tensor:
     """Add ``Σ_{n: m_n} x_n x_nᵀ`` into the upper triangle of ``acc`` (in place).
 
@@ -104,6 +111,10 @@ def xtx_accumulate(
         x: [..., d] float32/bfloat16/float16 activations.
         mask: [...] booleans, true for rows that count (None: all rows).
         kernel: implementation override (see :func:`resolve_kernel`).
+        products: precision of the products for float32 rows: ``"float32"``,
+            or ``"bfloat16"`` (rows rounded to bf16, exact products summed in
+            fp32: tensor cores on CUDA, AMX on CPUs that have it). bf16 and
+            fp16 rows are multiplied as they are.
 
     Returns:
         ``acc``.
@@ -111,5 +122,7 @@ def xtx_accumulate(
     if resolve_kernel(x.device, kernel) == "triton":
         from kmec.kernels.xtx import xtx_accumulate_triton
 
+        if products == "bfloat16" and x.dtype == torch.float32:
+            x = x.bfloat16()
         return xtx_accumulate_triton(acc, x, mask)
-    return xtx_accumulate_torch(acc, x, mask)
+    return xtx_accumulate_torch(acc, x, mask, products=products)

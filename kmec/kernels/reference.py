@@ -21,7 +21,15 @@ millions of tokens, where a single fp32 running sum drifts by ~N·2⁻²⁴.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Literal
+
 import torch
+
+Products = Literal["float32", "bfloat16"]
+PRODUCTS: tuple[str, ...] = ("float32", "bfloat16")
 
 
 def _select_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -68,12 +76,39 @@ def symmetrize_upper(acc: torch.Tensor) -> torch.Tensor:
     return upper + torch.triu(acc, 1).T
 
 
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether fp32 GEMMs on this CPU can run as bf16 products in oneDNN (AMX / AVX512-BF16)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported",
+                                                    "_is_avx512_bf16_supported")]
+    try:
+        hw = any(bool(c()) for c in checks if c is not None)
+    except RuntimeError:
+        hw = False
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    return hw and mkldnn is not None and mkldnn.is_available() and hasattr(mkldnn, "matmul")
+
+
+@contextlib.contextmanager
+def _bf16_gemms() -> Iterator[None]:
+    """fp32 GEMMs inside round their inputs to bf16 and accumulate in fp32 (oneDNN)."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 def xtx_accumulate_torch(
     acc: torch.Tensor,
     x: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
     block: int | None = None,
+    products: Products = "float32",
 ) -> torch.Tensor:
     """Add ``X_mᵀ X_m`` into the upper triangle of ``acc``, in place.
 
@@ -90,19 +125,36 @@ def xtx_accumulate_torch(
         x: [..., d] activations; leading dims are flattened.
         mask: [...] booleans, true for rows that count (None: all rows).
         block: band height (None: four bands).
+        products: ``"float32"``: fp32 rows, fp32 products. ``"bfloat16"``:
+            each fp32 row is rounded to bf16 first (bf16/fp16 rows are used as
+            they are); products of bf16 values are
+            exact in fp32 and are summed in fp32, so the result is that of
+            ``round_bf16(X)ᵀ round_bf16(X)`` on every machine; on CPUs with
+            AMX/AVX512-BF16 oneDNN's bf16 GEMM computes it ~2.7x faster than
+            the fp32 GEMM, elsewhere the fp32 GEMM runs on the rounded rows.
 
     Returns:
         ``acc`` (for chaining).
     """
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
     rows = _select_rows(x, mask)
+    fast = False
+    if products == "bfloat16" and x.dtype not in (torch.bfloat16, torch.float16):
+        # Round explicitly: oneDNN takes its bf16 path only for large enough
+        # GEMMs (small ones stay fp32), and rows already on the bf16 grid give
+        # the same exact products on either path.
+        rows = rows.bfloat16().float()
+        fast = onednn_bf16() and rows.device.type == "cpu"
     d = rows.shape[1]
     if acc.shape != (d, d):
         raise ValueError(f"accumulator shape {tuple(acc.shape)} does not match d={d}")
     if rows.shape[0] == 0:
         return acc
     b = block or max(256, -(-d // 4))
-    for i in range(0, d, b):
-        j = min(i + b, d)
-        # fp32 partial for this block of tokens, added in acc's dtype without a temporary
-        acc[i:j, i:].add_(rows[:, i:j].T @ rows[:, i:])
+    with _bf16_gemms() if fast else contextlib.nullcontext():
+        for i in range(0, d, b):
+            j = min(i + b, d)
+            # fp32 partial for this block of tokens, added in acc's dtype without a temporary
+            acc[i:j, i:].add_(rows[:, i:j].T @ rows[:, i:])
     return acc

@@ -69,6 +69,7 @@ class StatsRequest(_Frozen):
     tokens: int
     max_len: int
     dtype: str = "float32"
+    products: Literal["float32", "bfloat16"] = "bfloat16"
 
 
 class Cost(_Frozen):

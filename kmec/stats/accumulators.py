@@ -29,6 +29,8 @@ class SecondMoment:
         d: row dimension (d_mlp for MLP keys).
         device: where the float64 total lives (the activations' device).
         kernel: kernel override passed to :func:`kmec.kernels.xtx_accumulate`.
+        products: ``"float32"`` or ``"bfloat16"`` products (see
+            :func:`kmec.kernels.xtx_accumulate`).
 
     >>> sm = SecondMoment(2)
     >>> sm.add(torch.tensor([[1., 0.], [0., 2.], [5., 5.]]), torch.tensor([True, True, False]))
@@ -40,9 +42,10 @@ class SecondMoment:
     """
 
     def __init__(self, d: int, *, device: torch.device | str = "cpu",
-                 kernel: str | None = None) -> None:
+                 kernel: str | None = None, products: str = "float32") -> None:
         self.d = d
         self.kernel = kernel
+        self.products = products
         self._sum = torch.zeros(d, d, dtype=torch.float64, device=device)
         self._count = 0
 
@@ -65,7 +68,8 @@ class SecondMoment:
             n = int(mask.sum())
         if n == 0:
             return
-        xtx_accumulate(self._sum, x.to(self._sum.device), mask, kernel=self.kernel)
+        xtx_accumulate(self._sum, x.to(self._sum.device), mask, kernel=self.kernel,
+                       products=self.products)
         self._count += n
 
     def merge(self, other: SecondMoment) -> SecondMoment:

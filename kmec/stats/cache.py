@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -61,15 +62,24 @@ class StatsKey(BaseModel):
     max_len: int
     dtype: str
     max_samples: int | None = None
+    products: Literal["float32", "bfloat16"] = "float32"
     format: int = STATS_FORMAT
+
+    def _fields(self) -> dict[str, Any]:
+        # float32 products leave the field out, so entries cached before the
+        # field existed (all float32) keep their names.
+        fields = self.model_dump(mode="json")
+        if fields["products"] == "float32":
+            del fields["products"]
+        return fields
 
     def base_hash(self) -> str:
         """sha256 of the key without the token count (names the cache file)."""
-        return sha256_text(canonical_json(self.model_dump(mode="json")))
+        return sha256_text(canonical_json(self._fields()))
 
     def full_hash(self, tokens: int) -> str:
         """sha256 of the key plus the token count."""
-        return sha256_text(canonical_json({**self.model_dump(mode="json"), "tokens": tokens}))
+        return sha256_text(canonical_json({**self._fields(), "tokens": tokens}))
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ def collect(
     rank: int = 0,
     world: int = 1,
     kernel: str | None = None,
+    products: str = "float32",
     resume: Resume | None = None,
     on_checkpoint: CheckpointFn | None = None,
     progress: ProgressFn | None = None,
@@ -106,6 +107,7 @@ def collect(
         config: budgets and batching.
         rank, world: this process's shard of the corpus.
         kernel: XᵀX kernel override (see :mod:`kmec.kernels`).
+        products: ``"float32"`` or ``"bfloat16"`` products (see :mod:`kmec.kernels`).
         resume: start from a checkpoint instead of from scratch.
         on_checkpoint: ``fn(accumulators, position, tokens_done)``.
         progress: ``fn(message, tokens_done, tokens_total)`` for this rank.
@@ -121,7 +123,7 @@ def collect(
         raise StatsError("no layers requested")
     device = _device_of(model)
     resume = resume or Resume()
-    acc = {l: SecondMoment(d, device=device, kernel=kernel) for l in layers}
+    acc = {l: SecondMoment(d, device=device, kernel=kernel, products=products) for l in layers}
     for l, state in resume.states.items():
         acc[l].load_state_dict(state)
     paths = [adapter.site("mlp_out", l) for l in layers]

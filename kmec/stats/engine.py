@@ -76,7 +76,7 @@ def stats_keys(model: Any, tok: Any, facts: ModelFacts, adapter: ArchAdapter,
         layer: StatsKey(model_fingerprint=fp, module=adapter.site(request.site, layer),
                         layer=layer, corpus_fingerprint=corpus.fingerprint,
                         tokenizer_hash=tok_id, max_len=request.max_len, dtype=dtype,
-                        max_samples=samples)
+                        max_samples=samples, products=request.products)
         for layer in sorted(set(request.layers))
     }
 
@@ -161,7 +161,7 @@ class MomentProvider:
                  sorted(keys), self.config.tokens, self.corpus.name)
         acc = collect(self.model, self.tok, self.adapter, sorted(keys), self.facts.d_mlp,
                       self.corpus, self.config, rank=dist.rank, world=dist.world,
-                      kernel=self.kernel, resume=resume, on_checkpoint=save,
+                      kernel=self.kernel, products=self.request.products, resume=resume, on_checkpoint=save,
                       progress=self.progress)
         distributed.all_reduce_moments(acc)
         total = next(iter(acc.values())).count

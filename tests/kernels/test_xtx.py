@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kmec.errors import StatsError
 from kmec.kernels import resolve_kernel, symmetrize_upper, xtx_accumulate, xtx_reference
+import kmec.kernels.reference as reference_module
 from kmec.kernels.reference import xtx_accumulate_torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -119,6 +120,52 @@ def test_torch_matches_reference(shape, dtype, mask_kind, block, seed):
     acc = acc0.clone()
     xtx_accumulate_torch(acc, x, mask, block=block)
     _check(acc0, acc, x, mask, dtype)
+
+
+ONEDNN_BF16 = reference_module.onednn_bf16()  # this machine's answer, before any patching
+
+
+def _rounded(x: torch.Tensor) -> torch.Tensor:
+    return x.bfloat16() if x.dtype == torch.float32 else x
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.tuples(st.integers(0, 200), st.integers(1, 200)), dtype=st.sampled_from(DTYPES),
+       mask_kind=st.sampled_from(["none", "random", "empty"]), block=st.sampled_from([1, 7, 64, 256]),
+       onednn=st.booleans(), seed=st.integers(0, 2**16))
+def test_bf16_products_are_exact_products_of_rounded_rows(monkeypatch, shape, dtype, mask_kind,
+                                                           block, onednn, seed):
+    # Same numbers on the oneDNN bf16 path and on the portable "round, then fp32 GEMM" path:
+    # both equal the float64 Gram matrix of the bf16-rounded rows up to fp32 summation.
+    import kmec.kernels.reference as ref
+
+    onednn = onednn and ONEDNN_BF16
+    monkeypatch.setattr(ref, "onednn_bf16", lambda: onednn)
+    n, d = shape
+    x, mask = _inputs(n, d, dtype, mask_kind, seed)
+    acc0 = torch.triu(torch.randn(d, d, dtype=torch.float64))
+    acc = acc0.clone()
+    ref.xtx_accumulate_torch(acc, x, mask, block=block, products="bfloat16")
+    _check(acc0, acc, _rounded(x), mask, torch.bfloat16)
+
+
+def test_bf16_products_on_triton(xtx_interp):
+    x, mask = _inputs(45, 37, torch.float32, "random", 5)
+    acc = torch.zeros(37, 37, dtype=torch.float64)
+    xtx_accumulate(acc, x, mask, kernel="triton", products="bfloat16")
+    _check(torch.zeros(37, 37), acc, x.bfloat16(), mask, torch.bfloat16)
+
+
+def test_bf16_products_differ_from_fp32_by_rounding_only():
+    x = torch.randn(500, 64) * 2
+    a32 = torch.zeros(64, 64, dtype=torch.float64)
+    a16 = torch.zeros(64, 64, dtype=torch.float64)
+    xtx_accumulate_torch(a32, x)
+    xtx_accumulate_torch(a16, x, products="bfloat16")
+    rel = float((symmetrize_upper(a16) - symmetrize_upper(a32)).norm() / symmetrize_upper(a32).norm())
+    assert 1e-6 < rel < 5e-3  # bf16 rounding (2^-9 per factor), not noise-free, not wrong
+    with pytest.raises(ValueError, match="products"):
+        xtx_accumulate_torch(a32, x, products="int8")
 
 
 def test_leading_dims_are_flattened():

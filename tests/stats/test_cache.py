@@ -22,11 +22,20 @@ def _sm(n: int, d: int = 6, seed: int = 0) -> SecondMoment:
 def test_every_field_changes_the_key_but_tokens_only_the_full_hash():
     changes = {"model_fingerprint": "x", "module": "other", "layer": 4, "corpus_fingerprint": "y",
                "tokenizer_hash": "z", "max_len": 128, "dtype": "bfloat16", "max_samples": 10,
-               "format": 99}
+               "format": 99, "products": "bfloat16"}
     hashes = {KEY.model_copy(update={k: v}).base_hash() for k, v in changes.items()}
     assert len(hashes) == len(changes) and KEY.base_hash() not in hashes
     assert KEY.full_hash(100) != KEY.full_hash(200)
     assert KEY.base_hash() == StatsKey.model_validate(KEY.model_dump()).base_hash()
+
+
+def test_float32_products_keep_the_names_of_entries_cached_before_the_field():
+    from kmec.hashing import canonical_json, sha256_text
+
+    legacy = {k: v for k, v in KEY.model_dump(mode="json").items() if k != "products"}
+    assert KEY.products == "float32"
+    assert KEY.base_hash() == sha256_text(canonical_json(legacy))
+    assert KEY.full_hash(7) == sha256_text(canonical_json({**legacy, "tokens": 7}))
 
 
 def test_fewer_tokens_reuse_more_tokens_recompute(tmp_path):

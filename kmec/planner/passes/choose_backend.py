@@ -90,8 +90,9 @@ def _explicit(draft: Draft, facts: ModelFacts, method: str) -> tuple[Reason, ...
     if method == "mend" and not has_editor(draft, facts):
         reasons.append(Reason(
             choice="train a MEND editor",
-            because=f"no trained MEND editor is registered for {facts.name}; the mend backend "
-            "trains one before editing (slow, cached by model fingerprint)"))
+            because=f"no trained MEND editor is registered for {facts.name}; compiling needs "
+            f"one: train it first with `kmec train-editor --model {facts.name} --data FILE` "
+            "(zsRE or CounterFact records; stored by model fingerprint)"))
     return tuple(reasons)
 
 
