@@ -334,8 +334,10 @@ summed in fp32 per batch and in fp64 across batches, so the result is
 oneDNN's bf16 GEMM computes it at a fraction of the fp32 cost, and on CUDA the
 Triton kernel takes bf16 tiles on tensor cores. The rounding moves the moment
 by ~1e-4 relative, three to four orders of magnitude below the estimate's
-own sampling error (the precision row). With the deepest layer further up
-(the second layer set) even fp32 products stay above 0.9. (b) grows with the spread of the
+own sampling error (the precision row). The ratios move with the load on
+this shared machine: a quieter run before bf16 products measured 0.85× (fp32)
+for layers 4–8, this run (load average ≈ 5, six jobs on two cores) 0.73×
+fp32 and 0.88× bf16. (b) grows with the spread of the
 layers: the reference method re-runs the bottom of the model once per layer,
 Σ(l+1) layer-forwards instead of max(l)+1. On CUDA the Triton kernel
 accumulates bf16/fp16 keys on tensor cores, where S is a few percent of F;
