@@ -123,7 +123,11 @@ def test_other_corpus_other_entry(llama, tmp_path):
 
 @pytest.mark.slow
 def test_real_model_one_pass_matches_per_layer_passes(real_model, tmp_path):
-    """SmolLM2-135M: d_mlp 1536 keys of layers 2 and 4 in one pass = one pass per layer."""
+    """SmolLM2-135M: d_mlp 1536 keys of layers 2 and 4 in one pass = one pass per layer.
+
+    The plan's default products are bf16 (keys rounded to bf16, exact products),
+    so the per-layer reference rounds its keys the same way.
+    """
     from kmec.models.hooks import Trace
     from kmec.stats.corpus import resolve_corpus, windows
 
@@ -137,7 +141,7 @@ def test_real_model_one_pass_matches_per_layer_passes(real_model, tmp_path):
             with torch.no_grad(), Trace(lm.model, adapter.site("mlp_out", layer),
                                         retain_input=True, stop=True) as t:
                 lm.model(input_ids=torch.tensor([w.ids]))
-            k = t.input[0, w.n_special:].double()
+            k = t.input[0, w.n_special:].bfloat16().double()
             total += k.T @ k
         c = stats.second_moment(layer)
         assert c.shape == (1536, 1536) and stats.count(layer) == 200
