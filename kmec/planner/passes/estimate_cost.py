@@ -13,8 +13,13 @@ Per step (``n`` edits, ``s`` scope prompts in all, ``L`` layers):
   over ``CONTEXTS`` prompts (the value optimisation) plus key forwards at each
   layer, and a ``d_mlp³`` solve per layer; AlphaEdit adds an eigendecomposition
   per layer (about ``10 · d_mlp³``) on first use;
-* fine-tuning: ``FT_STEPS`` forward+backward passes over the edit and scope prompts;
-* memory: ``MEMORY_STEPS`` value-training iterations per edit (GRACE's ``n_iter``);
+* fine-tuning: at most ``FT_STEPS`` forward+backward passes over the edit and
+  scope prompts plus a KL forward over the preserve prompts, training one MLP
+  output matrix per layer;
+* memory: ``MEMORY_STEPS`` value-training iterations (typical early stop)
+  over its prompts, each under ``MEMORY_CONTEXTS`` context prefixes;
+* retrieval: one pass of the sentence encoder (``EMBEDDER_PARAMS``) over the
+  edit, scope and preserve prompts (each with its last sentence);
 * MEND: one forward+backward per edit, plus training the editor
   (``MEND_TRAIN_STEPS`` steps) when none is registered for the model.
 
@@ -37,8 +42,11 @@ FWD_BWD = 3.0
 PROMPT_TOKENS = 16  # a rendered prompt plus its target, typically
 CONTEXTS = 11  # keys/values are averaged over ~10 context prefixes plus the bare prompt
 VALUE_STEPS = 25  # v*/z optimisation steps (ROME 20, MEMIT 25 in the published hparams)
-FT_STEPS = 25  # constrained fine-tuning steps (FT-L in the ROME/MEMIT comparisons)
-MEMORY_STEPS = 50  # GRACE value iterations per edit (EasyEdit llama-7b: n_iter 50)
+FT_STEPS = 40  # constrained fine-tuning steps, at most (FinetuneParams.steps; early stop)
+MEMORY_STEPS = 20  # codebook value steps: at most 50, early stop after ~18 measured (lr 1.0)
+MEMORY_CONTEXTS = 5  # the bare prompt and 4 seeded prefixes (MemoryParams.n_prefixes)
+MEMORY_BATCH_TOKENS = 2048  # padded tokens per value-training batch (MemoryParams.max_tokens)
+EMBEDDER_PARAMS = 22_700_000  # all-MiniLM-L6-v2
 MEND_TRAIN_STEPS = 10_000  # editor training, once per model (then cached)
 MEND_BATCH = 10
 STATS_BATCH = 16  # sequences per forward in the statistics pass
@@ -95,14 +103,20 @@ def _work(step: Step, facts: ModelFacts, first_mend: bool) -> tuple[float, float
         return value + keys + solve, extra, [
             f"value optimisation {value:.0f} s", f"keys {keys:.0f} s", f"solve {solve:.1f} s"]
     if step.backend == "ft":
-        secs = _seconds(FT_STEPS * prompts * PROMPT_TOKENS * FWD_BWD, p)
-        mats = 3 if facts.family in GATED else 2
-        trained = L * mats * d * m
+        anchors = sum(len(e.preserve) for e in step.edits) or 5 * n
+        secs = _seconds(FT_STEPS * (prompts * FWD_BWD + 2 * anchors) * PROMPT_TOKENS, p)
+        trained = L * d * m
         extra = _activations_mb(facts, prompts * PROMPT_TOKENS) + trained * 4 * 3 / MB
         return secs, extra, [f"{FT_STEPS} steps over {prompts} prompts {secs:.0f} s"]
     if step.backend == "memory":
-        secs = _seconds(n * MEMORY_STEPS * PROMPT_TOKENS * FWD_BWD + prompts * PROMPT_TOKENS, p)
-        return secs, _activations_mb(facts, PROMPT_TOKENS), [f"codebook training {secs:.0f} s"]
+        secs = _seconds(MEMORY_STEPS * prompts * MEMORY_CONTEXTS * PROMPT_TOKENS * FWD_BWD, p)
+        batch = min(MEMORY_BATCH_TOKENS, prompts * MEMORY_CONTEXTS * PROMPT_TOKENS)
+        return secs, _activations_mb(facts, batch), [
+            f"codebook training {secs:.0f} s"]
+    if step.backend == "retrieval":
+        texts = 2 * (prompts + sum(len(e.preserve) for e in step.edits))
+        secs = _seconds(texts * PROMPT_TOKENS, EMBEDDER_PARAMS)
+        return secs, EMBEDDER_PARAMS * 4 / MB, [f"embedding {texts} texts {secs:.1f} s"]
     if step.backend == "mend":
         secs = _seconds(prompts * PROMPT_TOKENS * FWD_BWD, p)
         parts = [f"editing {secs:.0f} s"]
