@@ -60,7 +60,17 @@ def verify(spec: Any, plan: Any, base: Any, edited: Any, tok: Any, **kwargs: Any
 
 
 def load_model(ref: str, **kwargs: Any) -> Any:
-    """Load a model by alias, folder or hub id (see :func:`kmec.models.load.load_model`)."""
+    """Load a model by alias, folder or hub id (see :func:`kmec.models.load.load_model`).
+
+    A folder written by ``kmec apply`` comes back edited, with its external
+    memory (codebook or retrieval) installed (see :func:`kmec.edited.load_edited`).
+    """
+    from pathlib import Path
+
+    if (Path(ref).expanduser() / "kmec_edit.json").is_file():
+        from kmec.edited import load_edited
+
+        return load_edited(Path(ref).expanduser(), **kwargs)
     from kmec.models.load import load_model as _load
 
     return _load(ref, **kwargs)

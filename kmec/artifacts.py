@@ -334,7 +334,7 @@ def _check_payloads(artifact: Artifact) -> None:
 
 
 def apply(artifact: Artifact, model: Any, *, fingerprint: str | None = None,
-          check: bool = True) -> Applied:
+          check: bool = True, tok: Any = None) -> Applied:
     """Add the artifact's payloads to ``model`` in place.
 
     Every payload is checked (finite, well-formed) before any weight changes;
@@ -345,8 +345,11 @@ def apply(artifact: Artifact, model: Any, *, fingerprint: str | None = None,
         model: a model whose weights equal the artifact's base model.
         fingerprint: the model's fingerprint if already known (else computed).
         check: refuse a model whose fingerprint differs from the base's.
+        tok: the model's tokenizer, passed to memory tables that read text
+            (a retrieval memory needs it; weight deltas and codebooks do not).
 
     Raises:
+        ModelError: a retrieval memory without ``tok``.
         ArtifactError: fingerprint mismatch, non-finite payload, unknown
             parameter, shape mismatch, or a delta that overflows the weights' dtype.
     """
@@ -364,9 +367,9 @@ def apply(artifact: Artifact, model: Any, *, fingerprint: str | None = None,
         with torch.no_grad():
             for p in artifact.payloads():
                 if isinstance(p, MemoryTable):
-                    from kmec.backends.memory_hook import install_memory  # type: ignore[import-not-found]
+                    from kmec.backends.memory_hook import install_memory
 
-                    applied.hooks.append(install_memory(model, p))
+                    applied.hooks.append(install_memory(model, p, tok=tok))
                     continue
                 if p.param not in params:
                     raise ArtifactError(f"the model has no parameter {p.param!r} that the artifact edits")

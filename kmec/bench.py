@@ -202,7 +202,8 @@ class _Runner:
             artifact = execute(plan, self.lm, progress=self.progress, use_cache=False)
             compile_s = time.perf_counter() - t0
         peak = rss.extra_mb + _cuda_peak_mb()
-        handle = apply(artifact, self.edited, fingerprint=self.lm.facts.fingerprint)
+        handle = apply(artifact, self.edited, fingerprint=self.lm.facts.fingerprint,
+                       tok=self.lm.tok)
         try:
             t0 = time.perf_counter()
             report = verify(spec, plan, self.lm.model, self.edited, self.lm.tok,

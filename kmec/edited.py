@@ -1,11 +1,14 @@
 """Edited model folders: an artifact applied and saved, and reverted exactly.
 
 Contents:
-    EDIT_RECORD / BASE_PARAMS   the two files kmec adds to an edited model folder
+    EDIT_RECORD / BASE_PARAMS / MEMORY_DIR   what kmec adds to an edited model folder
     EditRecord       what ``kmec_edit.json`` holds (manifest, both fingerprints, hashes)
     load_weights()   a causal LM's weights (float32, CPU) without its tokenizer
     write_edited()   artifact + base model -> edited Hugging Face folder (atomic)
+    split_memory()   an artifact's weight payloads and its memory payloads, apart
     read_record() / read_base_params()   read and hash-check an edited folder's kmec files
+    EditedModel      a LoadedModel plus the handle of the memory installed on it
+    load_edited()    edited folder -> model with its external memory installed (one call)
     revert_folder()  edited folder -> the base model, bit-for-bit (atomic)
 
 An edited folder is an ordinary Hugging Face model folder (``config.json``,
@@ -17,6 +20,17 @@ An edited folder is an ordinary Hugging Face model folder (``config.json``,
 Only the parameters the artifact changes are stored, so the second file is
 small (one MLP matrix per edited layer). Reverting copies them back and checks
 that the result has the base model's fingerprint.
+
+External memories (``memory`` / ``retrieval`` payloads) are hooks, not
+weights: the folder keeps them as an artifact of their own next to the
+weights, which they leave as they were (a memory-only folder holds the base
+weights unchanged)::
+
+    kmec_memory/manifest.json, kmec_memory/payloads.safetensors
+
+:func:`load_edited` (also reached by ``kmec.load_model(folder)``) loads the
+weights and installs the memory, checking its tensors against the hashes in
+``kmec_edit.json``; ``kmec revert`` writes the weights without the memory.
 
 Tokenizers: applying an artifact needs no tokenizer, so none is loaded. The
 tokenizer files of a base model folder (or installed alias) are copied as they
@@ -43,16 +57,26 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kmec import __version__
-from kmec.artifacts import Artifact, Manifest, apply, check_base, check_format
+from kmec.artifacts import (
+    Applied,
+    Artifact,
+    Manifest,
+    apply,
+    check_base,
+    check_format,
+    load_artifact,
+    save_artifact,
+)
 from kmec.errors import ArtifactError, ModelError
 from kmec.hashing import atomic_dir, canonical_json, sha256_tensor
-from kmec.models.load import ModelRef, fingerprint_model, load_model, resolve_ref
+from kmec.models.load import LoadedModel, ModelRef, fingerprint_model, load_model, resolve_ref
 
 log = logging.getLogger("kmec")
 
 EDITED_FORMAT = "kmec-edited-model/1"
 EDIT_RECORD = "kmec_edit.json"
 BASE_PARAMS = "kmec_base_params.safetensors"
+MEMORY_DIR = "kmec_memory"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json")
@@ -133,19 +157,16 @@ def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = Non
         out: the folder to write (replaced atomically).
         model: the base model reference; defaults to the manifest's ``base_model``.
 
+    External-memory payloads are not applied to the weights: they are saved in
+    ``kmec_memory/`` and installed by :func:`load_edited`.
+
     Raises:
-        ArtifactError: the model is not the artifact's base, the artifact holds
-            external-memory payloads (hooks cannot be saved as weights), or
-            ``out`` is the base model's own folder.
+        ArtifactError: the model is not the artifact's base, or ``out`` is the
+            base model's own folder.
         ModelError: the base model cannot be resolved or loaded.
     """
     m = artifact.manifest
-    memory = [e.site for e in m.payloads if e.kind == "memory"]
-    if memory:
-        raise ArtifactError(
-            f"the artifact holds external-memory payloads (at {', '.join(sorted(set(memory)))}), "
-            "which run as hooks and cannot be saved in a model folder",
-            hint="load the base model and apply the artifact in Python (kmec.artifacts.apply)")
+    weights_part, memory_part = split_memory(artifact)
     name = model or m.base_model
     try:
         ref = resolve_ref(name)
@@ -161,19 +182,34 @@ def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = Non
     weights, tok = load_weights(ref)
     base_fp = fingerprint_model(weights)
     check_base(m, base_fp, model=name)
-    applied = apply(artifact, weights, fingerprint=base_fp)
+    applied = apply(weights_part, weights, fingerprint=base_fp)
     edited_fp = fingerprint_model(weights)
     originals = {k: v.contiguous() for k, v in applied.originals.items()}
     with atomic_dir(out) as tmp:
         weights.save_pretrained(tmp)
         tokenizer = _write_tokenizer(ref.path, tok, tmp)
         save_file(originals, str(tmp / BASE_PARAMS), metadata={"format": EDITED_FORMAT})
+        if memory_part is not None:
+            save_artifact(memory_part, tmp / MEMORY_DIR)
         record = EditRecord(kmec_version=__version__, base_model=name, base_fingerprint=base_fp,
                             edited_fingerprint=edited_fp, tokenizer=tokenizer, manifest=m,
                             base_params={k: sha256_tensor(v) for k, v in originals.items()})
         (tmp / EDIT_RECORD).write_text(canonical_json(record.model_dump(mode="json")))
-    log.info("wrote edited model %s (%d parameter(s) changed)", out, len(originals))
+    log.info("wrote edited model %s (%d parameter(s) changed, %d memory table(s))", out,
+             len(originals), 0 if memory_part is None else len(memory_part.manifest.payloads))
     return Written(out, base_fp, edited_fp, tuple(sorted(originals)), tokenizer)
+
+
+def split_memory(artifact: Artifact) -> tuple[Artifact, Artifact | None]:
+    """``(weight payloads, memory payloads or None)`` of ``artifact``, same manifest otherwise."""
+    def part(kinds: tuple[str, ...]) -> Artifact:
+        entries = tuple(e for e in artifact.manifest.payloads if e.kind in kinds)
+        names = {n for e in entries for n in e.tensors}
+        return Artifact(artifact.manifest.model_copy(update={"payloads": entries}),
+                        {k: v for k, v in artifact.tensors.items() if k in names})
+
+    memory = part(("memory",))
+    return part(("low_rank", "dense")), (memory if memory.manifest.payloads else None)
 
 
 def read_record(folder: str | Path) -> EditRecord:
@@ -237,6 +273,71 @@ def read_base_params(folder: str | Path, record: EditRecord) -> dict[str, torch.
             raise ArtifactError(f"the original of {name} in {path} does not match its recorded "
                                 "sha256 (the file was modified or is corrupt)", hint=hint)
     return tensors
+
+
+@dataclass
+class EditedModel(LoadedModel):
+    """A model loaded from an edited folder.
+
+    Attributes:
+        record: the folder's ``kmec_edit.json``.
+        memory: the handle of the installed external memory (``memory.revert()``
+            removes it); None when the folder holds weight edits only.
+    """
+
+    record: EditRecord | None = None
+    memory: Applied | None = None
+
+
+def load_edited(folder: str | Path, *, tok: Any = None, dtype: str = "float32",
+                device: str = "cpu") -> EditedModel:
+    """Load a folder written by :func:`write_edited`, with its external memory installed.
+
+    Args:
+        folder: the edited model folder.
+        tok: a tokenizer to use instead of the folder's (required when the
+            folder has none and holds a retrieval memory).
+        dtype, device: as :func:`kmec.models.load.load_model`. In float32 the
+            weights are checked against the fingerprint ``kmec apply`` recorded.
+
+    Raises:
+        ArtifactError: not a kmec-edited folder, weights changed since ``kmec
+            apply``, or a memory that is missing or differs from the record.
+        ModelError: the weights or tokenizer do not load, or a retrieval memory
+            has no tokenizer.
+    """
+    folder = Path(folder)
+    record = read_record(folder)
+    ref = ModelRef(str(folder), "folder", folder.resolve())
+    if record.tokenizer == "none":
+        from kmec.models.facts import facts_from_config
+
+        model, _ = load_weights(ref, safetensors_only=True)
+        model.to(device=device, dtype=getattr(torch, dtype))
+        facts = facts_from_config(model.config, name=str(folder), fingerprint=fingerprint_model(model),
+                                  n_params=sum(p.numel() for p in model.parameters()), dtype=dtype)
+        lm = LoadedModel(model, tok, facts, ref)
+    else:
+        lm = load_model(ref, dtype=dtype, device=device)
+        lm.tok = tok if tok is not None else lm.tok
+    if dtype == "float32" and lm.facts.fingerprint != record.edited_fingerprint:
+        raise ArtifactError(
+            f"the weights in {folder} changed after kmec apply wrote them (fingerprint "
+            f"{lm.facts.fingerprint[:12]}, recorded {record.edited_fingerprint[:12]})",
+            hint="re-run kmec apply to write the folder again")
+    handle = None
+    expected = tuple(e for e in record.manifest.payloads if e.kind == "memory")
+    if expected:
+        if not (folder / MEMORY_DIR / "manifest.json").exists():
+            raise ArtifactError(f"{folder} records an external memory but has no {MEMORY_DIR}/",
+                                hint="re-run kmec apply to write the folder again")
+        memory = load_artifact(folder / MEMORY_DIR)
+        if memory.manifest.payloads != expected:
+            raise ArtifactError(f"the memory in {folder / MEMORY_DIR} is not the one "
+                                f"{EDIT_RECORD} records (payloads or hashes differ)",
+                                hint="re-run kmec apply to write the folder again")
+        handle = apply(memory, lm.model, check=False, tok=lm.tok)
+    return EditedModel(lm.model, lm.tok, lm.facts, lm.ref, record=record, memory=handle)
 
 
 def revert_folder(edited: str | Path, out: str | Path) -> Written:

@@ -27,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kmec.errors import Span
 
-METHODS = ("auto", "rome", "memit", "alphaedit", "memory", "ft", "mend")
+METHODS = ("auto", "rome", "memit", "alphaedit", "memory", "retrieval", "ft", "mend")
 METRICS = ("efficacy", "generality", "locality", "portability", "reversal", "retention")
 
-Method = Literal["auto", "rome", "memit", "alphaedit", "memory", "ft", "mend"]
+Method = Literal["auto", "rome", "memit", "alphaedit", "memory", "retrieval", "ft", "mend"]
 Metric = Literal["efficacy", "generality", "locality", "portability", "reversal", "retention"]
 
 

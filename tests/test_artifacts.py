@@ -22,6 +22,7 @@ from kmec.backends.base import Dense, LowRank, MemoryTable
 from kmec.edited import (
     BASE_PARAMS,
     EDIT_RECORD,
+    load_weights,
     read_base_params,
     read_record,
     revert_folder,
@@ -267,13 +268,18 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- edited folders
 
 
-def test_memory_payloads_cannot_be_written_as_a_folder(tmp_path):
+def test_memory_payloads_are_saved_next_to_unchanged_weights(tmp_path):
+    """External memories are hooks: the folder keeps the base weights and the tables
+    (kmec_memory/); tests/backends/test_memory.py loads such folders back."""
     model = build_tiny_model("llama")
-    mem = MemoryTable("model.layers.1.mlp", 1, torch.zeros(2, 4), torch.zeros(2, 4),
-                      torch.ones(2))
-    art = artifact_for(model, [mem])
-    with pytest.raises(ArtifactError, match=r"external-memory payloads \(at model.layers.1.mlp\)"):
-        write_edited(art, tmp_path / "out", model="unused")
+    model.save_pretrained(tmp_path / "base")
+    mem = MemoryTable("model.layers.1.mlp", 1, torch.zeros(2, 32), torch.zeros(2, 32),
+                      torch.ones(2), {"kind": "codebook"})
+    base, _ = load_weights(str(tmp_path / "base"))
+    art = artifact_for(base, [mem], base_model=str(tmp_path / "base"))
+    written = write_edited(art, tmp_path / "out", model=str(tmp_path / "base"))
+    assert written.params == () and written.edited_fingerprint == written.base_fingerprint
+    assert load_artifact(tmp_path / "out" / "kmec_memory").manifest.payloads == art.manifest.payloads
 
 
 def test_out_must_not_be_the_base_folder(tmp_path):

@@ -18,7 +18,9 @@ def apply_cmd(
     """Apply an artifact to its base model and save the edited model as a Hugging Face folder.
 
     The folder also holds kmec_edit.json and the original tensors of the edited
-    parameters, so `kmec revert` can restore the base model exactly.
+    parameters, so `kmec revert` can restore the base model exactly. External
+    memories (method memory / retrieval) are saved in kmec_memory/ next to the
+    unchanged weights; kmec.load_model(OUT) loads the model with them installed.
     """
     from kmec.artifacts import load_artifact
     from kmec.edited import write_edited
@@ -27,9 +29,13 @@ def apply_cmd(
     with console.status("loading the base model and applying the artifact"):
         w = write_edited(artifact, out, model=model)
     n = len(artifact.manifest.payloads)
-    out_console.print(f"applied {n} payload(s) to {len(w.params)} parameter(s) of "
+    memory = sum(e.kind == "memory" for e in artifact.manifest.payloads)
+    out_console.print(f"applied {n - memory} payload(s) to {len(w.params)} parameter(s) of "
                       f"{model or artifact.manifest.base_model} ({w.base_fingerprint[:12]}) -> "
                       f"{w.path}/ (fingerprint {w.edited_fingerprint[:12]}, tokenizer {w.tokenizer})")
+    if memory:
+        out_console.print(f"{memory} external-memory table(s) saved in {w.path}/kmec_memory/; "
+                          f"load the model with the memory installed: kmec.load_model({str(w.path)!r})")
 
 
 def revert_cmd(

@@ -252,7 +252,8 @@ def check_method(spec: Spec, c: Ctx) -> Iterator[Diagnostic]:
                    "max_delta bounds the relative weight change ‖Δ‖/‖W‖, e.g. 0.05")
     if hint.frozen and hint.method in WEIGHT_METHODS:
         yield _err(c.at(hint, "method"), f"method {hint.method} changes weights, but the spec "
-                   "says `weights frozen`", "use method memory (or auto), or drop `weights frozen`")
+                   "says `weights frozen`",
+                   "use method memory or retrieval (or auto), or drop `weights frozen`")
 
 
 def _strings(spec: Spec) -> Iterator[tuple[Any, str, str, str | None]]:

@@ -3,7 +3,8 @@
 Contents:
     StopForward   raised inside a hook to cut the forward pass short
     Trace         context manager on one module: retain input/output, edit
-                  the output, optionally stop the forward pass after it
+                  the output (optionally seeing the call's arguments), optionally
+                  stop the forward pass after it
     TraceDict     the same over several modules at once
     get_module()  module by dotted path, with a clear error
 
@@ -50,6 +51,10 @@ class Trace:
         retain_input: keep the module's first positional input as ``.input``.
         retain_output: keep the module's output as ``.output``.
         edit_output: ``fn(output, path) -> output`` applied to the output.
+        edit_call: ``fn(args, kwargs, output) -> output`` applied to the output
+            with the positional and keyword arguments of the call (for edits
+            that depend on the whole input, such as a retrieval memory that
+            reads ``input_ids`` and ``attention_mask``); after ``edit_output``.
         stop: raise :class:`StopForward` after this module ran (the ``with``
             block swallows it), so layers above are never computed.
         detach: detach retained tensors from the graph.
@@ -63,6 +68,7 @@ class Trace:
         retain_input: bool = False,
         retain_output: bool = False,
         edit_output: Callable[[Any, str], Any] | None = None,
+        edit_call: Callable[[tuple[Any, ...], dict[str, Any], Any], Any] | None = None,
         stop: bool = False,
         detach: bool = True,
     ) -> None:
@@ -71,12 +77,15 @@ class Trace:
         self.output: Any = None
         module = get_module(model, path)
 
-        def hook(_m: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        def hook(_m: nn.Module, inputs: tuple[Any, ...], *rest: Any) -> Any:
+            kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
             if retain_input:
                 x = inputs[0] if inputs else None
                 self.input = x.detach() if (detach and x is not None) else x
             if edit_output is not None:
                 output = edit_output(output, path)
+            if edit_call is not None:
+                output = edit_call(inputs, kwargs, output)
             if retain_output:
                 out = _first_tensor(output)
                 self.output = out.detach() if detach else out
@@ -84,7 +93,7 @@ class Trace:
                 raise StopForward()
             return output
 
-        self._handle = module.register_forward_hook(hook)
+        self._handle = module.register_forward_hook(hook, with_kwargs=edit_call is not None)
 
     def __enter__(self) -> Trace:
         return self

@@ -117,7 +117,7 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
             f"{inputs.artifact.manifest.base_fingerprint[:12]}, but {inputs.model!r} now has {fp[:12]}",
             hint="recompile the spec for the installed model")
     edited = copy.deepcopy(lm.model)
-    apply(inputs.artifact, edited, fingerprint=fp)
+    apply(inputs.artifact, edited, fingerprint=fp, tok=lm.tok)
     if progress:
         progress("loading model", 1, 1)
     report = verify(inputs.spec, inputs.plan, lm.model, edited, lm.tok, seed=None,

@@ -90,7 +90,7 @@ def step_scores(base: Any, tok: Any, cases: Sequence[Case], artifact: Artifact |
         if order == "sequence" and i == len(step_ids) - 1:
             continue  # the last step's edits are scored on the full model anyway
         keep = set(step_ids[: i + 1]) if order == "sequence" else {step}
-        applied = apply(partial(artifact, keep), scratch, check=False)
+        applied = apply(partial(artifact, keep), scratch, check=False, tok=tok)
         try:
             out.update(_efficacy_on(scratch, tok, mine))
         finally:

@@ -72,8 +72,9 @@ class FakeBackend:
 
 
 def fake_registry(*names: str) -> dict[str, FakeBackend]:
-    names = names or ("rome", "memit", "alphaedit", "memory", "ft", "mend")
-    return {n: FakeBackend(n, FakeMemoryParams if n == "memory" else FakeParams) for n in names}
+    names = names or ("rome", "memit", "alphaedit", "memory", "retrieval", "ft", "mend")
+    return {n: FakeBackend(n, FakeMemoryParams if n in ("memory", "retrieval") else FakeParams)
+            for n in names}
 
 
 CAPITAL = Relation(name="capital", prompt="The capital of {{ subject }} is",

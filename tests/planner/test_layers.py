@@ -72,7 +72,7 @@ def test_rome_layer_lies_in_the_memit_range_for_the_default_model():
 
 @pytest.mark.parametrize("backend,expected", [
     ("rome", (5,)), ("memit", (4, 5, 6, 7, 8)), ("alphaedit", (4, 5, 6, 7, 8)),
-    ("ft", (4, 5, 6, 7, 8)), ("memory", (25,)), ("mend", (27, 28, 29)),
+    ("ft", (4, 5, 6, 7, 8)), ("memory", (5,)), ("mend", (27, 28, 29)),
 ])
 def test_each_backend_gets_its_role_layers(registry, smol, backend, expected):
     p = plan(make_spec(kz(), method=backend), smol, backends=registry)

@@ -5,8 +5,8 @@ model's family and size) are merged with what the spec overrides:
 
 * ``max_delta`` (bound on ‖Δ‖/‖W‖): set on backends whose Params have the
   field; refused for a weight-changing backend without it (the plan could not
-  honour the bound); noted as trivially true for ``memory``, which changes no
-  weight;
+  honour the bound); noted as trivially true for ``memory`` and ``retrieval``,
+  which change no weight;
 * ``layers``: mirrored from the step when the Params have a ``layers`` field,
   so the two never disagree;
 * ``protect``: under ``order sequence``, when the Params have a ``protect``
@@ -39,8 +39,8 @@ def _merge(draft: Draft, step: Step, defaults: dict[str, Any],
         if "max_delta" in params:
             params["max_delta"] = bound
             notes.append(f"max_delta={bound:g} from the spec")
-        elif step.backend == "memory":
-            notes.append(f"max_delta={bound:g} holds trivially: memory changes no weights")
+        elif step.backend in ("memory", "retrieval"):
+            notes.append(f"max_delta={bound:g} holds trivially: {step.backend} changes no weights")
         else:
             raise PlanError(
                 f"the spec bounds the weight change (max_delta {bound:g}), but the "
