@@ -97,7 +97,7 @@ def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
                                      base_fingerprint=lm.facts.fingerprint,
                                      base_arch=lm.facts.arch,
                                      weight_layout=adapter.weight_layout, plan_hash=plan.sha256)
-                applied.append(apply(one, lm.model, check=False))
+                applied.append(apply(one, lm.model, check=False, tok=lm.tok))
     finally:
         for a in reversed(applied):
             a.revert()
@@ -158,7 +158,7 @@ class BuildResult:
 
 def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str | None = None,
                  progress: Progress | None = None, use_cache: bool = True,
-                 editors: tuple[str, ...] = ()) -> BuildResult:
+                 editors: tuple[str, ...] | None = None) -> BuildResult:
     """Parse, plan and execute a spec; write the build directory.
 
     Args:
@@ -167,6 +167,8 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
         model: overrides the spec's ``model``.
         progress: ``progress(message, done, total)``.
         use_cache: reuse cached step results.
+        editors: models with a trained MEND editor, for the planner; None: the
+            model's own editor in ``$KMEC_HOME/editors`` when there is one.
     """
     from kmec.grammar import parse_file
     from kmec.planner import plan as make_plan
@@ -176,6 +178,10 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
     spec = parse_file(spec_path)
     ref = model or spec.model or DEFAULT_MODEL
     lm = load_model(ref)
+    if editors is None:
+        from kmec.backends.mend.store import find_editor
+
+        editors = (lm.facts.fingerprint,) if find_editor(lm.facts.fingerprint) else ()
     plan = make_plan(spec, lm.facts, backends=BACKENDS, editors=editors)
     out = Path(out)
     existing = _existing_build(out, plan)

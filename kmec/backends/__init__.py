@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from kmec.backends.alphaedit import AlphaEdit
 from kmec.backends.base import Backend
+from kmec.backends.finetune import Finetune
 from kmec.backends.memit import Memit
+from kmec.backends.memory import Memory
+from kmec.backends.mend import Mend
+from kmec.backends.retrieval import Retrieval
 from kmec.backends.rome import Rome
 from kmec.errors import PlanError, did_you_mean
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Rome(), Memit(), AlphaEdit())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Rome(), Memit(), AlphaEdit(), Finetune(),
+                                                     Mend(), Memory(), Retrieval())}
 
 
 def get_backend(name: str, registry: dict[str, Backend] | None = None) -> Backend:

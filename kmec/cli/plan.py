@@ -32,7 +32,10 @@ def plan_command(
 
     parsed = parse_file(spec)
     facts = facts_for_ref(model or parsed.model or DEFAULT_MODEL)
-    result = plan(parsed, facts)
+    from kmec.backends.mend.store import find_editor
+
+    editors = (facts.fingerprint,) if find_editor(facts.fingerprint) else ()
+    result = plan(parsed, facts, editors=editors)
     if as_json:
         typer.echo(result.to_json(), nl=False)
     elif explain:

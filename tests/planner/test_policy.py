@@ -147,15 +147,20 @@ def test_explicit_batch_method_in_sequence_order_is_one_step_per_edit(registry, 
 
 
 @pytest.mark.parametrize("key", ["fingerprint", "name"])
-def test_trained_editor_chooses_mend(registry, smol, key):
-    p = plan(make_spec(*many(3)), smol, backends=registry, editors=[getattr(smol, key)])
+def test_trained_editor_chooses_mend_for_a_single_edit(registry, smol, key):
+    p = plan(make_spec(kz()), smol, backends=registry, editors=[getattr(smol, key)])
     assert backends(p) == ["mend"]
     assert "a trained MEND editor exists for smollm2-135m" in reasons_text(p.steps[0])
 
 
-def test_editor_for_another_model_is_ignored(registry, smol):
-    p = plan(make_spec(*many(3)), smol, backends=registry, editors={"fp-gpt2-xl", ""})
+def test_trained_editor_leaves_batches_to_memit(registry, smol):
+    p = plan(make_spec(*many(3)), smol, backends=registry, editors={smol.fingerprint})
     assert backends(p) == ["memit"]
+
+
+def test_editor_for_another_model_is_ignored(registry, smol):
+    p = plan(make_spec(kz()), smol, backends=registry, editors={"fp-gpt2-xl", ""})
+    assert backends(p) == ["rome"]
 
 
 # -- 5. free-form without subject / generality first -> ft -------------------------------

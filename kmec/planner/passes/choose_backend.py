@@ -8,7 +8,9 @@ Policy, first match wins (each branch writes its reason into the plan):
    without changing weights.
 3. ``order sequence`` -> ``alphaedit``: sequential edits, each projected onto
    the null space of the knowledge to preserve.
-4. a trained MEND editor for this model (``editors=``) -> ``mend``.
+4. a trained MEND editor for this model (``editors=``) and a single edit ->
+   ``mend``. Batches skip it: MEND sums per-edit updates that interfere as
+   they add up, where MEMIT solves for all edits jointly.
 5. a free-form edit without a subject, or *generality first* (``claim
    generality >= GENERALITY_FIRST`` with no locality claim and no ``preserve``
    prompts) -> ``ft``: nothing to key a locate-then-edit method on, or
@@ -18,11 +20,12 @@ Policy, first match wins (each branch writes its reason into the plan):
 7. otherwise, a single edit -> ``rome``.
 
 Refusals for an explicit method: any weight-changing method with ``weights
-frozen``; ``rome``/``memory`` with more than one layer. Explicit
-``rome``/``memit``/``alphaedit`` with a free-form edit that names no subject is
-*allowed*: the request's ``subject`` is None and, per the EditRequest contract,
-the backend keys the edit on the prompt's last token (the reason says that
-paraphrases then generalise less, since their last token differs).
+frozen`` (``memory`` and ``retrieval`` change none); ``rome``/``memory`` with
+more than one layer. Explicit ``rome``/``memit``/``alphaedit`` with a free-form
+edit that names no subject is *allowed*: the request's ``subject`` is None and,
+per the EditRequest contract, the backend keys the edit on the prompt's last
+token (the reason says that paraphrases then generalise less, since their last
+token differs).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ GENERALITY_FIRST = 0.9
 WEIGHT_METHODS = ("rome", "memit", "alphaedit", "ft", "mend")
 LOCATE_THEN_EDIT = ("rome", "memit", "alphaedit")
 SINGLE_LAYER = ("rome", "memory")
+FROZEN_OK = ("memory", "retrieval")  # external memories: no weight changes
 
 
 def has_editor(draft: Draft, facts: ModelFacts) -> bool:
@@ -69,10 +73,11 @@ def _generality_first(spec: Spec) -> float | None:
 
 def _explicit(draft: Draft, facts: ModelFacts, method: str) -> tuple[Reason, ...]:
     hint = draft.spec.method
-    if hint.frozen and method != "memory":
+    if hint.frozen and method not in FROZEN_OK:
         raise PlanError(
             f"`method {method}` changes weights, but the spec says `weights frozen`",
-            hint="use `method memory` (an external memory), or drop `weights frozen`")
+            hint="use `method memory` or `method retrieval` (external memories), or drop "
+            "`weights frozen`")
     if method in SINGLE_LAYER and hint.layers is not None and len(hint.layers) > 1:
         raise PlanError(
             f"`method {method}` edits a single layer, but the spec gives {len(hint.layers)} layers",
@@ -111,9 +116,10 @@ def _auto(draft: Draft, facts: ModelFacts) -> tuple[str, str]:
                              "time, projecting each update onto the null space of the keys "
                              "that earlier edits and preserved knowledge use, so later edits "
                              "do not undo earlier ones")
-    if has_editor(draft, facts):
-        return "mend", (f"a trained MEND editor exists for {facts.name}: it turns each edit's "
-                        "gradient into a weight update in one forward/backward pass")
+    if has_editor(draft, facts) and n < BATCH_THRESHOLD:
+        return "mend", (f"a single edit and a trained MEND editor exists for {facts.name}: it "
+                        "turns the edit's gradient into a weight update in one "
+                        "forward/backward pass")
     unkeyed = [e.source for e in draft.edits if not e.keyed]
     if unkeyed:
         return "ft", (f"free-form edit(s) {', '.join(unkeyed)} name no subject for a "

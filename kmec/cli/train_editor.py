@@ -1,0 +1,164 @@
+"""``kmec train-editor``: train a MEND editor for a model; ``kmec editors``: list them.
+
+    kmec train-editor --model smollm2-135m --data zsre_mend_train_1k.json
+                      [--limit N] [--steps N] [--held-out N] [--batch N] [--layers 27-29]
+                      [--eval FILE --eval-limit N] [--resume/--fresh]
+    kmec editors
+
+Training writes a checkpoint every 50 steps; rerunning the same command after
+an interruption resumes from it (``--fresh`` starts over). Once a model has an
+editor, ``kmec compile`` plans MEND for its specs unless a spec names another
+method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+console = Console(highlight=False)
+
+
+class _Rate(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("  - it/s" if speed is None else f"{speed:.2f} it/s")
+
+
+def _bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=console)
+
+
+def _curve_table(curve: list[dict[str, float]]) -> Table:
+    table = Table("step", "loss", "edit NLL", "KL unrelated", "KL text", "edit acc", "α",
+                  title="loss curve (means over the steps since the previous row)")
+    for p in curve:
+        table.add_row(str(int(p["step"])), f"{p['loss']:.4f}", f"{p['edit_nll']:.4f}",
+                      f"{p['loc_kl']:.4f}", f"{p.get('text_kl', 0.0):.4f}",
+                      f"{p['edit_acc']:.3f}", f"{p['alpha']:.2e}")
+    return table
+
+
+def _scores_table(evals: dict[str, dict[str, float]]) -> Table:
+    table = Table("records", "n", "efficacy", "top-1", "P(target) up", "paraphrase", "locality",
+                  "KL unrelated", "ppl ratio", title="single edits on records not trained on")
+    for name, s in evals.items():
+        para = (f"{s['paraphrase_before']:.3f} -> {s['paraphrase']:.3f}"
+                if "paraphrase" in s else "-")
+        table.add_row(name, str(int(s["n"])), f"{s['efficacy_before']:.3f} -> {s['efficacy']:.3f}",
+                      f"{s['top1']:.3f}", f"{s['prob_up']:.3f}", para, f"{s['locality']:.3f}",
+                      f"{s['loc_kl']:.4f}", f"{s.get('ppl_ratio', float('nan')):.3f}")
+    return table
+
+
+def train_editor_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", help="Alias, model folder or hub id."),
+    data: Path = typer.Option(..., "--data", help="zsRE or CounterFact records (JSON)."),
+    limit: int = typer.Option(None, "--limit", help="Use only the first N records of --data."),
+    steps: int = typer.Option(None, "--steps", help="Training steps [default: 1000]."),
+    held_out: int = typer.Option(50, "--held-out", help="Records kept out of training and "
+                                 "scored after it."),
+    batch: int = typer.Option(None, "--batch", help="Edits per step [default: 4]."),
+    layers: str = typer.Option(None, "--layers", help="Edited layers [default: the last 3]."),
+    eval_file: Path = typer.Option(None, "--eval", help="Also score edits from this file."),
+    eval_limit: int = typer.Option(100, "--eval-limit", help="Records of --eval to score."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the split, batch order and init."),
+    resume: bool = typer.Option(True, "--resume/--fresh",
+                                help="Continue an interrupted identical run, or start over."),
+) -> None:
+    """Train a MEND hypernetwork editor for MODEL on edit records (saved by fingerprint)."""
+    from kmec.backends.mend import DataInfo, TrainConfig, read_records, split_records, train_editor
+    from kmec.cli.stats import parse_layers
+    from kmec.hashing import sha256_file
+    from kmec.models.load import load_model
+    from kmec.planner.layers import check_layers, default_layers
+
+    dataset, records = read_records(data)
+    total = len(records)
+    if limit is not None:
+        records = records[:limit]
+    train, held = split_records(records, held_out, seed=seed)
+    extra = {}
+    if eval_file is not None:
+        _, ev = read_records(eval_file)
+        extra[f"{eval_file.name}[:{eval_limit}]"] = ev[:eval_limit]
+    lm = load_model(model)
+    chosen = (check_layers(parse_layers(layers), lm.facts) if layers
+              else default_layers(lm.facts, "mend").layers)
+    overrides = {k: v for k, v in {"steps": steps, "batch": batch}.items() if v is not None}
+    config = TrainConfig(seed=seed, **overrides)
+    info = DataInfo(path=str(data.resolve()), sha256=sha256_file(data), dataset=dataset,
+                    records=total, train=len(train), held_out=len(held))
+    console.print(f"training a MEND editor for {lm.facts.name} layers {list(chosen)} on "
+                  f"{len(train)} {dataset} records ({len(held)} held out), {config.steps} steps "
+                  f"of {config.batch} edits")
+    with _bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(message: str, done: int, total: int) -> None:
+            phase = message if not message.startswith("loss") else "train"
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(message, total=total, completed=done)
+            bar.update(tasks[phase], description=message, completed=done, total=total)
+
+        result = train_editor(lm.model, lm.tok, lm.facts, train, layers=chosen, config=config,
+                              data=info, held_out=held, extra_eval=extra, resume=resume,
+                              progress=progress)
+    m = result.manifest
+    if result.resumed_from:
+        console.print(f"resumed from step {result.resumed_from}")
+    console.print(_curve_table(m.metrics["curve"]))
+    together = m.metrics.get("held_out_together") or {}
+    evals = {"held out": m.metrics["held_out"],
+             f"held out, {together.get('group', 0)} at once": together,
+             **m.metrics.get("eval", {})}
+    evals = {k: v for k, v in evals.items() if v}
+    if evals:
+        console.print(_scores_table(evals))
+    console.print(f"trained {m.metrics['steps']} steps in {m.metrics['seconds']:.0f} s; editor "
+                  f"{m.sha256[:12]} saved for {m.model} ({m.fingerprint[:12]})")
+
+
+def editors_cmd() -> None:
+    """List the trained MEND editors (kmec compile uses them for their models)."""
+    from kmec.backends.mend import list_editors
+    from kmec.backends.mend.store import editors_root
+
+    found = list_editors()
+    if not found:
+        console.print(f"no trained editors in {editors_root()}")
+        return
+    table = Table("model", "weights", "layers", "steps", "time", "final loss", "held-out efficacy",
+                  "locality", "ppl ratio", "data", "editor")
+    for m in found:
+        curve, held = m.metrics.get("curve") or [{}], m.metrics.get("held_out") or {}
+        table.add_row(m.model, m.fingerprint[:8], ",".join(map(str, m.layers)),
+                      str(m.metrics.get("steps", "")), f"{m.metrics.get('seconds', 0):.0f} s",
+                      f"{curve[-1].get('loss', float('nan')):.4f}",
+                      f"{held.get('efficacy', float('nan')):.3f}",
+                      f"{held.get('locality', float('nan')):.3f}",
+                      f"{held.get('ppl_ratio', float('nan')):.3f}",
+                      Path(m.metrics.get("data", {}).get("path", "?")).name, m.sha256[:12])
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train-editor")(train_editor_cmd)
+    app.command("editors")(editors_cmd)
+
