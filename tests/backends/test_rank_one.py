@@ -169,3 +169,29 @@ def test_max_delta_bounds_the_weight_change(tmp_path):
     (p,) = get_backend("rome").execute(step, ctx)
     w = dict(model.named_parameters())[p.param]
     assert (p.dense().norm() / w.norm()).item() <= 0.01 + 1e-6
+
+
+def test_batched_value_optimisation_equals_one_edit_at_a_time():
+    """Edits stop at different steps and leave the batch; each δ still equals its solo run."""
+    from kmec.backends.values import ValueParams, optimise_deltas
+
+    model = build_tiny_model("llama", seed=3)
+    tok = SpaceLetterTokenizer()
+    adapter = adapter_for(model.config.model_type)
+    edits = [EditRequest(name=f"e{i}", prompt=p, subject=s, target_new=t)
+             for i, (p, s, t) in enumerate([("The key of abc", "abc", "Q"),
+                                            ("A door of xyz", "xyz", "RS"),
+                                            ("The colour of mnop", "mnop", "T")])]
+    prefixes = ("", "One two. ", "Three. ")
+    # On this random model the target probabilities plateau near 0.010-0.015: with
+    # this threshold two edits stop early (at different steps), one runs all 30.
+    params = ValueParams(steps=30, stop_prob=0.0139, weight_decay=0.0, clamp=1e4, edit_batch=3)
+    together, p_together = optimise_deltas(model, tok, adapter, 1, edits, prefixes, params)
+    alone = [optimise_deltas(model, tok, adapter, 1, [e], prefixes,
+                             params.model_copy(update={"edit_batch": 1})) for e in edits]
+    assert torch.allclose(together, torch.cat([d for d, _ in alone]), atol=1e-5, rtol=1e-4)
+    assert torch.allclose(p_together, torch.cat([p for _, p in alone]), atol=1e-5)
+    full, _ = optimise_deltas(model, tok, adapter, 1, edits, prefixes, params, compact=False)
+    assert torch.allclose(together, full, atol=1e-5, rtol=1e-4)
+    finished = (p_together >= params.stop_prob).tolist()
+    assert finished == [True, False, True]  # some edits left the batch while one went on
