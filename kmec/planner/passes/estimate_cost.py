@@ -107,7 +107,8 @@ def _work(step: Step, facts: ModelFacts, first_mend: bool) -> tuple[float, float
         secs = _seconds(FT_STEPS * (prompts * FWD_BWD + 2 * anchors) * PROMPT_TOKENS, p)
         trained = L * d * m
         extra = _activations_mb(facts, prompts * PROMPT_TOKENS) + trained * 4 * 3 / MB
-        return secs, extra, [f"{FT_STEPS} steps over {prompts} prompts {secs:.0f} s"]
+        return secs, extra, [f"at most {FT_STEPS} steps over {prompts} prompts and {anchors} "
+                             f"KL anchors {secs:.0f} s"]
     if step.backend == "memory":
         secs = _seconds(MEMORY_STEPS * prompts * MEMORY_CONTEXTS * PROMPT_TOKENS * FWD_BWD, p)
         batch = min(MEMORY_BATCH_TOKENS, prompts * MEMORY_CONTEXTS * PROMPT_TOKENS)
