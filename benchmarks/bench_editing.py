@@ -13,11 +13,23 @@ locality prompt with its own ground truth; the issue's 200 / 1,000 records)
 and ROME's (two paraphrases, ten neighbourhood prompts that keep the edit's
 true object; the default ``--data``).
 
-  rome  (one edit at a time on a fresh model):
+  rome, ft, mend (default: one edit at a time on a fresh model):
       python benchmarks/bench_editing.py --method rome --n 200 --data EASYEDIT
       python benchmarks/bench_editing.py --method rome --n 200
-  memit (all N edits in one batch):
+      python benchmarks/bench_editing.py --method ft --n 200 --data EASYEDIT
+      python benchmarks/bench_editing.py --method mend --n 200 --data EASYEDIT
+  memit (default: all N edits in one batch):
       python benchmarks/bench_editing.py --method memit --n 1000 --data EASYEDIT
+  any method, the other mode: --batch / --single
+      python benchmarks/bench_editing.py --method ft --n 20 --batch --train-on-scope
+
+``ft`` trains MEMIT's layers; ``mend`` needs an editor trained for the model
+(``kmec train-editor``; it edits the editor's layers).
+
+``--train-on-scope`` gives fine-tuning each record's paraphrases as scope and
+its neighbourhood prompts as preserve prompts, as ``kmec import`` writes
+them; paraphrase and neighbourhood then score prompts the edit was trained
+on (without it they are held out).
 
 with EASYEDIT = ../shared/data/counterfact_easyedit/counterfact-edit.json.
 
@@ -34,17 +46,18 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
-from kmec.artifacts import apply, build_artifact  # noqa: E402
-from kmec.backends import get_backend  # noqa: E402
-from kmec.backends.base import ExecContext  # noqa: E402
-from kmec.backends.keys import target_text  # noqa: E402
-from kmec.models.adapters import adapter_for  # noqa: E402
-from kmec.models.load import kmec_home, load_model  # noqa: E402
-from kmec.planner.layers import default_layers  # noqa: E402
-from kmec.planner.model import EditRequest, StatsRequest, Step  # noqa: E402
-from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, provider  # noqa: E402
+from kmec.artifacts import apply, build_artifact
+from kmec.backends import get_backend
+from kmec.backends.base import ExecContext
+from kmec.backends.keys import target_text
+from kmec.models.adapters import adapter_for
+from kmec.models.load import kmec_home, load_model
+from kmec.planner.layers import default_layers
+from kmec.planner.model import EditRequest, StatsRequest, Step
+from kmec.planner.passes.choose_layers import ROLE
+from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, provider
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact.json"
 
@@ -111,9 +124,12 @@ def scores(model, tok, records):
     return res
 
 
-def request(rec, i):
+def request(rec, i, scope=False):
+    extra = {}
+    if scope:
+        extra = {"scope": tuple(rec["paraphrases"]), "preserve": tuple(p for p, _ in rec["neighbours"])}
     return EditRequest(name=f"cf{i}", prompt=rec["prompt"], subject=rec["subject"],
-                       target_new=rec["new"], target_old=rec["true"])
+                       target_new=rec["new"], target_old=rec["true"], **extra)
 
 
 def mean(rows, key):
@@ -122,29 +138,49 @@ def mean(rows, key):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", choices=("rome", "memit"), default="rome")
+    ap.add_argument("--method", choices=("rome", "memit", "ft", "mend"), default="rome")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--single", dest="batch", action="store_false", default=None,
+                      help="one edit at a time on a fresh model (default except memit)")
+    mode.add_argument("--batch", dest="batch", action="store_true",
+                      help="all N edits in one step (default for memit)")
+    ap.add_argument("--train-on-scope", action="store_true",
+                    help="ft: train on the paraphrases, anchor the neighbourhood prompts")
     ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--offset", type=int, default=0,
+                    help="skip the first records (tune on records the table does not score)")
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
+                    help="override a backend parameter, e.g. --param max_delta=0.01")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model("smollm2-135m")
     adapter = adapter_for(lm.facts.model_type)
-    records = [normalise(r) for r in json.loads(args.data.read_text())[: args.n]]
-    layers = default_layers(lm.facts, args.method).layers
-    stats = provider(lm.model, lm.tok, lm.facts, adapter,
-                     StatsRequest(layers=layers, tokens=DEFAULT_TOKENS, max_len=DEFAULT_MAX_LEN))
-    for layer in layers:
-        stats.second_moment(layer)  # fill the cache before timing
+    records = [normalise(r) for r in json.loads(args.data.read_text())[args.offset:args.offset + args.n]]
+    batch = args.method == "memit" if args.batch is None else args.batch
+    if args.method == "rome" and batch:
+        ap.error("rome edits one fact per step: use --single (or --method memit)")
+    layers = default_layers(lm.facts, ROLE[args.method]).layers
+    stats = None
+    if args.method in ("rome", "memit"):  # fine-tuning and MEND need no key statistics
+        stats = provider(lm.model, lm.tok, lm.facts, adapter,
+                         StatsRequest(layers=layers, tokens=DEFAULT_TOKENS, max_len=DEFAULT_MAX_LEN))
+        for layer in layers:
+            stats.second_moment(layer)  # fill the cache before timing
     backend = get_backend(args.method)
     params = backend.default_params(lm.facts).model_dump(mode="json")
+    for kv in args.param:
+        key, value = kv.split("=", 1)
+        params[key] = json.loads(value)
     ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts, stats=stats,
                       cache_dir=kmec_home() / "backends", seed=0)
     before = scores(lm.model, lm.tok, records)
     after, t_edit = [], 0.0
-    if args.method == "rome":
+    if not batch:
         for i, rec in enumerate(records):
-            step = Step(id=f"s{i}", backend="rome", edits=(request(rec, i),), layers=layers, params=params)
+            step = Step(id=f"s{i}", backend=args.method, edits=(request(rec, i, args.train_on_scope),),
+                        layers=layers, params=params)
             t = time.perf_counter()
             payloads = backend.execute(step, ctx)
             t_edit += time.perf_counter() - t
@@ -153,10 +189,11 @@ def main() -> None:
             handle = apply(art, lm.model, check=False)
             after += scores(lm.model, lm.tok, [rec])
             handle.revert()
-            print(f"{i + 1}/{len(records)} efficacy so far {mean(after, 'efficacy'):.3f}", flush=True)
+            print(f"{i + 1}/{len(records)} efficacy so far {mean(after, 'efficacy'):.3f} "
+                  f"({t_edit / (i + 1):.2f} s/edit)", flush=True)
     else:
-        step = Step(id="s0", backend="memit", edits=tuple(request(r, i) for i, r in enumerate(records)),
-                    layers=layers, params=params)
+        edits = tuple(request(r, i, args.train_on_scope) for i, r in enumerate(records))
+        step = Step(id="s0", backend=args.method, edits=edits, layers=layers, params=params)
         t = time.perf_counter()
         payloads = backend.execute(step, ctx)
         t_edit = time.perf_counter() - t
@@ -165,7 +202,9 @@ def main() -> None:
         handle = apply(art, lm.model, check=False)
         after = scores(lm.model, lm.tok, records)
         handle.revert()
-    result = {"method": args.method, "n": len(records), "data": str(args.data), "layers": list(layers),
+    result = {"method": args.method, "n": len(records), "offset": args.offset, "data": str(args.data),
+              "layers": list(layers), "params": args.param,
+              "mode": "batch" if batch else "single", "train_on_scope": args.train_on_scope,
               "efficacy": mean(after, "efficacy"), "paraphrase": mean(after, "paraphrase"),
               "neighbourhood": mean(after, "neighbourhood"),
               "neighbourhood_unedited": mean(before, "neighbourhood"),

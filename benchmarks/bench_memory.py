@@ -96,10 +96,22 @@ def main() -> None:
     after = scores(lm.model, lm.tok, records)
     handle.revert()
     entries = int(payloads[0].keys.shape[0])
+    routing = {}
+    if args.method == "retrieval":  # what the scope classifier lets in, on the bare prompts
+        from kmec.backends.retrieval import ScopeClassifier
+
+        clf = ScopeClassifier.from_tables(list(payloads), lm.tok)
+        para = [(i, p) for i, r in enumerate(records) for p in r["paraphrases"]]
+        neigh = [p for r in records for p, _ in r["neighbours"]]
+        got = clf.decide([p for _, p in para])
+        routing = {"paraphrases_to_their_edit": sum(g is not None and g[1] == i
+                                                    for (i, _), g in zip(para, got)) / len(para),
+                   "neighbours_in_some_scope": sum(g is not None for g in clf.decide(neigh))
+                   / len(neigh)}
     result = {"method": args.method, "n": len(records), "data": str(args.data),
               "layers": list(layers), "declared": args.declared, "entries": entries,
               "params": {k: v for k, v in params.items() if k != "template"},
-              "efficacy": mean(after, "efficacy"), "paraphrase": mean(after, "paraphrase"),
+              **routing, "efficacy": mean(after, "efficacy"), "paraphrase": mean(after, "paraphrase"),
               "neighbourhood": mean(after, "neighbourhood"),
               "neighbourhood_unedited": mean(before, "neighbourhood"),
               "efficacy_unedited": mean(before, "efficacy"),
