@@ -335,9 +335,9 @@ oneDNN's bf16 GEMM computes it at a fraction of the fp32 cost, and on CUDA the
 Triton kernel takes bf16 tiles on tensor cores. The rounding moves the moment
 by ~1e-4 relative, three to four orders of magnitude below the estimate's
 own sampling error (the precision row). The ratios move with the load on
-this shared machine: a quieter run before bf16 products measured 0.85× (fp32)
-for layers 4–8, this run (load average ≈ 5, six jobs on two cores) 0.73×
-fp32 and 0.88× bf16. (b) grows with the spread of the
+this shared machine: quiet (load average ≈ 1, 2026-11-25 02:53) layers 4–8
+measured 0.92× with bf16 products and 0.84× with fp32; under load (≈ 5, six
+jobs on two cores, 2026-11-24) 0.88× and 0.73×. (b) grows with the spread of the
 layers: the reference method re-runs the bottom of the model once per layer,
 Σ(l+1) layer-forwards instead of max(l)+1. On CUDA the Triton kernel
 accumulates bf16/fp16 keys on tensor cores, where S is a few percent of F;
