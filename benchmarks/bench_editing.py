@@ -118,7 +118,7 @@ def scores(model, tok, records):
         pairs += [(p, x) for p, answer in neigh for x in (new, answer)]
         lp = mean_logprob(model, tok, pairs)
         diff = [lp[2 * i] - lp[2 * i + 1] for i in range(len(pairs) // 2)]  # new − true
-        res.append({"efficacy": float(diff[0] > 0),
+        res.append({"margin": diff[0], "efficacy": float(diff[0] > 0),
                     "paraphrase": sum(d > 0 for d in diff[1:1 + len(para)]) / max(len(para), 1),
                     "neighbourhood": sum(d < 0 for d in diff[1 + len(para):]) / max(len(neigh), 1)})
     return res
@@ -212,7 +212,10 @@ def main() -> None:
               "seconds_total_edit": t_edit, "seconds_per_edit": t_edit / max(len(records), 1),
               "torch_threads": torch.get_num_threads()}
     print(json.dumps(result, indent=2))
-    if args.json:
+    if args.json:  # with the per-record scores (margin: log P(new) − log P(true) on the prompt)
+        result["records"] = [{"subject": r["subject"], "prompt": r["prompt"], "new": r["new"],
+                              "true": r["true"], "before": b, "after": a}
+                             for r, b, a in zip(records, before, after)]
         args.json.write_text(json.dumps(result, indent=2))
 
 
