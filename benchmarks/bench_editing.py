@@ -173,8 +173,14 @@ def main() -> None:
     for kv in args.param:
         key, value = kv.split("=", 1)
         params[key] = json.loads(value)
+    t_start = time.perf_counter()
+
+    def progress(message: str, done: int, total: int) -> None:  # batch mode: a line per chunk
+        print(f"{message}: {done}/{total} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
     ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts, stats=stats,
-                      cache_dir=kmec_home() / "backends", seed=0)
+                      cache_dir=kmec_home() / "backends", seed=0,
+                      progress=progress if batch else None)
     before = scores(lm.model, lm.tok, records)
     after, t_edit = [], 0.0
     if not batch:

@@ -19,7 +19,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from kmec.errors import KmecError  # noqa: E402
+from kmec.errors import KmecError
 
 __all__ = ["KmecError", "__version__", "apply", "execute", "load_model", "parse", "plan", "verify"]
 

@@ -167,7 +167,7 @@ def _mean(xs: list[float]) -> float | None:
 
 def _warm_stats(plans: Sequence[Any], lm: Any, progress: Progress | None) -> float:
     """Compute or load every statistic the plans need, so compile timing excludes them."""
-    from kmec.compile import _stats_for
+    from kmec.compile import stats_for_step
 
     t0 = time.perf_counter()
     seen: set[str] = set()
@@ -175,7 +175,7 @@ def _warm_stats(plans: Sequence[Any], lm: Any, progress: Progress | None) -> flo
         for step in plan.steps:
             if step.needs_stats is not None and step.needs_stats.model_dump_json() not in seen:
                 seen.add(step.needs_stats.model_dump_json())
-                stats = _stats_for(step, lm, progress)
+                stats = stats_for_step(step, lm, progress)
                 for layer in step.needs_stats.layers:
                     stats.second_moment(layer)
     return time.perf_counter() - t0
@@ -229,7 +229,8 @@ def _cuda_peak_mb() -> float:
 
 def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = None,
           model: str | None = None, limit: int | None = None, max_examples: int | None = None,
-          editors: Sequence[str] = (), progress: Progress | None = None) -> BenchResult:
+          editors: Sequence[str] | None = None, progress: Progress | None = None
+          ) -> BenchResult:
     """Compile and verify ``spec_path`` with each of ``methods``; one row per method.
 
     Args:
@@ -239,7 +240,9 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
         model: overrides the spec's model.
         limit: use only the first ``limit`` edits.
         max_examples: hypothesis examples per locality property.
-        editors: models with a trained MEND editor (passed to the planner).
+        editors: models with a trained MEND editor, for the planner; None: the
+            model's own editor in ``$KMEC_HOME/editors`` when there is one (as
+            ``kmec compile`` does).
         progress: ``progress(message, done, total)``.
 
     Raises:
@@ -262,6 +265,10 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
     mode = mode or spec.order
     lm = load_model(model or spec.model or DEFAULT_MODEL)
     order = "sequence" if mode == "sequence" else "batch"
+    if editors is None:
+        from kmec.backends.mend.store import planner_editors
+
+        editors = planner_editors(lm.facts.fingerprint)
 
     def specs_for(method: str) -> list[Any]:
         base = _with_method(spec, method, order)

@@ -2,6 +2,7 @@
 
 Contents:
     execute()        Plan + model -> Artifact (each step wrapped in BackendError)
+    stats_for_step() the statistics provider a step asks for (or None)
     compile_spec()   spec file -> parse -> plan -> execute -> build directory
     BuildResult      what compile_spec produced
     read_build()     load plan, spec and artifact back from a build directory
@@ -56,7 +57,9 @@ def _step_key(step: Step, fingerprint: str, previous: str) -> str:
                                        "kmec": __version__, "previous": previous}))
 
 
-def _stats_for(step: Step, lm: LoadedModel, progress: Progress | None) -> StatsProvider | None:
+def stats_for_step(step: Step, lm: LoadedModel, progress: Progress | None = None
+                   ) -> StatsProvider | None:
+    """The statistics provider ``step`` asks for (None: it needs none)."""
     if step.needs_stats is None:
         return None
     from kmec.stats import provider
@@ -111,7 +114,7 @@ def _run_step(step: Step, lm: LoadedModel, adapter: Any, seed: int,
     backend = get_backend(step.backend)
     t0 = time.perf_counter()
     try:
-        stats = _stats_for(step, lm, progress)
+        stats = stats_for_step(step, lm, progress)
         ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts, stats=stats,
                           cache_dir=kmec_home() / "backends", seed=seed, progress=progress)
         payloads = list(backend.execute(step, ctx))
@@ -179,9 +182,9 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
     ref = model or spec.model or DEFAULT_MODEL
     lm = load_model(ref)
     if editors is None:
-        from kmec.backends.mend.store import find_editor
+        from kmec.backends.mend.store import planner_editors
 
-        editors = (lm.facts.fingerprint,) if find_editor(lm.facts.fingerprint) else ()
+        editors = planner_editors(lm.facts.fingerprint)
     plan = make_plan(spec, lm.facts, backends=BACKENDS, editors=editors)
     out = Path(out)
     existing = _existing_build(out, plan)
@@ -223,7 +226,7 @@ def _compile_log(plan: Plan, artifact: Artifact, seconds: float) -> str:
         lines += [f"  because {r.choice}: {r.because}" for r in step.reasons]
     for e in artifact.manifest.payloads:
         lines.append(f"payload {e.id}: {e.kind} on {e.param or e.site} rank {e.rank} "
-                     f"sha256 {sorted(e.tensors.values())[0][:16]}")
+                     f"sha256 {min(e.tensors.values())[:16]}")
     return "\n".join(lines) + "\n"
 
 

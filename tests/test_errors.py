@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from kmec.errors import Diagnostic, KmecError, SpecError, Span, did_you_mean
+from kmec.errors import Diagnostic, KmecError, Span, SpecError, did_you_mean
 
 
 def test_kmec_error_renders_hint():

@@ -9,7 +9,7 @@ Contents:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -78,10 +78,10 @@ class temporarily_added:
         with torch.no_grad():
             w.add_((d.T if self.layout == "in_out" else d).to(w.dtype))
 
-    def __enter__(self) -> temporarily_added:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *_: Any) -> None:
+    def __exit__(self, *_: object) -> None:
         with torch.no_grad():
             for name, original in self.saved.items():
                 self.params[name].copy_(original)

@@ -32,10 +32,9 @@ def plan_command(
 
     parsed = parse_file(spec)
     facts = facts_for_ref(model or parsed.model or DEFAULT_MODEL)
-    from kmec.backends.mend.store import find_editor
+    from kmec.backends.mend.store import planner_editors
 
-    editors = (facts.fingerprint,) if find_editor(facts.fingerprint) else ()
-    result = plan(parsed, facts, editors=editors)
+    result = plan(parsed, facts, editors=planner_editors(facts.fingerprint))
     if as_json:
         typer.echo(result.to_json(), nl=False)
     elif explain:

@@ -96,11 +96,11 @@ class _Loader:
                 continue
             child_file = child.spec.span.file if child.spec.span else target
             paths.extend([child_file, *child.spec.includes])
-            for group in extra:
+            for group, placed in extra.items():
                 nodes = getattr(child.spec, group)
                 if group == "relations":
                     nodes = tuple(self._rebase(r, Path(child_file).parent, folder) for r in nodes)
-                extra[group].extend(((at.line, at.col, n), node) for n, node in enumerate(nodes))
+                placed.extend(((at.line, at.col, n), node) for n, node in enumerate(nodes))
         if not built.includes:
             return
         update: dict[str, Any] = {"includes": tuple(dict.fromkeys(paths))}

@@ -73,7 +73,7 @@ def _compile(template: str) -> jinja2.Template:
     return _ENV.from_string(template)
 
 
-def render(template: str, *, subject: str, object: str | None = None) -> str:  # noqa: A002
+def render(template: str, *, subject: str, object: str | None = None) -> str:
     """Fill in a prompt template.
 
     Args:
@@ -105,7 +105,7 @@ def render(template: str, *, subject: str, object: str | None = None) -> str:  #
         problem = f"template does something the sandbox forbids ({e})"
     except RecursionError:
         problem = "template nests too deeply"
-    except Exception as e:  # a filter raising on bad input, say: still the template's fault
+    except Exception as e:  # noqa: BLE001 -- a filter raising on bad input is still the template's fault
         problem = f"template failed to render: {type(e).__name__}: {e}"
     hint = "templates may use {{ subject }} and {{ object }}"
     raise SpecError([Diagnostic(Span(file="<template>"), f"{problem} in {template!r}", hint)])

@@ -15,7 +15,7 @@ module in kmec calls ``register_forward_hook``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -95,10 +95,10 @@ class Trace:
 
         self._handle = module.register_forward_hook(hook, with_kwargs=edit_call is not None)
 
-    def __enter__(self) -> Trace:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
         self.close()
         return exc_type is StopForward
 
@@ -141,10 +141,10 @@ class TraceDict(dict[str, Trace]):
             self.close()
             raise
 
-    def __enter__(self) -> TraceDict:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
         self.close()
         return exc_type is StopForward
 

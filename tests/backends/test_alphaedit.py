@@ -171,7 +171,7 @@ def runs(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("KMEC_HOME", str(tmp_path_factory.mktemp("kmec-home")))
-            mp.setattr(kcompile, "_stats_for", lambda step, lm, progress: stats)
+            mp.setattr(kcompile, "stats_for_step", lambda step, lm, progress=None: stats)
             for name, params in (("alphaedit", {"null_space_rel": REL}),
                                  ("contrast", {"project": False, "protect": False})):
                 out[name] = kcompile.execute(sequence_plan(lm, **params), lm, use_cache=False)

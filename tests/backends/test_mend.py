@@ -33,6 +33,7 @@ from kmec.backends.mend import (
 )
 from kmec.backends.mend.edit import base_pass, edited, scored_logp, tokenize
 from kmec.backends.mend.lower import collect_lower, skipping_lower
+from kmec.backends.mend.store import planner_editors
 from kmec.errors import BackendError, KmecError
 from kmec.models.adapters import adapter_for
 from kmec.models.facts import facts_from_config
@@ -211,6 +212,7 @@ def test_skipping_the_lower_blocks_is_exact(family):
 def test_training_reduces_the_loss_and_saves_the_editor(home):
     model, tok, facts = tiny()
     before = fingerprint_model(model)
+    assert planner_editors(facts.fingerprint) == ()  # none before training
     res = train(model, tok, facts, config=FAST.model_copy(update={"steps": 40, "log_every": 10}))
     curve = res.manifest.metrics["curve"]
     assert [p["step"] for p in curve] == [10, 20, 30, 40]
@@ -218,6 +220,8 @@ def test_training_reduces_the_loss_and_saves_the_editor(home):
     assert fingerprint_model(model) == before  # training never touches the model
     m = find_editor(facts.fingerprint)
     assert m is not None and m.sha256 == res.manifest.sha256 and m.layers == LAYERS
+    assert planner_editors(facts.fingerprint) == (facts.fingerprint,)
+    assert planner_editors("0" * 64) == () and planner_editors("") == ()
     assert m.metrics["held_out"]["n"] == 4 and m.metrics["seconds"] > 0
     assert (home / "editors" / facts.fingerprint / "editor.safetensors").exists()
 

@@ -12,8 +12,17 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from kmec.grammar.errors import KEYWORDS
-from kmec.spec import METHODS, METRICS, Claim, MethodHint, Probe, PromptEdit, Relation, Spec
-from kmec.spec import TripleEdit
+from kmec.spec import (
+    METHODS,
+    METRICS,
+    Claim,
+    MethodHint,
+    Probe,
+    PromptEdit,
+    Relation,
+    Spec,
+    TripleEdit,
+)
 
 NAMES = st.one_of(
     st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True),
@@ -46,10 +55,10 @@ def relations(draw) -> Relation:
 
 
 PROBES = st.builds(Probe, prompt=TEXT, target=TEXT)
-EDIT_EXTRAS = dict(scope=st.lists(TEXT, max_size=3).map(tuple),
-                   preserve=st.lists(TEXT, max_size=3).map(tuple),
-                   portability=st.lists(PROBES, max_size=2).map(tuple),
-                   expect_reversal=st.booleans())
+EDIT_EXTRAS = {"scope": st.lists(TEXT, max_size=3).map(tuple),
+               "preserve": st.lists(TEXT, max_size=3).map(tuple),
+               "portability": st.lists(PROBES, max_size=2).map(tuple),
+               "expect_reversal": st.booleans()}
 
 
 @st.composite

@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import kmec.kernels.reference as reference_module
 from kmec.errors import StatsError
 from kmec.kernels import resolve_kernel, symmetrize_upper, xtx_accumulate, xtx_reference
-import kmec.kernels.reference as reference_module
 from kmec.kernels.reference import xtx_accumulate_torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

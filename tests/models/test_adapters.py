@@ -59,9 +59,9 @@ def test_trace_edit_output_and_cleanup_on_error(tiny_models):
     with Trace(model, a.site("mlp_out", 1), edit_output=lambda o, _p: o * 0):
         edited = model(ids).logits
     assert not torch.allclose(base, edited)
-    with pytest.raises(RuntimeError):
-        with Trace(model, a.site("mlp_out", 1), edit_output=lambda o, _p: o * 0):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), Trace(model, a.site("mlp_out", 1),
+                                            edit_output=lambda o, _p: o * 0):
+        raise RuntimeError("boom")
     assert torch.allclose(model(ids).logits, base)
     assert StopForward.__mro__[1] is Exception
 

@@ -20,7 +20,6 @@ from tests.planner.helpers import (
     triple,
 )
 
-
 # the package re-exports each pass function under its module's name
 cb = importlib.import_module("kmec.planner.passes.choose_backend")
 ge = importlib.import_module("kmec.planner.passes.group_edits")

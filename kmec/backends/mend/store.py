@@ -8,6 +8,7 @@ Contents:
     tensor_hash()    content hash of a network's tensors (the editor's identity)
     save_editor()    network + manifest -> folder, atomically
     find_editor()    the manifest for a model fingerprint, or None (no tensors read)
+    planner_editors()  ``(fingerprint,)`` when that model has an editor, else ``()``
     load_editor()    the editor for a fingerprint, hash-checked, or None
     list_editors()   every stored editor's manifest
 
@@ -124,6 +125,15 @@ def find_editor(fingerprint: str) -> EditorManifest | None:
     if not fingerprint:
         return None
     return _read_manifest(editor_dir(fingerprint))
+
+
+def planner_editors(fingerprint: str) -> tuple[str, ...]:
+    """The ``editors`` argument of :func:`kmec.planner.plan` for one model.
+
+    ``(fingerprint,)`` when ``$KMEC_HOME/editors`` holds an editor for it (the
+    planner may then choose ``mend``), else ``()``.
+    """
+    return (fingerprint,) if find_editor(fingerprint) else ()
 
 
 def load_editor(fingerprint: str) -> Editor | None:
