@@ -66,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kmec.backends.base import Dense, ExecContext, LowRank, Payload
 from kmec.backends.keys import context_prefixes, target_text
 from kmec.errors import BackendError
+from kmec.models.batching import right_pad
 from kmec.models.facts import ModelFacts
 from kmec.models.hooks import TraceDict
 from kmec.planner.model import EditRequest, Step
@@ -260,13 +261,7 @@ def _length(row: _Row) -> int:
 
 
 def _batch(rows: Sequence[_Row], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r.ids)] = torch.tensor(r.ids)
-        mask[i, : len(r.ids)] = 1
-    return ids.to(device), mask.to(device)
+    return right_pad([r.ids for r in rows], pad, device)
 
 
 @torch.no_grad()

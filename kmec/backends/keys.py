@@ -28,6 +28,7 @@ import torch
 
 from kmec.hashing import atomic_write_text
 from kmec.models.adapters import ArchAdapter
+from kmec.models.batching import right_pad
 from kmec.models.hooks import TraceDict
 from kmec.planner.model import EditRequest
 
@@ -156,14 +157,9 @@ def build_batch(
             rows.append(ids)
             edit_index.append(e_i)
             lookup.append(min(pos, len(ctx) - 1))
-    width = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return EditBatch(input_ids.to(device), mask.to(device),
+    input_ids, mask = right_pad(rows, pad, device)
+    return EditBatch(input_ids, mask,
                      torch.tensor(edit_index, device=device), torch.tensor(lookup, device=device),
                      target_pos)
 

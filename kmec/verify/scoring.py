@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from kmec.errors import VerifyError
+from kmec.models.batching import right_pad
 
 Progress = Callable[[str, int, int], None]
 
@@ -259,13 +260,7 @@ def _rows(encoded: Sequence[Encoded]) -> list[_Row]:
 
 
 def _pad(rows: Sequence[_Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r.ids)] = torch.tensor(r.ids)
-        mask[i, : len(r.ids)] = 1
-    return ids.to(device), mask.to(device)
+    return right_pad([r.ids for r in rows], pad_id, device)
 
 
 def _score_batch(models: Sequence[Any], rows: Sequence[_Row], pad_id: int,
