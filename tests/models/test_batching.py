@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kmec.models.batching as batching
+from kmec.models import batching
 from kmec.models.batching import right_pad
 
 SEQS = st.lists(st.lists(st.integers(0, 50_000), min_size=1, max_size=12), min_size=1, max_size=6)
