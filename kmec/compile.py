@@ -17,7 +17,12 @@ The build directory (written atomically)::
 
 Steps are cached by content (``$KMEC_HOME/steps/<hash>``: the step, the base
 fingerprint, the kmec version and, for ``order sequence``, the steps before
-it), so rerunning an unchanged spec in CI recompiles nothing.
+it), so rerunning an unchanged spec in CI recompiles nothing. Inside a step
+that must run, the rank-one backends reuse the target values (δ) of edit
+chunks optimised before on the same weights (``$KMEC_HOME/backends/values``,
+:class:`kmec.backends.values.ValueCache`): changing λ or the layer range, or
+adding edits to a spec, re-optimises only what changed. ``use_cache=False``
+turns off both.
 """
 
 from __future__ import annotations
@@ -85,11 +90,16 @@ def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
     previous = ""
     try:
         for step in plan.steps:
-            key = _step_key(step, lm.facts.fingerprint, previous if plan.order == "sequence" else "")
+            history = previous if plan.order == "sequence" else ""
+            key = _step_key(step, lm.facts.fingerprint, history)
             previous = key
             payloads = _cached_step(cache_root / key) if use_cache else None
             if payloads is None:
-                payloads = _run_step(step, lm, adapter, plan.seed, progress)
+                # the weights this step runs on: the base, or the base plus earlier steps
+                weights = sha256_text(f"{lm.facts.fingerprint}+{history}") if history \
+                    else lm.facts.fingerprint
+                payloads = _run_step(step, lm, adapter, plan.seed, progress,
+                                     weights=weights, use_cache=use_cache)
                 if use_cache:
                     _store_step(cache_root / key, step, payloads, lm, adapter, plan)
             else:
@@ -110,13 +120,14 @@ def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
 
 
 def _run_step(step: Step, lm: LoadedModel, adapter: Any, seed: int,
-              progress: Progress | None) -> list[Payload]:
+              progress: Progress | None, *, weights: str, use_cache: bool) -> list[Payload]:
     backend = get_backend(step.backend)
     t0 = time.perf_counter()
     try:
         stats = stats_for_step(step, lm, progress)
         ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts, stats=stats,
-                          cache_dir=kmec_home() / "backends", seed=seed, progress=progress)
+                          cache_dir=kmec_home() / "backends" if use_cache else None,
+                          weights=weights, seed=seed, progress=progress)
         payloads = list(backend.execute(step, ctx))
     except KmecError as e:
         if isinstance(e, BackendError):
@@ -169,7 +180,7 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
         out: the build directory (replaced atomically).
         model: overrides the spec's ``model``.
         progress: ``progress(message, done, total)``.
-        use_cache: reuse cached step results.
+        use_cache: reuse cached step results and cached target values.
         editors: models with a trained MEND editor, for the planner; None: the
             model's own editor in ``$KMEC_HOME/editors`` when there is one.
     """

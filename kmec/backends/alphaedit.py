@@ -75,7 +75,7 @@ from kmec.backends.base import ExecContext, Payload
 from kmec.backends.keys import compute_keys, context_prefixes, residual_at
 from kmec.backends.linalg import spd_solve
 from kmec.backends.spread import spread_over_layers
-from kmec.backends.values import ValueParams, optimise_deltas
+from kmec.backends.values import ValueParams, optimise_deltas, value_cache
 from kmec.errors import BackendError
 from kmec.hashing import atomic_write_bytes, sha256_tensor
 from kmec.models.facts import ModelFacts
@@ -186,7 +186,8 @@ class AlphaEdit:
                                     cache_dir=ctx.cache_dir, fingerprint=ctx.facts.fingerprint)
         protected = _protected_keys(ctx, layers, edits, p.protect, prefixes)
         delta, prob = optimise_deltas(model, tok, adapter, top, edits, prefixes, p.value,
-                                      seed=ctx.seed)
+                                      seed=ctx.seed,
+                                      cache=value_cache(ctx.cache_dir, ctx.weights))
         ctx.log.info("alphaedit: %d target(s), mean target prob %.3f, %d protected key(s)",
                      len(edits), float(prob.mean()), len(p.protect))
         z = residual_at(model, tok, adapter, top, edits) + delta

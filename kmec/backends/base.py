@@ -90,7 +90,11 @@ class ExecContext:
         adapter: architecture sites for ``model``.
         facts: the model's facts.
         stats: second moments (None when the step needs none).
-        cache_dir: where backends may keep content-addressed intermediates.
+        cache_dir: where backends may keep content-addressed intermediates
+            (None: compute everything afresh).
+        weights: names the weights ``model`` holds — the base fingerprint, or
+            a hash of it and the steps applied before (``order sequence``);
+            "" when unknown, which turns off caches keyed by the weights.
         seed: the plan's seed.
         progress: ``progress(message, done, total)`` callback for long work.
     """
@@ -101,6 +105,7 @@ class ExecContext:
     facts: ModelFacts
     stats: StatsProvider | None = None
     cache_dir: Path | None = None
+    weights: str = ""
     seed: int = 0
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kmec"))
     progress: Callable[[str, int, int], None] | None = None

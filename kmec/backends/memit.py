@@ -36,7 +36,7 @@ from kmec.backends.base import ExecContext, Payload
 from kmec.backends.keys import context_prefixes, residual_at
 from kmec.backends.linalg import spd_solve
 from kmec.backends.spread import spread_over_layers
-from kmec.backends.values import ValueParams, optimise_deltas
+from kmec.backends.values import ValueParams, optimise_deltas, value_cache
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts
 from kmec.planner.model import Step
@@ -98,7 +98,8 @@ class Memit:
                 ctx.progress("memit: target values", done[0], len(edits))
 
         delta, prob = optimise_deltas(model, tok, adapter, top, edits, prefixes, p.value,
-                                      seed=ctx.seed, progress=tick)
+                                      seed=ctx.seed, progress=tick,
+                                      cache=value_cache(ctx.cache_dir, ctx.weights))
         ctx.log.info("memit: %d targets, mean target prob %.3f", len(edits), float(prob.mean()))
         z = residual_at(model, tok, adapter, top, edits) + delta
         lam = p.lambda_rel * ctx.facts.d_mlp

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from kmec.backends.base import ExecContext, LowRank, Payload
 from kmec.backends.keys import compute_keys, context_prefixes
 from kmec.backends.linalg import bound_relative_change, spd_solve, temporarily_added
-from kmec.backends.values import ValueParams, optimise_deltas
+from kmec.backends.values import ValueParams, optimise_deltas, value_cache
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts
 from kmec.planner.model import Step
@@ -89,8 +89,10 @@ class Rome:
         with temporarily_added(model, adapter.weight_layout) as tmp:
             for i, edit in enumerate(step.edits):
                 k = compute_keys(model, tok, adapter, [layer], [edit], prefixes)[layer][0]
+                # later edits of the step see the earlier ones added: no cache for them
+                cache = value_cache(ctx.cache_dir, ctx.weights) if i == 0 else None
                 delta, prob = optimise_deltas(model, tok, adapter, layer, [edit], prefixes,
-                                              p.value, seed=ctx.seed + i)
+                                              p.value, seed=ctx.seed + i, cache=cache)
                 u, v = rank_one(k, delta[0], c.to(k.device) if c is not None else None)
                 scale, ratio = bound_relative_change(u, v, tmp.params[param], p.max_delta)
                 if scale < 1.0:

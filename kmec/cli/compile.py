@@ -13,7 +13,9 @@ def compile_cmd(
     spec: str = typer.Argument(..., help="The .kmec spec to compile."),
     out: str = typer.Option("build", "--out", "-o", help="Build directory to write."),
     model: str = typer.Option(None, "--model", help="Override the spec's model."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every step."),
+    no_cache: bool = typer.Option(
+        False, "--no-cache",
+        help="Recompute every step and every target value (statistics stay cached)."),
 ) -> None:
     """Compile a spec into an artifact (build/plan.json, build/artifact/, ...)."""
     from kmec.compile import compile_spec

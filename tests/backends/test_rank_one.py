@@ -173,7 +173,7 @@ def test_max_delta_bounds_the_weight_change(tmp_path):
 
 def test_batched_value_optimisation_equals_one_edit_at_a_time():
     """Edits stop at different steps and leave the batch; each δ still equals its solo run."""
-    from kmec.backends.values import ValueParams, optimise_deltas
+    from kmec.backends.values import ValueParams, chunk_bounds, optimise_deltas
 
     model = build_tiny_model("llama", seed=3)
     tok = SpaceLetterTokenizer()
@@ -185,7 +185,8 @@ def test_batched_value_optimisation_equals_one_edit_at_a_time():
     prefixes = ("", "One two. ", "Three. ")
     # On this random model the target probabilities plateau near 0.010-0.015: with
     # this threshold two edits stop early (at different steps), one runs all 30.
-    params = ValueParams(steps=30, stop_prob=0.0139, weight_decay=0.0, clamp=1e4, edit_batch=3)
+    params = ValueParams(steps=30, stop_prob=0.0139, weight_decay=0.0, clamp=1e4, edit_batch=6)
+    assert chunk_bounds(edits, params.edit_batch) == [slice(0, 3)]  # one batch of three
     together, p_together = optimise_deltas(model, tok, adapter, 1, edits, prefixes, params)
     alone = [optimise_deltas(model, tok, adapter, 1, [e], prefixes,
                              params.model_copy(update={"edit_batch": 1})) for e in edits]
