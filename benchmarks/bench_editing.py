@@ -71,7 +71,16 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" /
 
 @torch.no_grad()
 def mean_logprob(model, tok, pairs, batch=32):
-    """Mean per-token log-probability of each target after its prompt (batched)."""
+    """Mean per-token log-probability of each target after its prompt (batched,
+    rows of similar length together)."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    out = [0.0] * len(pairs)
+    for lp, i in zip(_mean_logprob_in_order(model, tok, [pairs[i] for i in order], batch), order):
+        out[i] = lp
+    return out
+
+
+def _mean_logprob_in_order(model, tok, pairs, batch):
     out = []
     for i in range(0, len(pairs), batch):
         chunk = pairs[i:i + batch]
@@ -117,13 +126,17 @@ def normalise(rec):
 
 def scores(model, tok, records):
     """Efficacy, paraphrase and neighbourhood indicators per (normalised) record."""
-    res = []
+    per_record = []
     for rec in records:
         new, true = rec["new"], rec["true"]
+        pairs = [(p, x) for p in [rec["prompt"], *rec["paraphrases"]] for x in (new, true)]
+        pairs += [(p, x) for p, answer in rec["neighbours"] for x in (new, answer)]
+        per_record.append(pairs)
+    flat = mean_logprob(model, tok, [pair for pairs in per_record for pair in pairs])
+    res, at = [], 0
+    for rec, pairs in zip(records, per_record):
         para, neigh = rec["paraphrases"], rec["neighbours"]
-        pairs = [(p, x) for p in [rec["prompt"], *para] for x in (new, true)]
-        pairs += [(p, x) for p, answer in neigh for x in (new, answer)]
-        lp = mean_logprob(model, tok, pairs)
+        lp, at = flat[at:at + len(pairs)], at + len(pairs)
         diff = [lp[2 * i] - lp[2 * i + 1] for i in range(len(pairs) // 2)]  # new − true
         res.append({"margin": diff[0], "efficacy": float(diff[0] > 0),
                     "paraphrase": sum(d > 0 for d in diff[1:1 + len(para)]) / max(len(para), 1),

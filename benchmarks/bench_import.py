@@ -13,6 +13,11 @@ map the records, format the spec text, then parse + check that text (what
   records, so it is cycled with a copy number added to each subject and case
   id, which keeps every copy a distinct edit (no merges, no contradictions).
 
+Then the imported EasyEdit spec is planned for the embedded model, as
+``kmec plan`` does (model facts from its config, no weights), and the
+planner's default choice is printed with the planning time; compiling that
+choice is what BENCHMARKS.md's "imported spec" figure measures.
+
 ``--data`` is the benchmark data folder (default ``../shared/data`` beside the
 repository); without it the test fixtures are cycled instead. The figure is
 the best of ``--repeat`` runs after one warm-up (which builds the LALR tables).
@@ -64,6 +69,24 @@ def run_once(path: Path) -> tuple[float, float, int, int]:
     return t1 - t0, t2 - t1, len(imported.spec.edits), len(text.encode())
 
 
+def plan_imported(path: Path) -> None:
+    """Plan the imported spec for the embedded model; print the choice and the time."""
+    from kmec.models.load import DEFAULT_MODEL
+    from kmec.planner import plan
+    from kmec.planner.facts_io import facts_for_ref
+
+    spec = import_file("counterfact", path).spec
+    facts = facts_for_ref(DEFAULT_MODEL)
+    t0 = time.perf_counter()
+    result = plan(spec, facts)
+    took = time.perf_counter() - t0
+    steps = ", ".join(f"{s.id} ({len(s.edits)} edits, layers {list(s.layers)})"
+                      for s in result.steps)
+    why = next((r.because for r in result.reasons if r.choice.startswith("backend")), "")
+    print(f"plan for {DEFAULT_MODEL}: {steps} in {took * 1000:.0f} ms"
+          + (f" - {why}" if why else ""))
+
+
 def bench(label: str, path: Path, repeat: int) -> float:
     run_once(path)  # warm-up: LALR tables, template cache
     runs = [run_once(path) for _ in range(repeat)]
@@ -94,6 +117,8 @@ def main() -> None:
             path = Path(tmp) / f"{'rome' if rome else 'flat'}.json"
             path.write_text(json.dumps(cycled(records, args.records, rome)), encoding="utf-8")
             bench(label, path, args.repeat)
+            if not rome:
+                plan_imported(path)
 
 
 if __name__ == "__main__":

@@ -178,26 +178,37 @@ def compute_keys(
     prefixes: Sequence[str],
     *,
     batch_size: int = 64,
+    per_context: bool = False,
 ) -> dict[int, torch.Tensor]:
     """k* per edit for each layer: the MLP key at the subject's last token,
     averaged over prefixes. One forward pass per chunk for all layers, stopped
-    after the deepest layer. Returns ``{layer: [n_edits, d_mlp] float32}``.
+    after the deepest layer. Returns ``{layer: [n_edits, d_mlp] float32}``,
+    or with ``per_context`` every context's key, ``[n_edits, n_prefixes, d_mlp]``
+    (in ``prefixes`` order: the bare prompt first).
     """
     device = next(model.parameters()).device
     batch = build_batch(tok, edits, prefixes, with_targets=False, device=device)
     layers = sorted(set(layers))
     paths = [adapter.site("mlp_out", layer) for layer in layers]
-    sums = {layer: None for layer in layers}
-    rows = torch.arange(batch.input_ids.shape[0], device=device)
-    for sl in _chunks(batch.input_ids.shape[0], batch_size):
+    sums: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
+    n_rows = batch.input_ids.shape[0]
+    rows = torch.arange(n_rows, device=device)
+    for sl in _chunks(n_rows, batch_size):
         with TraceDict(model, paths, retain_input=True, stop=True) as td:
             model(input_ids=batch.input_ids[sl], attention_mask=batch.attention_mask[sl])
         for layer, path in zip(layers, paths):
             k = td[path].input[rows[sl] - sl.start, batch.lookup[sl]].float()
+            if per_context:  # rows are edit-major: row = edit · n_prefixes + prefix
+                if sums[layer] is None:
+                    sums[layer] = torch.zeros(n_rows, k.shape[-1], device=k.device)
+                sums[layer][sl] = k
+                continue
             acc = torch.zeros(len(edits), k.shape[-1], device=k.device)
             acc.index_add_(0, batch.edit_index[sl].to(k.device), k)
             sums[layer] = acc if sums[layer] is None else sums[layer] + acc
     n_pref = len(prefixes)
+    if per_context:
+        return {layer: s.view(len(edits), n_pref, -1) for layer, s in sums.items()}
     return {layer: s / n_pref for layer, s in sums.items()}
 
 

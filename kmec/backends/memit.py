@@ -27,7 +27,7 @@ takes λ = ``lambda_rel`` · d_mlp.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -50,6 +50,7 @@ class MemitParams(BaseModel):
     n_prefixes: int = 4
     prefix_len: int = 6
     lambda_rel: float = 1.0
+    key_fit: Literal["contexts", "mean"] = "mean"
     value: ValueParams = ValueParams()
     max_delta: float | None = None  # bound on ‖ΔW‖_F / ‖W‖_F per parameter (spec: max_delta)
 
@@ -58,13 +59,27 @@ def batch_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor,
                  lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u, v) of ΔW = R Kᵀ (λC + KKᵀ)⁻¹ for keys [n, d_in], residuals [n, d_out].
 
+    With every context's key, ``keys`` [n, P, d_in], the least-squares fit is
+    over all of them (``key_fit = "contexts"``)::
+
+        min Σᵢ (1/P) Σⱼ ‖ΔW kᵢⱼ − rᵢ‖² + λ tr(ΔW C ΔWᵀ)
+        ΔW = R K̄ᵀ (λC + (1/P) Σⱼ Kⱼ Kⱼᵀ)⁻¹          (K̄: the mean keys)
+
     >>> k = torch.eye(2); r = torch.tensor([[1.0], [2.0]])
     >>> u, v = batch_update(k, r, torch.eye(2), 1e-9)
     >>> (u @ v.T @ k.T).round(decimals=4).tolist()
     [[1.0, 2.0]]
+    >>> u, v = batch_update(torch.stack([k, k], 1), r, torch.eye(2), 1e-9)  # same keys twice
+    >>> (u @ v.T @ k.T).round(decimals=4).tolist()
+    [[1.0, 2.0]]
     """
     k = keys.float()
-    a = lam * c.float().to(k.device) + k.T @ k
+    if k.ndim == 3:
+        flat = k.reshape(-1, k.shape[-1])
+        a = lam * c.float().to(k.device) + flat.T @ flat / k.shape[1]
+        k = k.mean(1)
+    else:
+        a = lam * c.float().to(k.device) + k.T @ k
     v = spd_solve(a, k.T)  # [d_in, n]
     return resid.float().T.contiguous(), v
 
@@ -106,4 +121,4 @@ class Memit:
         return spread_over_layers(
             ctx, "memit", layers, edits, prefixes, z,
             lambda layer, k, resid: batch_update(k, resid, ctx.stats.second_moment(layer), lam),
-            p.max_delta)
+            p.max_delta, per_context=p.key_fit == "contexts")

@@ -28,15 +28,21 @@ Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Te
 
 def spread_over_layers(ctx: ExecContext, name: str, layers: Sequence[int],
                        edits: Sequence[EditRequest], prefixes: Sequence[str], z: torch.Tensor,
-                       solve: Solve, max_delta: float | None) -> list[Payload]:
-    """One ``LowRank`` per layer that together move each edit's top-layer state to ``z``."""
+                       solve: Solve, max_delta: float | None, *,
+                       per_context: bool = False) -> list[Payload]:
+    """One ``LowRank`` per layer that together move each edit's top-layer state to ``z``.
+
+    ``solve`` gets the mean keys [n, d_mlp], or with ``per_context`` every
+    context's key [n, n_prefixes, d_mlp].
+    """
     model, tok, adapter = ctx.model, ctx.tok, ctx.adapter
     layers = sorted(layers)
     top = layers[-1]
     payloads: list[Payload] = []
     with temporarily_added(model, adapter.weight_layout) as tmp:
         for j, layer in enumerate(layers):
-            k = compute_keys(model, tok, adapter, [layer], edits, prefixes)[layer]
+            k = compute_keys(model, tok, adapter, [layer], edits, prefixes,
+                             per_context=per_context)[layer]
             cur = residual_at(model, tok, adapter, top, edits)
             u, v = solve(layer, k, (z - cur) / (len(layers) - j))
             param = f"{adapter.site('mlp_out', layer)}.weight"

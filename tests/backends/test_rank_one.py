@@ -11,7 +11,7 @@ from kmec.backends.base import ExecContext
 from kmec.backends.keys import compute_keys, context_prefixes, subject_position, target_text
 from kmec.backends.linalg import spd_solve
 from kmec.backends.memit import batch_update
-from kmec.backends.rome import rank_one
+from kmec.backends.rome import rank_one, rank_one_contexts
 from kmec.models.adapters import adapter_for
 from kmec.models.facts import facts_from_config
 from kmec.models.hooks import TraceDict
@@ -120,6 +120,78 @@ def test_rank_one_solves_constraint_with_whitening():
     u_i, v_i = rank_one(k, delta, None)
     cost = lambda uu, vv: torch.trace((uu @ vv.T) @ c @ (uu @ vv.T).T)
     assert cost(u, v) <= cost(u_i, v_i) + 1e-5
+
+
+def test_rank_one_contexts_hits_every_context_key_at_least_cost():
+    torch.manual_seed(0)
+    a = torch.randn(50, 8)
+    c = a.T @ a / 50
+    keys, delta = torch.randn(3, 8), torch.randn(4)
+    u, v = rank_one_contexts(keys, delta, c)
+    assert u.shape == (4, 1) and v.shape == (8, 1)
+    assert torch.allclose(u @ v.T @ keys.T, delta[:, None].expand(4, 3), atol=1e-4)
+    # the smallest ΔW (C metric) with ΔW K = δ 1ᵀ, from the dense formula
+    kt = keys.T
+    dense = delta[:, None] @ torch.ones(1, 3) @ torch.linalg.inv(kt.T @ torch.linalg.inv(c) @ kt) \
+        @ kt.T @ torch.linalg.inv(c)
+    assert torch.allclose(u @ v.T, dense, atol=1e-4)
+    # one key: the paper's rank_one
+    u1, v1 = rank_one_contexts(keys[:1], delta, c)
+    u0, v0 = rank_one(keys[0], delta, c)
+    assert torch.allclose(u1 @ v1.T, u0 @ v0.T, atol=1e-5)
+    # the averaged key misses a context that the contexts fit hits
+    ub, vb = rank_one(keys.mean(0), delta, c)
+    assert not torch.allclose(ub @ vb.T @ keys[0], delta, atol=1e-2)
+
+
+def test_rome_key_fit_is_in_the_params_and_both_edits_take(tmp_path):
+    model = build_tiny_model("llama", seed=3)
+    tok = SpaceLetterTokenizer()
+    ctx = ctx_for(model, tok, [1], tmp_path)
+    adapter = ctx.adapter
+    prefixes = context_prefixes(model, tok, n=4, length=6, seed=0)
+    for fit in ("contexts", "mean"):
+        step = Step(id="s01-rome", backend="rome", edits=(EDIT,), layers=(1,),
+                    params={"key_fit": fit, "value": {"steps": 60, "weight_decay": 0.0,
+                                                      "clamp": 1e4}})
+        (p,) = get_backend("rome").execute(step, ctx)
+        keys = compute_keys(model, tok, adapter, [1], [EDIT], prefixes, per_context=True)[1][0]
+        hit = p.dense() @ keys.T  # the change of the MLP output in each context
+        spread = (hit - hit.mean(1, keepdim=True)).norm() / hit.norm()
+        if fit == "contexts":
+            assert spread < 1e-3  # every context gets the same δ
+        handle = apply(build_artifact([(step.id, [p])], base_model="tiny", base_fingerprint="",
+                                      base_arch="x", weight_layout="out_in", plan_hash="h"),
+                       model, check=False)
+        assert says(model, tok, EDIT.prompt, EDIT.target_new), fit
+        handle.revert()
+
+
+def test_memit_contexts_fit_is_the_least_squares_over_every_context():
+    torch.manual_seed(1)
+    keys, r = torch.randn(4, 3, 10), torch.randn(4, 6)  # 4 edits, 3 contexts each
+    c, lam = torch.eye(10) * 0.3, 0.7
+    u, v = batch_update(keys, r, c, lam)
+    flat, rep = keys.reshape(12, 10), r.repeat_interleave(3, 0)
+    # normal equations of  Σ (1/P)‖ΔW k − r‖² + λ tr(ΔW C ΔWᵀ)
+    dense = (rep.T @ flat / 3) @ torch.linalg.inv(lam * c + flat.T @ flat / 3)
+    assert torch.allclose(u @ v.T, dense, atol=1e-4)
+
+
+def test_per_context_keys_average_to_the_mean_keys(tiny_models):
+    tok = ByteTokenizer()
+    model = tiny_models["gpt2"]
+    adapter = adapter_for("gpt2")
+    edits = [EDIT, EditRequest(name="f", prompt="A door of xyz", subject="xyz", target_new="R")]
+    prefixes = ["", "x. ", "Two words. "]
+    mean = compute_keys(model, tok, adapter, [0, 1], edits, prefixes)
+    each = compute_keys(model, tok, adapter, [0, 1], edits, prefixes, per_context=True,
+                        batch_size=4)  # chunks cut across edits
+    for layer in (0, 1):
+        assert each[layer].shape == (2, 3, mean[layer].shape[1])
+        assert torch.allclose(each[layer].mean(1), mean[layer], atol=1e-5)
+        solo = compute_keys(model, tok, adapter, [layer], [edits[1]], [prefixes[2]])[layer][0]
+        assert torch.allclose(each[layer][1, 2], solo, atol=1e-5)
 
 
 def test_batch_update_matches_dense_formula():
