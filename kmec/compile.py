@@ -13,7 +13,8 @@ The build directory (written atomically)::
     build/spec.json        the parsed spec (includes merged, without spans)
     build/build.json       spec path, model reference, hashes, kmec version
     build/artifact/        manifest.json + payloads.safetensors
-    build/compile.log      what was done, with timings
+    build/compile.log      what was done and why, the payloads, and the messages
+                           logged while compiling (timings, cache reuse, warnings)
 
 Steps are cached by content (``$KMEC_HOME/steps/<hash>``: the step, the base
 fingerprint, the kmec version and, for ``order sequence``, the steps before
@@ -30,10 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from kmec import __version__
 from kmec.artifacts import (
@@ -202,7 +203,8 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
     if existing is not None:
         return BuildResult(out, plan, existing, time.perf_counter() - t0, True)
     before = lm.facts.fingerprint
-    artifact = execute(plan, lm, progress=progress, use_cache=use_cache)
+    with _Collect() as messages:
+        artifact = execute(plan, lm, progress=progress, use_cache=use_cache)
     if fingerprint_model(lm.model) != before:
         raise BackendError("the model changed while compiling (a backend mutated it)",
                            step_id="compile")
@@ -214,7 +216,7 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
             "spec_path": str(spec_path.resolve()), "model": ref, "plan_hash": plan.sha256,
             "base_fingerprint": lm.facts.fingerprint, "kmec_version": __version__}))
         save_artifact(artifact, tmp / "artifact")
-        (tmp / "compile.log").write_text(_compile_log(plan, artifact, seconds))
+        (tmp / "compile.log").write_text(_compile_log(plan, artifact, seconds, messages.lines))
     return BuildResult(out, plan, artifact, seconds, False)
 
 
@@ -228,7 +230,31 @@ def _existing_build(out: Path, plan: Plan) -> Artifact | None:
     return art if art.manifest.plan_hash == plan.sha256 else None
 
 
-def _compile_log(plan: Plan, artifact: Artifact, seconds: float) -> str:
+class _Collect(logging.Handler):
+    """The kmec logger's messages while compiling, for compile.log.
+
+    It records what the logger lets through at its configured level (INFO
+    under the CLI, WARNING in a program that did not configure logging); it
+    never changes a level, so it cannot make a program chattier.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+    def __enter__(self) -> Self:
+        log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        log.removeHandler(self)
+
+
+def _compile_log(plan: Plan, artifact: Artifact, seconds: float,
+                 messages: Sequence[str] = ()) -> str:
     lines = [f"kmec {__version__} compiled plan {plan.sha256[:16]} for {plan.model} "
              f"({plan.model_fingerprint[:12]}) in {seconds:.1f} s"]
     for step in plan.steps:
@@ -238,6 +264,7 @@ def _compile_log(plan: Plan, artifact: Artifact, seconds: float) -> str:
     for e in artifact.manifest.payloads:
         lines.append(f"payload {e.id}: {e.kind} on {e.param or e.site} rank {e.rank} "
                      f"sha256 {min(e.tensors.values())[:16]}")
+    lines += [f"log {m}" for m in messages]
     return "\n".join(lines) + "\n"
 
 

@@ -60,3 +60,25 @@ def test_compile_then_verify_on_the_real_model(real_model, tmp_path):
     r = kmec("compile", "two.kmec", "-o", "build", cwd=tmp_path)
     assert r.returncode == 0 and "up to date" in r.stderr
     assert time.time() - t < 60
+
+
+@pytest.mark.slow
+def test_a_new_layer_range_reuses_the_target_values(real_model, tmp_path):
+    """Same top layer, other range: the δ optimisation is not run again, and the
+    weights equal those of a compile that recomputes everything."""
+    (tmp_path / "a.kmec").write_text(SPEC)
+    (tmp_path / "b.kmec").write_text(SPEC.replace("seed 0\n", "seed 0\nmethod memit layers 5..8\n"))
+    assert kmec("compile", "a.kmec", "-o", "a", cwd=tmp_path).returncode == 0
+    r = kmec("compile", "b.kmec", "-o", "b", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "b" / "compile.log").read_text()
+    assert "layers [5, 6, 7, 8]" in log and "target values: 2 of 2 edits reused" in log, log
+    r = kmec("compile", "b.kmec", "-o", "c", "--no-cache", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "reused" not in (tmp_path / "c" / "compile.log").read_text()
+
+    def tensors(build):
+        manifest = json.loads((tmp_path / build / "artifact" / "manifest.json").read_text())
+        return [p["tensors"] for p in manifest["payloads"]]
+
+    assert tensors("b") == tensors("c")

@@ -22,7 +22,7 @@ k* exactly; a context whose key differs from the average then receives
 δ · k*ᵀC⁻¹kⱼ / k*ᵀC⁻¹k* instead of δ. When the subject opens the prompt
 (its last token at position 1–3, as in most CounterFact prompts), the bare
 prompt's key sits far from the prefixed ones: on SmolLM2-135M that factor is
-0.26–0.58 for the edits that failed, so the prompt the spec declares got a
+0.26–0.82 for the five edits that failed, so the prompt the spec declares got a
 fraction of the change the value optimisation asked for. ``key_fit =
 "contexts"`` (the default) instead takes the smallest ΔW (C metric) with
 ΔW kⱼ = δ for *every* context key — the bare prompt and each prefix, exactly
