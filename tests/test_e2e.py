@@ -82,3 +82,27 @@ def test_a_new_layer_range_reuses_the_target_values(real_model, tmp_path):
         return [p["tensors"] for p in manifest["payloads"]]
 
     assert tensors("b") == tensors("c")
+
+
+@pytest.mark.slow
+def test_an_imported_counterfact_spec_compiles_with_the_planners_choice(real_model, tmp_path):
+    """kmec import -> compile (no method named: the planner chooses) -> verify."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "data" / "fixtures" / "counterfact-edit.json"
+    r = kmec("import", "counterfact", str(fixture), "-o", "cf.kmec", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "method" not in (tmp_path / "cf.kmec").read_text().split("edit cf_0")[0]
+
+    r = kmec("compile", "cf.kmec", "-o", "build", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "build" / "plan.json").read_text())
+    assert [s["backend"] for s in plan["steps"]] == ["memit"]
+    assert sum(len(s["edits"]) for s in plan["steps"]) == 3
+
+    r = kmec("verify", "build", "--max-examples", "4", cwd=tmp_path)
+    assert r.returncode in (0, 1), r.stdout + r.stderr  # 1: a claim failed, reported
+    report = json.loads((tmp_path / "build" / "report" / "report.json").read_text())
+    efficacy = [c for c in report["claims"] if c["metric"] == "efficacy"]
+    assert len(efficacy) == 3 and all(c["status"] == "pass" for c in efficacy), efficacy
+    assert report["exit_code"] == r.returncode
