@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
+from kmec._version import __version__
 from kmec.errors import KmecError
 
 __all__ = ["KmecError", "__version__", "apply", "execute", "load_model", "parse", "plan", "verify"]

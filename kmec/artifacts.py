@@ -7,6 +7,7 @@ Contents:
     build_artifact()  payloads + provenance -> Artifact (hashes computed here)
     save_artifact() / load_artifact()   safetensors + JSON, atomic, no pickle
     check_base()    refuse a model whose fingerprint is not the artifact's base
+    check_against_plan()  refuse payloads the plan does not declare (steps, parameters)
     apply()         add the payloads to a model in place -> Applied (revertible)
     Applied         handle with ``revert()`` (restores exact original bytes)
     audit()         prove an edited model differs from its base only as declared
@@ -32,33 +33,43 @@ Edited model folders (``kmec apply`` / ``kmec revert``) live in
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kmec import __version__
+from kmec._version import __version__
 from kmec.backends.base import Dense, LowRank, MemoryTable, Payload
 from kmec.errors import ArtifactError
-from kmec.hashing import atomic_dir, canonical_json, sha256_tensor
+from kmec.hashing import atomic_dir, canonical_json, sha256_tensor, sha256_text
+from kmec.planner.model import Plan
 
-FORMAT = "kmec-artifact/1"
+FORMAT = "kmec-artifact/2"  # /2: the manifest carries its own sha256
 MANIFEST = "manifest.json"
 TENSORS = "payloads.safetensors"
 
 
+_PARTS = {"low_rank": ("u", "v"), "dense": ("delta",), "memory": ("keys", "values", "radius")}
+
+
 class PayloadEntry(BaseModel):
-    """One payload as recorded in the manifest."""
+    """One payload as recorded in the manifest.
+
+    The id is ``p`` and four or more digits, and ``tensors`` names exactly the
+    tensors of the payload's kind (``<id>.u`` and ``<id>.v`` for a low-rank
+    update, ``<id>.delta`` for a dense one, ``<id>.keys``/``.values``/
+    ``.radius`` for a memory): a manifest cannot point a payload at another
+    payload's tensors or at a path.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: str
+    id: str = Field(pattern=r"^p[0-9]{4,9}$")
     kind: Literal["low_rank", "dense", "memory"]
     step: str
     param: str | None = None
@@ -70,9 +81,30 @@ class PayloadEntry(BaseModel):
     tensors: dict[str, str]  # tensor name -> sha256
     meta: dict[str, Any] = {}
 
+    @model_validator(mode="after")
+    def _tensor_names(self) -> PayloadEntry:
+        expected = {f"{self.id}.{part}" for part in _PARTS[self.kind]}
+        if set(self.tensors) != expected:
+            raise ValueError(f"payload {self.id} ({self.kind}) must name the tensors "
+                             f"{sorted(expected)}, not {sorted(self.tensors)}")
+        if self.kind == "memory" and self.site is None or \
+                self.kind != "memory" and self.param is None:
+            raise ValueError(f"payload {self.id} ({self.kind}) lacks its "
+                             f"{'site' if self.kind == 'memory' else 'param'}")
+        if not all(isinstance(d, str) and len(d) == 64 for d in self.tensors.values()):
+            raise ValueError(f"payload {self.id} has a tensor hash that is not a sha256")
+        return self
+
 
 class Manifest(BaseModel):
-    """Provenance and contents of an artifact."""
+    """Provenance and contents of an artifact.
+
+    ``sha256`` is the hash of every other field (:meth:`content_hash`): payload
+    ids, parameters, sites, layers, shapes, ranks, scales, tensor hashes (which
+    cover each tensor's dtype, shape and bytes), the weight layout, the base
+    fingerprint and the plan hash. :func:`load_artifact` refuses a manifest
+    whose fields no longer match it.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -84,11 +116,46 @@ class Manifest(BaseModel):
     weight_layout: Literal["out_in", "in_out"]
     plan_hash: str
     payloads: tuple[PayloadEntry, ...]
+    fields: dict[str, str] = {}  # field path -> short digest of its value (names what changed)
+    sha256: str = ""
 
     @property
     def params(self) -> tuple[str, ...]:
         """Names of the parameters this artifact changes (sorted, unique)."""
         return tuple(sorted({p.param for p in self.payloads if p.param}))
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON of every field but ``sha256`` and ``fields``."""
+        return sha256_text(_json(self.model_dump(mode="json", exclude={"sha256", "fields"})))
+
+    def sealed(self) -> Manifest:
+        """This manifest with ``sha256`` (and the per-field digests) set from its content."""
+        return self.model_copy(update={"sha256": self.content_hash(),
+                                       "fields": _field_digests(self)})
+
+
+def _json(value: Any) -> str:
+    """Canonical JSON that also takes NaN (a diverged scale must still hash, to be refused
+    by :func:`apply` with its name rather than crash here)."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=True)
+
+
+def _field_digests(manifest: Manifest) -> dict[str, str]:
+    """``{"payloads[0].scale": digest, ...}``: a short digest of every leaf field's value."""
+    out: dict[str, str] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict) and value and path.count(".") < 2:
+            for k, v in value.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(value, list) and value and path == "payloads":
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+        else:
+            out[path] = sha256_text(_json(value))[:16]
+
+    walk(manifest.model_dump(mode="json", exclude={"sha256", "fields"}), "")
+    return out
 
 
 @dataclass
@@ -146,7 +213,8 @@ def build_artifact(
             entries.append(e)
     manifest = Manifest(kmec_version=__version__, base_model=base_model,
                         base_fingerprint=base_fingerprint, base_arch=base_arch,
-                        weight_layout=weight_layout, plan_hash=plan_hash, payloads=tuple(entries))
+                        weight_layout=weight_layout, plan_hash=plan_hash,
+                        payloads=tuple(entries)).sealed()
     return Artifact(manifest, tensors)
 
 
@@ -203,7 +271,13 @@ def load_artifact(path: str | Path) -> Artifact:
     except ValidationError as e:
         raise ArtifactError(f"{mpath} is not a valid manifest: {_first_error(e)}",
                             hint="the artifact is corrupt; recompile it") from None
+    _check_sealed(manifest, mpath)
     tensors = _read_tensors(path / TENSORS) if manifest.payloads else {}
+    named = {n for e in manifest.payloads for n in e.tensors}
+    if set(tensors) - named:
+        extra = sorted(set(tensors) - named)[:3]
+        raise ArtifactError(f"{path / TENSORS} holds tensors the manifest does not list: {extra}",
+                            hint="the artifact was modified after compilation; recompile it")
     for entry in manifest.payloads:
         for name, digest in entry.tensors.items():
             if name not in tensors:
@@ -212,7 +286,42 @@ def load_artifact(path: str | Path) -> Artifact:
             if sha256_tensor(tensors[name]) != digest:
                 raise ArtifactError(f"tensor {name} in {path} does not match its recorded sha256",
                                     hint="the artifact was modified after compilation; recompile it")
+        _check_shapes(entry, tensors, path)
     return Artifact(manifest, tensors)
+
+
+def _check_sealed(manifest: Manifest, where: Path) -> None:
+    """Refuse a manifest whose fields were changed after it was sealed; name the fields."""
+    now = _field_digests(manifest)
+    if manifest.sha256 == manifest.content_hash() and manifest.fields == now:
+        return
+    changed = sorted(k for k in now.keys() | manifest.fields.keys()
+                     if now.get(k) != manifest.fields.get(k))
+    if manifest.sha256 == manifest.content_hash():
+        what = "its per-field digests ('fields') were changed"
+    elif changed:
+        what = f"field(s) {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''} changed"
+    else:
+        what = "its sha256 does not match its fields"
+    raise ArtifactError(f"{where} was modified after kmec wrote it: {what}",
+                        hint="recompile the spec; an artifact is never edited by hand")
+
+
+def _check_shapes(entry: PayloadEntry, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """The shape and rank the manifest records are those of the tensors."""
+    t = {part: tensors[f"{entry.id}.{part}"] for part in _PARTS[entry.kind]}
+    if entry.kind == "low_rank":
+        u, v = t["u"], t["v"]
+        ok = (u.ndim == 2 and v.ndim == 2 and u.shape[1] == v.shape[1]
+              and entry.shape == (u.shape[0], v.shape[0]) and entry.rank == u.shape[1])
+    elif entry.kind == "dense":
+        ok = entry.shape == tuple(t["delta"].shape)
+    else:
+        ok = entry.shape == tuple(t["keys"].shape)
+    if not ok:
+        raise ArtifactError(f"payload {entry.id} in {where} records shape {entry.shape} "
+                            f"(rank {entry.rank}), which its tensors do not have",
+                            hint="the artifact was modified after compilation; recompile it")
 
 
 def check_format(raw: Any, expected: str, where: Path) -> None:
@@ -255,6 +364,43 @@ def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(str(x) for x in err.get("loc", ())) or "<root>"
     return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def check_against_plan(manifest: Manifest, plan: Plan, *, where: str = "the artifact") -> None:
+    """Refuse an artifact that is not what ``plan`` declares.
+
+    The manifest must name the plan's hash and base model, every payload must
+    belong to one of the plan's steps, and a weight payload may change only a
+    parameter its step lists in ``writes`` (a memory payload only a layer of
+    its step).
+
+    Raises:
+        ArtifactError: the first mismatch, naming the payload and the field.
+    """
+    hint = "recompile the spec; an artifact is never edited by hand"
+    if manifest.plan_hash != plan.sha256:
+        raise ArtifactError(f"{where} records plan {manifest.plan_hash[:12]}, but plan.json is "
+                            f"{plan.sha256[:12]} (field 'plan_hash')", hint=hint)
+    if manifest.base_fingerprint != plan.model_fingerprint:
+        raise ArtifactError(f"{where} records base fingerprint {manifest.base_fingerprint[:12]}, "
+                            f"but plan.json was planned for {plan.model_fingerprint[:12]} "
+                            "(field 'base_fingerprint')", hint=hint)
+    steps = {s.id: s for s in plan.steps}
+    for e in manifest.payloads:
+        step = steps.get(e.step)
+        if step is None:
+            raise ArtifactError(f"payload {e.id} of {where} belongs to step {e.step!r}, which "
+                                "plan.json does not have (field 'step')", hint=hint)
+        if e.kind == "memory":
+            if e.layer not in (*step.layers, -1) or step.writes:
+                raise ArtifactError(f"payload {e.id} of {where} is a memory at layer {e.layer}, "
+                                    f"which step {step.id} ({step.backend}) does not declare "
+                                    "(field 'layer')", hint=hint)
+        elif e.param not in step.writes:
+            allowed = ", ".join(step.writes) or "no parameter"
+            raise ArtifactError(f"payload {e.id} of {where} changes {e.param}, but step "
+                                f"{step.id} ({step.backend}) may change only {allowed} "
+                                "(field 'param')", hint=hint)
 
 
 # ---------------------------------------------------------------- apply / revert
@@ -451,15 +597,16 @@ def audit(base: Any, edited: Any, artifact: Artifact, *, rtol: float = 1e-4) -> 
             if not torch.equal(w_base, w_edit):
                 undeclared.append(name)
             continue
-        diff = w_edit.detach().float().cpu() - w_base.detach().float().cpu()
-        err = (diff - declared[name]).norm().item()
-        # rounding of W + Δ in the parameter's dtype is at most ~eps·|W| per element
-        eps = torch.finfo(w_edit.dtype).eps
-        bound = rtol * declared[name].norm().item() + 4 * eps * w_base.float().norm().item()
-        if not (math.isfinite(err) and math.isfinite(bound)
-                and bool(torch.isfinite(w_edit).all())):
+        if not bool(torch.isfinite(w_edit).all()):
             nonfinite.append(name)
             continue
+        # float64: squared norms of large but finite weights overflow float32
+        diff = w_edit.detach().double().cpu() - w_base.detach().double().cpu()
+        err = (diff - declared[name].double()).norm().item()
+        # rounding of W + Δ in the parameter's dtype is at most ~eps·|W| per element
+        eps = torch.finfo(w_edit.dtype).eps
+        bound = rtol * declared[name].double().norm().item() + \
+            4 * eps * w_base.double().norm().item()
         max_err = max(max_err, err)
         if err > bound:
             mismatched.append(name)

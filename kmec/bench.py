@@ -38,7 +38,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
-from kmec import __version__
+from kmec._version import __version__
 from kmec.errors import KmecError, PlanError, did_you_mean
 
 Mode = Literal["single", "batch", "sequence"]
@@ -184,8 +184,9 @@ def _warm_stats(plans: Sequence[Any], lm: Any, progress: Progress | None) -> flo
 class _Runner:
     """Compile + apply + verify + revert on one loaded model."""
 
-    def __init__(self, lm: Any, max_examples: int | None, progress: Progress | None) -> None:
-        self.lm = lm
+    def __init__(self, lm: Any, max_examples: int | None, progress: Progress | None,
+                 root: str | Path | None = None) -> None:
+        self.lm, self.root = lm, root
         self.edited = copy.deepcopy(lm.model)
         self.max_examples = max_examples
         self.progress = progress
@@ -207,7 +208,7 @@ class _Runner:
         try:
             t0 = time.perf_counter()
             report = verify(spec, plan, self.lm.model, self.edited, self.lm.tok,
-                            max_examples=self.max_examples, artifact=artifact)
+                            max_examples=self.max_examples, artifact=artifact, root=self.root)
             verify_s = time.perf_counter() - t0
         finally:
             handle.revert()
@@ -229,8 +230,8 @@ def _cuda_peak_mb() -> float:
 
 def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = None,
           model: str | None = None, limit: int | None = None, max_examples: int | None = None,
-          editors: Sequence[str] | None = None, progress: Progress | None = None
-          ) -> BenchResult:
+          editors: Sequence[str] | None = None, progress: Progress | None = None,
+          root: str | Path | None = None) -> BenchResult:
     """Compile and verify ``spec_path`` with each of ``methods``; one row per method.
 
     Args:
@@ -244,6 +245,8 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
             model's own editor in ``$KMEC_HOME/editors`` when there is one (as
             ``kmec compile`` does).
         progress: ``progress(message, done, total)``.
+        root: the folder the spec's includes and subjects files must lie under
+            (default: its repository, see :mod:`kmec.grammar.files`).
 
     Raises:
         KmecError: a bad spec, model or method (a method that fails part way
@@ -257,7 +260,7 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
 
     spec_path = Path(spec_path)
     methods = parse_methods(",".join(methods), list(BACKENDS))
-    spec = parse_file(spec_path)
+    spec = parse_file(spec_path, root=root)
     if limit is not None:
         spec = spec.model_copy(update={"edits": spec.edits[:limit]})
     if not spec.edits:
@@ -285,7 +288,7 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
         except KmecError as e:
             errors[method] = str(e)
     stats_s = _warm_stats([p for ps in plans.values() for _, p in ps], lm, progress)
-    runner = _Runner(lm, max_examples, progress)
+    runner = _Runner(lm, max_examples, progress, root)
     rows = []
     for method in methods:
         if method in errors:

@@ -36,11 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from kmec import __version__
+from kmec._version import __version__
 from kmec.artifacts import (
     Artifact,
     apply,
     build_artifact,
+    check_against_plan,
     load_artifact,
     save_artifact,
 )
@@ -49,7 +50,16 @@ from kmec.backends.base import ExecContext, Payload, StatsProvider
 from kmec.errors import ArtifactError, BackendError, KmecError, VerifyError
 from kmec.hashing import atomic_dir, canonical_json, sha256_text
 from kmec.models.adapters import adapter_for
-from kmec.models.load import DEFAULT_MODEL, LoadedModel, fingerprint_model, kmec_home, load_model
+from kmec.models.load import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    fingerprint_model,
+    kmec_home,
+    load_model,
+    resolve_ref,
+)
+from kmec.outputs import check_output, write_marker
+from kmec.planner.draft import spec_hash
 from kmec.planner.model import Plan, Step
 from kmec.spec import Spec
 
@@ -94,7 +104,7 @@ def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
             history = previous if plan.order == "sequence" else ""
             key = _step_key(step, lm.facts.fingerprint, history)
             previous = key
-            payloads = _cached_step(cache_root / key) if use_cache else None
+            payloads = _cached_step(cache_root / key, step) if use_cache else None
             if payloads is None:
                 # the weights this step runs on: the base, or the base plus earlier steps
                 weights = sha256_text(f"{lm.facts.fingerprint}+{history}") if history \
@@ -142,14 +152,20 @@ def _run_step(step: Step, lm: LoadedModel, adapter: Any, seed: int,
     return payloads
 
 
-def _cached_step(path: Path) -> list[Payload] | None:
+def _cached_step(path: Path, step: Step) -> list[Payload] | None:
     if not (path / "manifest.json").exists():
         return None
     try:
-        return load_artifact(path).payloads()
-    except ArtifactError:
-        log.warning("ignoring a corrupt cached step at %s", path)
+        art = load_artifact(path)
+    except ArtifactError as e:
+        log.warning("ignoring a corrupt cached step at %s (%s)", path, e.message)
         return None
+    for e in art.manifest.payloads:
+        if e.step != step.id or (e.kind != "memory" and e.param not in step.writes):
+            log.warning("ignoring a cached step at %s: payload %s is not what step %s declares",
+                        path, e.id, step.id)
+            return None
+    return art.payloads()
 
 
 def _store_step(path: Path, step: Step, payloads: list[Payload], lm: LoadedModel, adapter: Any,
@@ -173,26 +189,38 @@ class BuildResult:
 
 def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str | None = None,
                  progress: Progress | None = None, use_cache: bool = True,
-                 editors: tuple[str, ...] | None = None) -> BuildResult:
+                 editors: tuple[str, ...] | None = None, force: bool = False,
+                 root: str | Path | None = None) -> BuildResult:
     """Parse, plan and execute a spec; write the build directory.
 
     Args:
         spec_path: the ``.kmec`` file.
-        out: the build directory (replaced atomically).
+        out: the build directory (replaced atomically; an existing path that
+            is not a kmec build is refused unless ``force``, see :mod:`kmec.outputs`).
         model: overrides the spec's ``model``.
         progress: ``progress(message, done, total)``.
         use_cache: reuse cached step results and cached target values.
         editors: models with a trained MEND editor, for the planner; None: the
             model's own editor in ``$KMEC_HOME/editors`` when there is one.
+        force: replace ``out`` even if kmec did not write it.
+        root: the folder the spec's includes and subjects files must lie under
+            (default: its repository, see :mod:`kmec.grammar.files`).
+
+    Raises:
+        OutputError: ``out`` may not be written (checked before anything runs).
     """
     from kmec.grammar import parse_file
     from kmec.planner import plan as make_plan
 
     t0 = time.perf_counter()
     spec_path = Path(spec_path)
-    spec = parse_file(spec_path)
+    check_output(out, "build", inputs=[spec_path], force=force)
+    spec = parse_file(spec_path, root=root)
     ref = model or spec.model or DEFAULT_MODEL
-    lm = load_model(ref)
+    resolved = resolve_ref(ref)
+    check_output(out, "build", force=force, inputs=[spec_path, *spec.includes,
+                                                   *([resolved.path] if resolved.path else [])])
+    lm = load_model(resolved)
     if editors is None:
         from kmec.backends.mend.store import planner_editors
 
@@ -210,24 +238,36 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
                            step_id="compile")
     seconds = time.perf_counter() - t0
     with atomic_dir(out) as tmp:
+        write_marker(tmp, "build")
         (tmp / "plan.json").write_text(plan.to_json())
         (tmp / "spec.json").write_text(canonical_json(spec.model_dump(mode="json")))
         (tmp / "build.json").write_text(canonical_json({
             "spec_path": str(spec_path.resolve()), "model": ref, "plan_hash": plan.sha256,
-            "base_fingerprint": lm.facts.fingerprint, "kmec_version": __version__}))
+            "base_fingerprint": lm.facts.fingerprint, "kmec_version": __version__,
+            "artifact_sha256": artifact.manifest.sha256}))
         save_artifact(artifact, tmp / "artifact")
         (tmp / "compile.log").write_text(_compile_log(plan, artifact, seconds, messages.lines))
     return BuildResult(out, plan, artifact, seconds, False)
 
 
 def _existing_build(out: Path, plan: Plan) -> Artifact | None:
+    """The artifact of an up-to-date build at ``out`` (None: compile again).
+
+    A build whose files were changed (a tampered manifest, payloads the plan
+    does not declare, a build.json for another plan) is not up to date.
+    """
     try:
         if (out / "plan.json").read_text() != plan.to_json():
             return None
+        info = json.loads((out / "build.json").read_text())
         art = load_artifact(out / "artifact")
-    except (OSError, ArtifactError):
+        check_against_plan(art.manifest, plan)
+    except (OSError, ValueError, ArtifactError):
         return None
-    return art if art.manifest.plan_hash == plan.sha256 else None
+    if not isinstance(info, dict) or info.get("plan_hash") != plan.sha256 or \
+            info.get("artifact_sha256") != art.manifest.sha256:
+        return None
+    return art
 
 
 class _Collect(logging.Handler):
@@ -280,6 +320,40 @@ def read_build(build: str | Path) -> tuple[Plan, Spec, dict[str, Any], Artifact]
         spec = Spec.model_validate(json.loads((build / "spec.json").read_text()))
         info = json.loads((build / "build.json").read_text())
     except (OSError, ValueError) as e:
-        raise VerifyError(f"{build} is not a complete kmec build directory ({e})",
+        raise VerifyError(f"{build} is not a complete kmec build directory ({_short(e)})",
                           hint="run kmec compile SPEC --out DIR first") from None
-    return plan, spec, info, load_artifact(build / "artifact")
+    if not isinstance(info, dict):
+        raise VerifyError(f"{build}/build.json is not a kmec build record",
+                          hint="recompile the spec")
+    artifact = load_artifact(build / "artifact")
+    check_against_plan(artifact.manifest, plan, where=f"{build}/artifact")
+    hint = "recompile the spec; a build is never edited by hand"
+    if info.get("plan_hash") != plan.sha256:
+        raise ArtifactError(f"{build}/build.json records plan {str(info.get('plan_hash'))[:12]}, "
+                            f"but plan.json is {plan.sha256[:12]} (field 'plan_hash')", hint=hint)
+    if info.get("artifact_sha256") != artifact.manifest.sha256:
+        raise ArtifactError(f"{build}/build.json does not record this artifact (field "
+                            "'artifact_sha256')", hint=hint)
+    if spec_hash(spec) != plan.spec_hash:
+        raise ArtifactError(f"{build}/spec.json is not the spec plan.json was planned from "
+                            "(its hash differs from the plan's 'spec_hash')", hint=hint)
+    return plan, spec, info, artifact
+
+
+def load_checked(target: str | Path) -> Artifact:
+    """The artifact of a build directory (checked against its plan, see :func:`read_build`),
+    or of a bare artifact folder (checked against its own manifest).
+
+    Raises:
+        ArtifactError / VerifyError: a missing, corrupt or tampered artifact or build.
+    """
+    root = Path(target)
+    if (root / "manifest.json").exists() and (root.parent / "plan.json").exists():
+        root = root.parent  # the artifact folder inside a build directory
+    if (root / "plan.json").exists():
+        return read_build(root)[3]
+    return load_artifact(root)
+
+
+def _short(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

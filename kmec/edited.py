@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kmec import __version__
+from kmec._version import __version__
 from kmec.artifacts import (
     Applied,
     Artifact,
@@ -69,7 +70,15 @@ from kmec.artifacts import (
 )
 from kmec.errors import ArtifactError, ModelError
 from kmec.hashing import atomic_dir, canonical_json, sha256_tensor
-from kmec.models.load import LoadedModel, ModelRef, fingerprint_model, load_model, resolve_ref
+from kmec.models.load import (
+    LoadedModel,
+    ModelRef,
+    fingerprint_model,
+    load_model,
+    require_safetensors,
+    resolve_ref,
+)
+from kmec.outputs import check_output, write_marker
 
 log = logging.getLogger("kmec")
 
@@ -108,8 +117,11 @@ class Written:
     tokenizer: str
 
 
-def load_weights(ref: str | ModelRef, *, safetensors_only: bool = False) -> tuple[Any, Any]:
+def load_weights(ref: str | ModelRef, *, safetensors_only: bool = True) -> tuple[Any, Any]:
     """Load a causal LM in float32 on CPU; return ``(model, tokenizer or None)``.
+
+    Weights are read from safetensors only (``safetensors_only`` is kept for
+    callers that still pass it; pickle files are never loaded).
 
     Folders and aliases are loaded without a tokenizer (none is needed to
     apply or revert); hub ids go through :func:`kmec.models.load.load_model`,
@@ -125,10 +137,10 @@ def load_weights(ref: str | ModelRef, *, safetensors_only: bool = False) -> tupl
         return lm.model, lm.tok
     from transformers import AutoModelForCausalLM
 
+    require_safetensors(ref.path)  # pickle weights are never loaded (they can run code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(ref.path), dtype=torch.float32,
-            **({"use_safetensors": True} if safetensors_only else {}))
+        model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=torch.float32,
+                                                     use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ModelError(f"cannot load the model weights in {ref.path}: {first}") from None
@@ -149,13 +161,17 @@ def _write_tokenizer(src: Path | None, tok: Any, dest: Path) -> Literal["copied"
     return "none"
 
 
-def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = None) -> Written:
+def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = None,
+                 inputs: Sequence[str | Path] = (), force: bool = False) -> Written:
     """Apply ``artifact`` to its base model and write the edited model folder.
 
     Args:
         artifact: the artifact (see :func:`kmec.artifacts.load_artifact`).
-        out: the folder to write (replaced atomically).
+        out: the folder to write (replaced atomically; see :mod:`kmec.outputs`
+            for what may be replaced).
         model: the base model reference; defaults to the manifest's ``base_model``.
+        inputs: where the artifact was read from (``out`` may not be or hold it).
+        force: replace ``out`` even if it is not an edited model folder kmec wrote.
 
     External-memory payloads are not applied to the weights: they are saved in
     ``kmec_memory/`` and installed by :func:`load_edited`.
@@ -163,6 +179,7 @@ def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = Non
     Raises:
         ArtifactError: the model is not the artifact's base, or ``out`` is the
             base model's own folder.
+        OutputError: ``out`` may not be written.
         ModelError: the base model cannot be resolved or loaded.
     """
     m = artifact.manifest
@@ -179,6 +196,8 @@ def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = Non
     if ref.path is not None and out.resolve() == ref.path.resolve():
         raise ArtifactError(f"--out {out} is the base model's own folder",
                             hint="write the edited model to a new folder")
+    check_output(out, "edited-model", force=force,
+                 inputs=[*inputs, *([ref.path] if ref.path is not None else [])])
     weights, tok = load_weights(ref)
     base_fp = fingerprint_model(weights)
     check_base(m, base_fp, model=name)
@@ -186,6 +205,7 @@ def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = Non
     edited_fp = fingerprint_model(weights)
     originals = {k: v.contiguous() for k, v in applied.originals.items()}
     with atomic_dir(out) as tmp:
+        write_marker(tmp, "edited-model")
         weights.save_pretrained(tmp)
         tokenizer = _write_tokenizer(ref.path, tok, tmp)
         save_file(originals, str(tmp / BASE_PARAMS), metadata={"format": EDITED_FORMAT})
@@ -340,12 +360,14 @@ def load_edited(folder: str | Path, *, tok: Any = None, dtype: str = "float32",
     return EditedModel(lm.model, lm.tok, lm.facts, lm.ref, record=record, memory=handle)
 
 
-def revert_folder(edited: str | Path, out: str | Path) -> Written:
+def revert_folder(edited: str | Path, out: str | Path, *, force: bool = False) -> Written:
     """Restore the base model from an edited folder, bit-for-bit, and write it.
 
     Args:
         edited: a folder written by :func:`write_edited`.
-        out: the folder to write the base model to (replaced atomically).
+        out: the folder to write the base model to (replaced atomically; see
+            :mod:`kmec.outputs` for what may be replaced).
+        force: replace ``out`` even if it is not a folder kmec revert wrote.
 
     Raises:
         ArtifactError: not a kmec-edited folder, missing or corrupt kmec files,
@@ -353,6 +375,7 @@ def revert_folder(edited: str | Path, out: str | Path) -> Written:
             recorded base model.
     """
     edited = Path(edited)
+    check_output(out, "base-model", inputs=[edited], force=force)
     record = read_record(edited)
     originals = read_base_params(edited, record)
     model, _ = load_weights(ModelRef(str(edited), "folder", edited.resolve()),
@@ -377,6 +400,7 @@ def revert_folder(edited: str | Path, out: str | Path) -> Written:
             f"the restored model has fingerprint {restored[:12]}, not the recorded base "
             f"{record.base_fingerprint[:12]}", hint=f"load the base model {record.base_model!r}")
     with atomic_dir(out) as tmp:
+        write_marker(tmp, "base-model")
         model.save_pretrained(tmp)
         tokenizer = _write_tokenizer(edited, None, tmp)
     log.info("restored base model %s -> %s", record.base_model, out)

@@ -21,6 +21,7 @@ what to do next (``hint``). The CLI prints ``str(error)`` and exits with code
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -74,12 +75,12 @@ class Diagnostic:
     source_line: str | None = field(default=None, compare=False)
 
     def render(self) -> str:
-        head = f"{self.span}: {self.severity}: {self.message}"
+        head = f"{self.span}: {self.severity}: {printable(self.message)}"
         parts = [head]
         if self.source_line is not None:
             parts.append(render_with_caret(self.source_line, self.span))
         if self.hint:
-            parts.append(f"  hint: {self.hint}")
+            parts.append(f"  hint: {printable(self.hint)}")
         return "\n".join(parts)
 
 
@@ -143,6 +144,19 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as ``�``, one for one (carets stay aligned):
+    a spec cannot send escape sequences to the terminal or CI log that shows its errors.
+
+    >>> printable("red \x1b[31m")
+    'red �[31m'
+    """
+    return _CONTROL.sub("\ufffd", text)
+
+
 def render_with_caret(source_line: str, span: Span) -> str:
     """Render a source line with carets under the span's columns.
 
@@ -150,7 +164,7 @@ def render_with_caret(source_line: str, span: Span) -> str:
         edit x {
              ^
     """
-    line = source_line.rstrip("\n").expandtabs(1)
+    line = printable(source_line.rstrip("\n").expandtabs(1))
     start = max(span.col - 1, 0)
     if span.end_line == span.line and span.end_col > span.col:
         width = span.end_col - span.col

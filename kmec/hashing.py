@@ -95,20 +95,46 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``path`` on success.
 
     If the body raises, the temporary directory is removed and ``path`` is left
-    as it was. An existing ``path`` is replaced only after the new one is complete.
+    as it was. An existing ``path`` (folder, file or link: callers decide
+    first whether it may be replaced, see :mod:`kmec.outputs`) is replaced
+    only after the new one is complete.
+
+    Raises:
+        KmecError: the folder cannot be created or renamed into place (the
+            body's own exceptions pass through unchanged).
     """
+    from kmec.errors import KmecError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as e:
+        raise KmecError(f"cannot write {path}: {e.strerror or e}",
+                        hint="choose a folder you can write to") from None
     try:
         yield tmp
         old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            if os.path.lexists(path):
+                old = path.with_name(f".{path.name}.old.{os.getpid()}")
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if old is not None:
+                    os.replace(old, path)  # put the previous one back
+                    old = None
+                raise
+        except OSError as e:
+            raise KmecError(f"cannot write {path}: {e.strerror or e}",
+                            hint="choose a folder you can write to") from None
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -200,13 +200,13 @@ def test_load_round_trip_and_build_dir(tmp_path):
 def test_load_other_format_version_is_explained(tmp_path):
     path, _ = saved(tmp_path)
     raw = json.loads((path / MANIFEST).read_text())
-    raw.update(format="kmec-artifact/2", kmec_version="9.0.0", new_field=1)
+    raw.update(format="kmec-artifact/9", kmec_version="9.0.0", new_field=1)
     (path / MANIFEST).write_text(json.dumps(raw))
     with pytest.raises(ArtifactError) as e:
         load_artifact(path)
     assert str(e.value) == (
-        f"{path / MANIFEST} was written in format 'kmec-artifact/2' (by kmec 9.0.0); this kmec "
-        "(0.1.0) reads 'kmec-artifact/1'\n"
+        f"{path / MANIFEST} was written in format 'kmec-artifact/9' (by kmec 9.0.0); this kmec "
+        "(0.1.0) reads 'kmec-artifact/2'\n"
         "  hint: use kmec 9.0.0 to read it, or recompile the spec with this kmec")
 
 
@@ -215,7 +215,7 @@ def test_load_other_format_version_is_explained(tmp_path):
     ("no_manifest", r"is not a kmec artifact \(no manifest.json\)"),
     ("not_json", "is not valid JSON"),
     ("not_object", r"is not a kmec-artifact record \(not a JSON object\)"),
-    ("foreign", "has format 'x'; this kmec reads 'kmec-artifact/1'"),
+    ("foreign", "has format 'x'; this kmec reads 'kmec-artifact/2'"),
     ("bad_field", "is not a valid manifest: weight_layout"),
     ("no_tensors", "cannot read"),
     ("tampered", "tensor p0000.u in .* does not match its recorded sha256"),
@@ -242,7 +242,7 @@ def test_load_damaged_artifacts(tmp_path, damage, message):
 
         tensors = load_file(t)
         tensors["p0000.u"][0] += 1
-        save_file(tensors, t, metadata={"format": "kmec-artifact/1"})
+        save_file(tensors, t, metadata={"format": "kmec-artifact/2"})
     with pytest.raises(ArtifactError, match=message):
         load_artifact(path)
 

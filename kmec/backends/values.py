@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from kmec import __version__
+from kmec._version import __version__
 from kmec.backends.keys import build_batch
 from kmec.hashing import atomic_write_bytes, canonical_json, sha256_text
 from kmec.models.adapters import ArchAdapter

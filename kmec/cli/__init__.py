@@ -32,7 +32,7 @@ _ABORTS = (click.exceptions.Abort, typer.Abort)
 _EXITS = (click.exceptions.Exit, typer.Exit)
 from rich.console import Console
 
-from kmec import __version__
+from kmec._version import __version__
 from kmec.errors import KmecError
 
 # Each module defines ``register(app: typer.Typer) -> None``.
@@ -71,9 +71,16 @@ def _root(
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+_loaded: list[str] = []
+
+
 def _load_commands() -> None:
+    """Register every command once (main() may run many times in one process: tests)."""
+    if _loaded:
+        return
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(app)
+        _loaded.append(name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,4 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except OSError as e:  # a file-system refusal no command anticipated: still no traceback
+        if debug:
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        err_console.print(f"error: {e.strerror or e}{where}", markup=False, highlight=False)
+        sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)

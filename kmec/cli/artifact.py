@@ -14,6 +14,8 @@ def apply_cmd(
     out: str = typer.Option(..., "--out", "-o", help="Folder to write the edited model to."),
     model: str = typer.Option(None, "--model", help="Base model (alias, folder or hub id); "
                               "default: the one the artifact was compiled for."),
+    force: bool = typer.Option(False, "--force", help="Replace --out even if kmec did not "
+                               "write it (everything in it is lost)."),
 ) -> None:
     """Apply an artifact to its base model and save the edited model as a Hugging Face folder.
 
@@ -22,12 +24,14 @@ def apply_cmd(
     memories (method memory / retrieval) are saved in kmec_memory/ next to the
     unchanged weights; kmec.load_model(OUT) loads the model with them installed.
     """
-    from kmec.artifacts import load_artifact
+    from kmec.compile import load_checked
     from kmec.edited import write_edited
+    from kmec.outputs import check_output
 
-    artifact = load_artifact(target)
+    check_output(out, "edited-model", inputs=[target], force=force)
+    artifact = load_checked(target)
     with console.status("loading the base model and applying the artifact"):
-        w = write_edited(artifact, out, model=model)
+        w = write_edited(artifact, out, model=model, inputs=[target], force=force)
     n = len(artifact.manifest.payloads)
     memory = sum(e.kind == "memory" for e in artifact.manifest.payloads)
     out_console.print(f"applied {n - memory} payload(s) to {len(w.params)} parameter(s) of "
@@ -41,12 +45,14 @@ def apply_cmd(
 def revert_cmd(
     edited: str = typer.Argument(..., help="Folder written by kmec apply."),
     out: str = typer.Option(..., "--out", "-o", help="Folder to write the restored base model to."),
+    force: bool = typer.Option(False, "--force", help="Replace --out even if kmec did not "
+                               "write it (everything in it is lost)."),
 ) -> None:
     """Restore the base model bit-for-bit from a folder written by `kmec apply`."""
     from kmec.edited import revert_folder
 
     with console.status("restoring the base weights"):
-        w = revert_folder(edited, out)
+        w = revert_folder(edited, out, force=force)
     out_console.print(f"restored {len(w.params)} parameter(s); {w.path}/ has the base "
                       f"fingerprint {w.base_fingerprint[:12]}")
 

@@ -55,6 +55,11 @@ def bench_cmd(
                                      help="Hypothesis examples per locality property."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     md: str = typer.Option(None, "--md", help="Also write the table as Markdown to this file."),
+    force: bool = typer.Option(False, "--force", help="Replace --md even if kmec did not "
+                               "write it."),
+    root: str = typer.Option(None, "--root", help="Folder the spec's includes and subjects "
+                             "files must lie under [default: the spec's repository, else its "
+                             "folder]."),
 ) -> None:
     """Compile and verify SPEC with each method; print efficacy, generality, locality, ... per method."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -66,6 +71,10 @@ def bench_cmd(
         raise KmecError(f"choose one mode, not {' and '.join('--' + m for m in chosen)}")
     if not Path(spec).is_file():
         raise KmecError(f"no spec file {spec!r}", hint="give the path of a .kmec file")
+    if md:
+        from kmec.outputs import check_output
+
+        check_output(md, "bench-table", inputs=[spec], force=force, flag="--md")
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
@@ -78,9 +87,15 @@ def bench_cmd(
             bar.update(tasks[key], description=message, completed=done, total=total)
 
         result = bench(spec, methods.split(","), mode=chosen[0] if chosen else None, model=model,
-                       limit=limit, max_examples=max_examples, progress=progress)
+                       limit=limit, max_examples=max_examples, progress=progress, root=root)
     if md:
-        Path(md).write_text(render_markdown(result))
+        from kmec.hashing import atomic_write_text
+        from kmec.outputs import BENCH_TABLE_HEAD
+
+        try:
+            atomic_write_text(md, f"{BENCH_TABLE_HEAD}\n{render_markdown(result)}")
+        except OSError as e:
+            raise KmecError(f"cannot write --md {md}: {e.strerror or e}") from None
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:

@@ -16,6 +16,11 @@ def compile_cmd(
     no_cache: bool = typer.Option(
         False, "--no-cache",
         help="Recompute every step and every target value (statistics stay cached)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out even if kmec did not "
+                               "write it (everything in it is lost)."),
+    root: str = typer.Option(None, "--root", help="Folder the spec's includes and subjects "
+                             "files must lie under [default: the spec's repository, else its "
+                             "folder]."),
 ) -> None:
     """Compile a spec into an artifact (build/plan.json, build/artifact/, ...)."""
     from kmec.compile import compile_spec
@@ -31,7 +36,8 @@ def compile_cmd(
                 tasks[key] = bar.add_task(message, total=total)
             bar.update(tasks[key], description=message, completed=done, total=total)
 
-        result = compile_spec(spec, out=out, model=model, progress=progress, use_cache=not no_cache)
+        result = compile_spec(spec, out=out, model=model, progress=progress,
+                              use_cache=not no_cache, force=force, root=root)
     plan = result.plan
     state = "up to date" if result.up_to_date else f"compiled in {result.seconds:.1f} s"
     n_edits = sum(len(s.edits) for s in plan.steps)

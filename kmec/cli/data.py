@@ -18,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-from kmec.errors import SpecError
+from kmec.errors import KmecError, SpecError
 
 
 def _command(dataset: str, file: Path, limit: int | None, offset: int, out: Path | None,
@@ -39,7 +39,7 @@ def _write(path: Path, text: str) -> None:
     """Write atomically, keeping an existing file's mode (a new one gets the umask's)."""
     from kmec.hashing import atomic_write_text
 
-    if path.exists():
+    if path.is_file():
         mode = path.stat().st_mode & 0o7777
     else:
         umask = os.umask(0)
@@ -62,11 +62,16 @@ def import_cmd(
                                     help="Write the spec here (default: print it)."),
     model: str | None = typer.Option(None, "--model", metavar="REF",
                                      help="Model reference to write into the spec."),
+    force: bool = typer.Option(False, "--force", help="Replace -o even if it is not a spec "
+                               "kmec import wrote."),
 ) -> None:
     """Write a .kmec spec from CounterFact, zsRE, MQuAKE or KnowEdit records."""
     from kmec.data import import_file
     from kmec.grammar import analyze
+    from kmec.outputs import check_output
 
+    if out is not None:
+        check_output(out, "spec", inputs=[file], force=force, flag="-o")
     command = _command(dataset, file, limit, offset, out, model)
     result = import_file(dataset, file, limit=limit, offset=offset, model=model,
                          command=command)
@@ -77,7 +82,10 @@ def import_cmd(
     if out is None:
         typer.echo(text, nl=False)
     else:
-        _write(out, text)
+        try:
+            _write(out, text)
+        except OSError as e:
+            raise KmecError(f"cannot write -o {out}: {e.strerror or e}") from None
     s = result.spec
     counts = ", ".join(_count(len(items), noun) for items, noun in
                        ((s.edits, "edit"), (s.relations, "relation"), (s.claims, "claim")))

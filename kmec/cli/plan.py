@@ -22,6 +22,9 @@ def plan_command(
     model: str | None = typer.Option(None, "--model", metavar="REF",
                                      help="Model to plan for (default: the spec's `model`, "
                                      "else smollm2-135m)."),
+    root: str = typer.Option(None, "--root", help="Folder the spec's includes and subjects "
+                             "files must lie under [default: the spec's repository, else its "
+                             "folder]."),
 ) -> None:
     """Show what `kmec compile` would do with SPEC, and why."""
     from kmec.grammar import parse_file
@@ -30,7 +33,7 @@ def plan_command(
     from kmec.planner.explain import explain_tree, summary_table
     from kmec.planner.facts_io import facts_for_ref
 
-    parsed = parse_file(spec)
+    parsed = parse_file(spec, root=root)
     facts = facts_for_ref(model or parsed.model or DEFAULT_MODEL)
     from kmec.backends.mend.store import planner_editors
 

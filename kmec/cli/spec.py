@@ -22,7 +22,7 @@ import typer
 
 from kmec.errors import Diagnostic, SpecError
 from kmec.grammar import Analysis, analyze_dir, analyze_file, format_text, spec_files
-from kmec.grammar.loader import read_spec_text
+from kmec.grammar.loader import not_a_spec, read_spec_text
 from kmec.hashing import atomic_write_text
 from kmec.spec import spec_json_schema
 
@@ -30,13 +30,20 @@ SPECS = typer.Argument(..., help="Spec files, or folders to search for *.kmec fi
                        show_default=False)
 
 
-def _analyses(paths: list[Path]) -> list[tuple[str, Analysis]]:
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):  # a name too long, a NUL: not a folder (read_spec_text says why)
+        return False
+
+
+def _analyses(paths: list[Path], root: str | None) -> list[tuple[str, Analysis]]:
     found: list[tuple[str, Analysis]] = []
     for p in paths:
-        if p.is_dir():
-            found += [(a.files[0], a) for a in analyze_dir(p)]
+        if _is_dir(p):
+            found += [(a.files[0], a) for a in analyze_dir(p, root=root)]
         else:
-            found.append((os.fspath(p), analyze_file(p)))
+            found.append((os.fspath(p), analyze_file(p, root=root)))
     return found
 
 
@@ -58,9 +65,12 @@ def check(
     specs: list[Path] = SPECS,
     as_json: bool = typer.Option(False, "--json", help="Print diagnostics as JSON on stdout."),
     strict: bool = typer.Option(False, "--strict", help="Treat warnings as errors."),
+    root: str = typer.Option(None, "--root", help="Folder the specs' includes and subjects "
+                             "files must lie under [default: each spec's repository, else its "
+                             "folder]."),
 ) -> None:
     """Parse and check specs: syntax, names, templates, thresholds, includes."""
-    results = _analyses(specs)
+    results = _analyses(specs, root)
     failed = False
     report = []
     for name, a in results:
@@ -92,9 +102,15 @@ def _format_one(path: Path, check_only: bool, diff: bool) -> str:
     name = os.fspath(path)
     try:
         text = read_spec_text(path)
+    except SpecError as e:  # a refusal names the file and the rule: shown as it is
+        for d in e.diagnostics:
+            _echo_diagnostic(d)
+        return "error"
+    try:
         formatted = format_text(text, path=name)
     except SpecError as e:
-        for d in e.diagnostics:
+        shown = e.diagnostics if name.endswith(".kmec") else not_a_spec(name, e.diagnostics)
+        for d in shown:
             _echo_diagnostic(d)
         return "error"
     if formatted == text:
@@ -122,7 +138,7 @@ def fmt(
     """Rewrite specs in canonical layout, keeping comments (exit 1 with --check if not)."""
     files: list[Path] = []
     for p in specs:
-        files += spec_files(p) if p.is_dir() else [p]
+        files += spec_files(p) if _is_dir(p) else [p]
     outcomes = [_format_one(p, check_only, diff) for p in files]
     changed = outcomes.count("changed")
     verb = "would be reformatted" if check_only or diff else "reformatted"

@@ -141,8 +141,9 @@ def _print_summary(summary: dict[str, Any], facts: Any, n: int) -> None:
 def _write_out(out: Path, results: list[Any], data: dict[str, Any], model: str) -> None:
     from kmec.hashing import atomic_write_text, canonical_json
     from kmec.models import trace_render as render
+    from kmec.outputs import ensure_folder
 
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_folder(out, "trace")
     atomic_write_text(out / "traces.json", canonical_json(data))
     files, svgs = [], []
     prompts = list(dict.fromkeys(r.prompt for r in results))
@@ -216,6 +217,8 @@ def trace_command(
     out: str | None = typer.Option(None, "--out", "-o", help="Folder for JSON, SVG, Markdown, HTML."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute cached traces."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    force: bool = typer.Option(False, "--force", help="Write into --out even if it holds "
+                               "files kmec did not write."),
 ) -> None:
     """Causal tracing (ROME §2.1): which layers carry the fact behind a prompt's answer."""
     from kmec.hashing import canonical_json
@@ -226,6 +229,11 @@ def trace_command(
     if not kinds or any(k not in KINDS for k in kinds) or positions not in ("all", "key"):
         raise typer.BadParameter(f"--kind takes {', '.join(KINDS)} (comma-separated); "
                                  "--positions takes all or key")
+    if out is not None:
+        from kmec.outputs import check_output
+
+        check_output(out, "trace", inputs=[target] if Path(target).exists() else [],
+                     force=force)
     spec, ref = _source(target, subject, answer, model)
     lm = load_model(ref)
     jobs = _spec_jobs(spec, lm.facts) if spec is not None else [(target, subject or "", answer)]

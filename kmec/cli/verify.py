@@ -69,6 +69,10 @@ def verify_cmd(
     report_dir: str = typer.Option(None, "--report-dir", help="Where to write the reports "
                                    "[default: BUILD/report]."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout."),
+    force: bool = typer.Option(False, "--force", help="Write the reports into --report-dir "
+                               "even if it holds files kmec did not write."),
+    root: str = typer.Option(None, "--root", help="Folder the spec's subjects files must lie "
+                             "under [default: the repository of --spec, or of the build]."),
 ) -> None:
     """Verify every claim of the spec on the edited model; write JSON/JUnit/Markdown/HTML reports."""
     _passive_omp()
@@ -87,7 +91,7 @@ def verify_cmd(
             bar.update(tasks[stage], completed=done, total=total)
 
         report = verify_build(target, spec_path=spec, max_examples=max_examples,
-                              report_dir=folder, progress=progress)
+                              report_dir=folder, progress=progress, force=force, root=root)
     if as_json:
         sys.stdout.write(to_json(report))
     else:
@@ -99,21 +103,6 @@ def verify_cmd(
     raise typer.Exit(report.exit_code)
 
 
-def _load_weights(ref: str) -> Any:
-    """A causal LM's weights from an alias, folder or hub id (no tokenizer needed)."""
-    from transformers import AutoModelForCausalLM
-
-    from kmec.errors import ModelError
-    from kmec.models.load import resolve_ref
-
-    r = resolve_ref(ref)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(r.path) if r.path else r.text)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the weights of {ref!r}: {str(e).splitlines()[0]}") from None
-    return model.eval()
-
-
 def audit_cmd(
     edited: str = typer.Argument(..., help="Folder of the edited model to audit."),
     base: str = typer.Option(..., "--base", help="The base model (alias, folder or hub id)."),
@@ -122,12 +111,17 @@ def audit_cmd(
 ) -> None:
     """Prove an edited model differs from its base only by the artifact's declared deltas."""
     _passive_omp()
-    from kmec.artifacts import audit, load_artifact
+    from kmec.artifacts import audit, check_base
+    from kmec.compile import load_checked
+    from kmec.edited import load_weights
+    from kmec.models.load import fingerprint_model
 
-    artifact = load_artifact(build)
+    artifact = load_checked(build)
     with console.status("loading models"):
-        base_model = _load_weights(base)
-        edited_model = _load_weights(edited)
+        base_model, _ = load_weights(base, safetensors_only=True)
+        # the wrong base would show every parameter as an "undeclared change": say so instead
+        check_base(artifact.manifest, fingerprint_model(base_model), model=base)
+        edited_model, _ = load_weights(edited, safetensors_only=True)
     result = audit(base_model, edited_model, artifact)
     table = Table("parameter", "status")
     for name in artifact.manifest.params:

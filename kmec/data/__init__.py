@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kmec import __version__
+from kmec._version import __version__
 from kmec.data import counterfact, knowedit, mquake, zsre
 from kmec.data.common import Builder, load_records
 from kmec.errors import KmecError

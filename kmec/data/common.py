@@ -313,17 +313,24 @@ class Builder:
 # ---------------------------------------------------------------------- records
 
 
+MAX_RECORDS_BYTES = 2 << 30  # the largest public release file (zsRE train) is ~100 MB
+
+
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON array file (or a JSON-Lines file, one object a line).
 
     Raises:
         KmecError: the file is missing, not JSON, or not a list of objects.
     """
+    from kmec.grammar.files import FileRefused, read_text_file
+
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
+    try:  # a regular file, bounded (a device or FIFO named by mistake cannot hang or fill memory)
+        text = read_text_file(p, limit=MAX_RECORDS_BYTES, what="records file")
     except FileNotFoundError:
         raise KmecError(f"{p}: no such file") from None
+    except FileRefused as e:
+        raise KmecError(e.message, hint=e.hint) from None
     except (OSError, UnicodeDecodeError) as e:
         raise KmecError(f"{p}: cannot read: {e}") from None
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kmec.errors import Diagnostic, Span, did_you_mean
+from kmec.grammar.files import MAX_SUBJECTS_BYTES, FileRefused, confine, find_root, read_text_file
 from kmec.grammar.templates import VARIABLES, inspect, is_template
 from kmec.spec import Claim, PromptEdit, Relation, Spec, TripleEdit
 
@@ -35,6 +36,7 @@ class Ctx:
     spec: Spec
     locate: Locate | None
     base_dir: Path | None
+    root: Path | None = None  # files the spec names must lie under it
 
     def at(self, node: Any, field: str | None = None) -> Span:
         if field is not None and self.locate is not None:
@@ -297,24 +299,33 @@ def check_strings(spec: Spec, c: Ctx) -> Iterator[Diagnostic]:
 
 
 def check_files(spec: Spec, c: Ctx) -> Iterator[Diagnostic]:
-    """``subjects from`` files exist (relative to the spec's folder)."""
+    """``subjects from`` files exist, may be read (kmec.grammar.files) and are text."""
     if c.base_dir is None:
         return
+    root = c.root if c.root is not None else find_root(c.base_dir / "spec.kmec")
     for rel in spec.relations:
         if rel.subjects_file is None or not rel.subjects_file.strip():
             continue
-        path = c.base_dir / rel.subjects_file
         at = c.at(rel, "subjects_file")
-        if not path.is_file():
+        path = c.base_dir / rel.subjects_file
+        try:
+            path = confine(c.base_dir, rel.subjects_file, root, "subjects file")
+            text = read_text_file(path, limit=MAX_SUBJECTS_BYTES, what="subjects file")
+        except FileRefused as e:
+            yield _err(at, e.message, e.hint)
+            continue
+        except FileNotFoundError:
             yield _err(at, f"subjects file {rel.subjects_file!r} not found",
                        f"looked for {path}; paths are relative to the spec's folder")
             continue
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            yield _err(at, f"cannot read subjects file {rel.subjects_file!r}: {e}")
+        except UnicodeDecodeError as e:
+            yield _err(at, f"subjects file {rel.subjects_file!r} is not UTF-8 text "
+                       f"({e.reason} at byte {e.start})")
             continue
-        if not any(line.strip() for line in lines):
+        except OSError as e:
+            yield _err(at, f"cannot read subjects file {rel.subjects_file!r}: {e.strerror or e}")
+            continue
+        if not any(line.strip() for line in text.splitlines()):
             yield _warn(at, f"subjects file {rel.subjects_file!r} is empty")
 
 
@@ -323,7 +334,7 @@ CHECKS = (check_names, check_strings, check_templates, check_edits, check_claims
 
 
 def check(spec: Spec, *, locate: Locate | None = None,
-          base_dir: str | Path | None = None) -> list[Diagnostic]:
+          base_dir: str | Path | None = None, root: str | Path | None = None) -> list[Diagnostic]:
     """Every semantic problem in ``spec`` (errors and warnings), in check order.
 
     Args:
@@ -331,6 +342,8 @@ def check(spec: Spec, *, locate: Locate | None = None,
         locate: where a node's field was written (the parser provides it).
         base_dir: the folder relative file names are resolved in; None skips
             the file-system checks.
+        root: the folder files named by the spec must lie under (default: the
+            repository ``base_dir`` is in, else ``base_dir``).
 
     Returns:
         Diagnostics; those with ``severity == "error"`` make the spec invalid.
@@ -342,5 +355,6 @@ def check(spec: Spec, *, locate: Locate | None = None,
     >>> [(d.message, d.hint) for d in check(spec)]
     [('unknown relation `captial`', "did you mean 'capital'?")]
     """
-    ctx = Ctx(spec, locate, Path(base_dir) if base_dir is not None else None)
+    ctx = Ctx(spec, locate, Path(base_dir) if base_dir is not None else None,
+              Path(root) if root is not None else None)
     return [d for rule in CHECKS for d in rule(spec, ctx)]

@@ -34,6 +34,14 @@ from typing import Any
 from kmec.errors import Diagnostic, Span, SpecError
 from kmec.grammar.assemble import Built, Key
 from kmec.grammar.check import check
+from kmec.grammar.files import (
+    MAX_SPEC_BYTES,
+    MAX_SUBJECTS_BYTES,
+    FileRefused,
+    confine,
+    find_root,
+    read_text_file,
+)
 from kmec.grammar.parser import build
 from kmec.spec import Relation, Spec
 
@@ -63,6 +71,7 @@ class _Loader:
     """State of one load: files read, their sources, spans, diagnostics."""
 
     includes: bool
+    root: Path  # files a spec names must lie under it (kmec.grammar.files)
     built: dict[str, Built] = field(default_factory=dict)  # by real path
     sources: dict[str, str] = field(default_factory=dict)  # by span file name
     spans: dict[Key, Span] = field(default_factory=dict)
@@ -113,9 +122,10 @@ class _Loader:
         built.spec = merged
 
     def _include(self, folder: Path, target: str, at: Span, stack: tuple[str, ...]) -> Built | None:
-        path = os.path.normpath(folder / target)
-        if "\0" in path:  # no file system takes it (and realpath would raise)
-            self.diags.append(Diagnostic(at, f"included file {target!r} not found"))
+        try:
+            path = os.fspath(confine(folder, target, self.root, "included file"))
+        except FileRefused as e:
+            self.diags.append(Diagnostic(at, e.message, e.hint))
             return None
         real = os.path.realpath(path)
         self.shown.setdefault(real, path)
@@ -126,20 +136,27 @@ class _Loader:
             return None
         if real in self.built:
             return None  # already merged through another include
-        if os.path.exists(path) and not os.path.isfile(path):  # a folder, a device, a pipe
-            self.diags.append(Diagnostic(at, f"included path {target!r} is not a file"))
+        if not (target.endswith(".kmec") and real.endswith(".kmec")):
+            # a spec's errors quote its lines: only spec files may be parsed as one
+            self.diags.append(Diagnostic(at, f"included file {target!r} is not a .kmec file",
+                                         "include only spec files (*.kmec)"))
             return None
         try:
-            text = _read(path)
-        except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-            self.diags.append(Diagnostic(at, f"included file {target!r} not found"
-                                         if isinstance(e, FileNotFoundError)
-                                         else f"cannot read included file {target!r}: {e}",
-                                         f"looked for {path}; includes are relative to the "
-                                         "including file's folder"))
+            text = read_text_file(path, limit=MAX_SPEC_BYTES, what="included file")
+        except FileRefused as e:
+            self.diags.append(Diagnostic(at, e.message, e.hint))
             return None
         except UnicodeDecodeError as e:
-            self.diags.append(Diagnostic(at, f"included file {target!r} is not UTF-8 text: {e}"))
+            self.diags.append(Diagnostic(at, f"included file {target!r} is not UTF-8 text "
+                                         f"({e.reason} at byte {e.start})"))
+            return None
+        except OSError as e:
+            self.diags.append(Diagnostic(at, f"included file {target!r} not found"
+                                         if isinstance(e, FileNotFoundError)
+                                         else f"cannot read included file {target!r}: "
+                                         f"{e.strerror or e}",
+                                         f"looked for {path}; includes are relative to the "
+                                         "including file's folder"))
             return None
         child = self.load(text, path, (*stack, real))
         if child is not None:
@@ -171,17 +188,11 @@ def _rekey(spans: dict[Key, Span], old: Any, new: Any) -> None:
         spans[(id(new), key[1])] = spans.pop(key)
 
 
-def _read(path: str | os.PathLike[str]) -> str:
-    """A spec file's text (UTF-8, an optional BOM dropped, newlines normalised)."""
-    with open(path, encoding="utf-8-sig") as f:
-        return f.read()
-
-
 def _finish(loader: _Loader, spec: Spec | None, semantic: bool, base_dir: Path | None) -> Analysis:
     diags = list(loader.diags)
     if spec is not None and semantic:
         diags += check(spec, locate=lambda node, name: loader.spans.get((id(node), name)),
-                       base_dir=base_dir)
+                       base_dir=base_dir, root=loader.root)
     rank = {f: i for i, f in enumerate(loader.order)}
     diags.sort(key=lambda d: (rank.get(d.span.file, len(rank)), d.span.line, d.span.col))
     diags = [_with_source(d, loader.sources) for d in dict.fromkeys(diags)]
@@ -199,7 +210,7 @@ def _with_source(d: Diagnostic, sources: dict[str, str]) -> Diagnostic:
 
 
 def analyze(text: str, *, path: str = "<string>", includes: bool = True,
-            semantic: bool = True) -> Analysis:
+            semantic: bool = True, root: str | os.PathLike[str] | None = None) -> Analysis:
     """Read a spec without raising: the Spec (None on errors) and all diagnostics.
 
     Args:
@@ -207,12 +218,14 @@ def analyze(text: str, *, path: str = "<string>", includes: bool = True,
         path: its file name (spans carry it; includes resolve from its folder).
         includes: follow ``include`` statements (False: list them, as written).
         semantic: run :func:`kmec.grammar.check.check` after parsing.
+        root: files the spec names must lie under it (default:
+            :func:`kmec.grammar.files.find_root` of ``path``).
 
     >>> a = analyze('edit e { prompt "The 2022 World Cup was won by" -> "" }')
     >>> a.spec is None, [d.message for d in a.diagnostics]
     (True, ['empty target'])
     """
-    loader = _Loader(includes=includes)
+    loader = _Loader(includes=includes, root=_root(path, root))
     try:
         stack = (os.path.realpath(path),) if path != "<string>" else ()
         loader.shown.update({real: path for real in stack})
@@ -232,7 +245,7 @@ def parse_built(text: str, path: str = "<string>") -> Built:
     Raises:
         SpecError: syntax errors, or values the language cannot hold.
     """
-    loader = _Loader(includes=False)
+    loader = _Loader(includes=False, root=_root(path, None))
     try:
         built = loader.load(text, path, ())
     except Exception as e:  # see analyze()
@@ -245,30 +258,70 @@ def parse_built(text: str, path: str = "<string>") -> Built:
     return built
 
 
+def _root(path: str, root: str | os.PathLike[str] | None) -> Path:
+    return Path(os.path.realpath(os.fspath(root))) if root is not None else find_root(path)
+
+
 def analyze_file(path: str | os.PathLike[str], *, includes: bool = True,
-                 semantic: bool = True) -> Analysis:
-    """:func:`analyze` for a file; an unreadable file becomes a diagnostic."""
+                 semantic: bool = True, root: str | os.PathLike[str] | None = None) -> Analysis:
+    """:func:`analyze` for a file; an unreadable or refused file becomes a diagnostic."""
     name = os.fspath(path)
     try:
-        text = read_spec_text(name)
+        text = read_spec_text(name, root=root)
     except SpecError as e:
         return Analysis(None, list(e.diagnostics), [name])
-    return analyze(text, path=name, includes=includes, semantic=semantic)
+    found = analyze(text, path=name, includes=includes, semantic=semantic, root=root)
+    if found.errors and not name.endswith(".kmec"):
+        return Analysis(None, list(not_a_spec(name, found.errors)), found.files)
+    return found
 
 
-def read_spec_text(path: str | os.PathLike[str]) -> str:
-    """A spec file's text; a missing or unreadable file is a SpecError located at the file."""
+def not_a_spec(name: str, errors: Iterable[Diagnostic]) -> tuple[Diagnostic, ...]:
+    """The errors of a file that is not named ``*.kmec``, without its contents.
+
+    A file that does not parse and is not named as a spec may be anything
+    (``.env``, a key): its errors would quote its lines, so they are replaced
+    by one message that names the file and the rule.
+    """
+    n = len(list(errors))
+    return (Diagnostic(Span(file=name), f"{name} is not a .kmec file and does not parse as a "
+                       f"spec ({n} error(s); its contents are not shown)",
+                       "pass a spec file (*.kmec); rename the file to see its errors"),)
+
+
+def read_spec_text(path: str | os.PathLike[str], *,
+                   root: str | os.PathLike[str] | None = None) -> str:
+    """A spec file's text, read under the rules of :mod:`kmec.grammar.files`.
+
+    The file must be a regular file of at most ``MAX_SPEC_BYTES``; when it is
+    reached through a symbolic link, the file linked to must also be a
+    ``.kmec`` file under the root, and not hidden (a committed link to
+    ``/proc/self/environ`` or ``.env`` is not read).
+
+    Raises:
+        SpecError: missing, refused or unreadable, located at the file.
+    """
     name = os.fspath(path)
+    hint: str | None = None
     try:
-        return _read(name)
+        real = os.path.realpath(name)
+        if real != os.path.abspath(name) and os.path.exists(name):
+            base = Path(os.path.abspath(name))
+            confine(base.parent, base.name, _root(name, root), "spec file")
+            if not real.endswith(".kmec"):
+                raise FileRefused(f"spec file {name} is a symbolic link to {real}, which is "
+                                  "not a .kmec file", "link only to spec files (*.kmec)")
+        return read_text_file(name, limit=MAX_SPEC_BYTES, what="spec file")
+    except FileRefused as e:
+        message, hint = e.message, e.hint
+        if message.startswith(f"spec file {name} is a folder"):
+            message, hint = f"{name} is a folder, not a spec file", "pass a .kmec file"
     except FileNotFoundError:
         message, hint = f"spec file not found: {name}", "check the path"
-    except IsADirectoryError:
-        message, hint = f"{name} is a folder, not a spec file", "pass a .kmec file"
     except UnicodeDecodeError as e:
-        message, hint = f"{name} is not UTF-8 text ({e.reason} at byte {e.start})", None
-    except OSError as e:
-        message, hint = f"cannot read {name}: {e.strerror or e}", None
+        message = f"{name} is not UTF-8 text ({e.reason} at byte {e.start})"
+    except (OSError, ValueError) as e:
+        message = f"cannot read {name}: {getattr(e, 'strerror', None) or e}"
     raise SpecError([Diagnostic(Span(file=name), message, hint)])
 
 
@@ -304,14 +357,19 @@ def parse(text: str, *, path: str = "<string>", includes: bool = True) -> Spec:
     return _raise_or_return([analyze(text, path=path, includes=includes)])[0]
 
 
-def parse_file(path: str | os.PathLike[str]) -> Spec:
-    """Parse and check a spec file (see :func:`parse`); a missing file is a SpecError."""
-    return _raise_or_return([analyze_file(path)])[0]
+def parse_file(path: str | os.PathLike[str], *,
+               root: str | os.PathLike[str] | None = None) -> Spec:
+    """Parse and check a spec file (see :func:`parse`); a missing file is a SpecError.
+
+    ``root`` confines the files the spec may read (see :mod:`kmec.grammar.files`).
+    """
+    return _raise_or_return([analyze_file(path, root=root)])[0]
 
 
-def parse_many(paths: Iterable[str | os.PathLike[str]]) -> list[Spec]:
+def parse_many(paths: Iterable[str | os.PathLike[str]], *,
+               root: str | os.PathLike[str] | None = None) -> list[Spec]:
     """Parse and check several spec files; one SpecError carries the errors of all."""
-    return _raise_or_return([analyze_file(p) for p in paths])
+    return _raise_or_return([analyze_file(p, root=root) for p in paths])
 
 
 def spec_files(folder: str | os.PathLike[str]) -> list[Path]:
@@ -321,15 +379,17 @@ def spec_files(folder: str | os.PathLike[str]) -> list[Path]:
                   if not any(part.startswith(".") for part in p.relative_to(root).parts[:-1]))
 
 
-def analyze_dir(folder: str | os.PathLike[str]) -> list[Analysis]:
+def analyze_dir(folder: str | os.PathLike[str], *,
+                root: str | os.PathLike[str] | None = None) -> list[Analysis]:
     """Analyses of the specs under ``folder``, leaving out files that others there include."""
     files = spec_files(folder)
-    results = [analyze_file(p) for p in files]
+    results = [analyze_file(p, root=root) for p in files]
     included = {os.path.realpath(f) for a in results for f in a.files[1:]}
     return [a for p, a in zip(files, results) if os.path.realpath(p) not in included]
 
 
-def parse_dir(folder: str | os.PathLike[str]) -> list[Spec]:
+def parse_dir(folder: str | os.PathLike[str], *,
+              root: str | os.PathLike[str] | None = None) -> list[Spec]:
     """Parse and check every spec under ``folder`` (see :func:`spec_files`).
 
     A file included by another file in the folder is part of that spec, not a
@@ -338,27 +398,51 @@ def parse_dir(folder: str | os.PathLike[str]) -> list[Spec]:
     if not Path(folder).is_dir():
         raise SpecError([Diagnostic(Span(file=os.fspath(folder)),
                                     f"not a folder: {os.fspath(folder)}")])
-    return _raise_or_return(analyze_dir(folder))
+    return _raise_or_return(analyze_dir(folder, root=root))
 
 
-def subjects_of(spec: Spec, relation: Relation) -> tuple[str, ...]:
+def subjects_of(spec: Spec, relation: Relation, *,
+                root: str | os.PathLike[str] | None = None) -> tuple[str, ...]:
     """A relation's subjects: the inline ones, then the lines of its ``subjects from`` file.
 
-    The file is read relative to the spec's folder; blank lines and lines
-    starting with ``#`` are skipped; repeated subjects are kept once.
+    The file is read relative to the spec's folder, under the rules of
+    :mod:`kmec.grammar.files` (confined to ``root``, default the spec's
+    repository); blank lines and lines starting with ``#`` are skipped;
+    repeated subjects are kept once.
 
     Raises:
-        SpecError: the file cannot be read.
+        SpecError: the file is refused or cannot be read (the message names
+            the file and the reason, never its contents).
     """
     found = list(relation.subjects)
     if relation.subjects_file:
-        base = Path(spec.source).parent if spec.source else Path(".")
-        path = base / relation.subjects_file
-        try:
-            text = _read(path)
-        except (OSError, ValueError) as e:
-            at = relation.span or Span(file=spec.source or "<string>")
-            raise SpecError([Diagnostic(at, f"cannot read subjects file {path}: {e}")]) from e
+        text = read_subjects_file(spec, relation, root=root)
         found += [s.strip() for s in text.splitlines()
                   if s.strip() and not s.lstrip().startswith("#")]
     return tuple(dict.fromkeys(found))
+
+
+def read_subjects_file(spec: Spec, relation: Relation, *,
+                       root: str | os.PathLike[str] | None = None) -> str:
+    """The text of ``relation``'s ``subjects from`` file (see :func:`subjects_of`).
+
+    Raises:
+        SpecError: refused, missing or unreadable.
+    """
+    name = relation.subjects_file or ""
+    base = Path(spec.source).parent if spec.source else Path(".")
+    at = relation.span or Span(file=spec.source or "<string>")
+    hint = None
+    try:
+        path = confine(base, name, _root(spec.source or "<string>", root), "subjects file")
+        return read_text_file(path, limit=MAX_SUBJECTS_BYTES, what="subjects file")
+    except FileRefused as e:
+        message, hint = e.message, e.hint
+    except FileNotFoundError:
+        message = f"subjects file {name!r} not found"
+        hint = f"looked in {base}; paths are relative to the spec's folder"
+    except UnicodeDecodeError as e:
+        message = f"subjects file {name!r} is not UTF-8 text ({e.reason} at byte {e.start})"
+    except OSError as e:
+        message = f"cannot read subjects file {name!r}: {e.strerror or e}"
+    raise SpecError([Diagnostic(at, message, hint)])

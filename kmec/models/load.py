@@ -293,6 +293,34 @@ def _folder_stamp(path: Path) -> str:
     return sha256_text(str(path.resolve()) + "|" + "|".join(parts))
 
 
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(folder: Path) -> None:
+    """Refuse a model folder whose weights are only in pickle files.
+
+    kmec loads weights from safetensors only: unpickling a ``pytorch_model.bin``
+    can run code that the file carries (even torch's ``weights_only`` loader
+    is a guard, not a format), and model folders come from anywhere.
+
+    Raises:
+        ModelError: the folder has pickle weights and no ``*.safetensors``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    names = [f.name for f in folder.iterdir() if f.is_file()]
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = sorted(n for n in names if n.endswith(_PICKLE_WEIGHTS))
+    if pickles:
+        raise ModelError(
+            f"{folder} holds its weights only in pickle files ({', '.join(pickles[:3])}); kmec "
+            "loads safetensors only, because loading a pickle file can run code it carries",
+            hint="convert the folder where you trust its source: load it with transformers "
+            "and save_pretrained(DIR) (safetensors is the default), then pass DIR")
+
+
 def fingerprint_folder(path: Path, *, use_cache: bool = True) -> str:
     """Fingerprint of the model in a folder, cached by the folder's file stamps."""
     path = Path(path)
@@ -301,11 +329,12 @@ def fingerprint_folder(path: Path, *, use_cache: bool = True) -> str:
         return cache.read_text().strip()
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    require_safetensors(path)
     config = AutoConfig.from_pretrained(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     except ValueError:
-        model = AutoModel.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, use_safetensors=True)
     fp = fingerprint_model(model)
     if use_cache:
         atomic_write_text(cache, fp + "\n")
@@ -375,10 +404,13 @@ def load_model(ref: str | ModelRef, *, dtype: str = "float32", device: str = "cp
         torch_dtype = getattr(torch, dtype)
     except AttributeError:
         raise ModelError(f"unknown dtype {dtype!r}", hint="use float32, bfloat16 or float16") from None
+    if ref.path is not None:
+        require_safetensors(ref.path)
     local_only = ref.kind == "hub" and not _hub_reachable()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
-                                                     local_files_only=local_only)
+                                                     local_files_only=local_only,
+                                                     use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except OSError as e:
         if ref.kind == "hub":
@@ -410,8 +442,10 @@ def load_embedder(ref: str = "minilm", *, device: str = "cpu") -> tuple[Any, Any
 
     r = resolve_ref(ref)
     source = str(r.path) if r.path is not None else r.text
+    if r.path is not None:
+        require_safetensors(r.path)
     try:
-        model = AutoModel.from_pretrained(source).to(device).eval()
+        model = AutoModel.from_pretrained(source, use_safetensors=True).to(device).eval()
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load embedding model {ref!r}: {_short(e)}",

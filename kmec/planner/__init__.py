@@ -83,7 +83,7 @@ def plan(
 
         backends = BACKENDS
     if kmec_version is None:
-        from kmec import __version__ as kmec_version
+        from kmec._version import __version__ as kmec_version
     draft = Draft(spec=spec, backends=dict(backends), editors=frozenset(editors),
                   kmec_version=kmec_version)
     for step in PASSES:

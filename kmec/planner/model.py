@@ -80,12 +80,18 @@ class Cost(_Frozen):
 
 
 class Step(_Frozen):
-    """One backend call."""
+    """One backend call.
+
+    ``writes`` names every parameter the step may change (empty for the
+    external memories, which change none): an artifact whose payloads touch
+    any other parameter is refused (:func:`kmec.artifacts.check_against_plan`).
+    """
 
     id: str
     backend: str
     edits: tuple[EditRequest, ...]
     layers: tuple[int, ...] = ()
+    writes: tuple[str, ...] = ()
     params: dict[str, Any] = Field(default_factory=dict)
     needs_stats: StatsRequest | None = None
     reasons: tuple[Reason, ...] = ()

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from kmec.errors import VerifyError
-from kmec.grammar.templates import is_template, render
+from kmec.grammar.templates import render
 from kmec.planner.model import EditRequest, Plan
 from kmec.spec import Claim, PromptEdit, Spec, TripleEdit
 
@@ -95,12 +95,8 @@ def _reverse(spec: Spec, edit: TripleEdit | PromptEdit) -> tuple[Probe, ...]:
 
 
 def _portability(edit: TripleEdit | PromptEdit) -> tuple[Probe, ...]:
-    subject = edit.subject if isinstance(edit, TripleEdit) else (edit.subject or "")
-    out = []
-    for p in edit.portability:
-        prompt = render(p.prompt, subject=subject) if is_template(p.prompt) else p.prompt
-        out.append(Probe(prompt=prompt, target=p.target))
-    return tuple(out)
+    """The edit's portability probes, used as written (they are not templates)."""
+    return tuple(Probe(prompt=p.prompt, target=p.target) for p in edit.portability)
 
 
 def _request_from_spec(spec: Spec, edit: TripleEdit | PromptEdit) -> EditRequest:

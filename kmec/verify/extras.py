@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kmec.artifacts import Artifact, apply, audit
@@ -98,7 +99,8 @@ def step_scores(base: Any, tok: Any, cases: Sequence[Case], artifact: Artifact |
     return out
 
 
-def plus_items(spec: Spec, cases: Sequence[Case]) -> list[tuple[str, str]]:
+def plus_items(spec: Spec, cases: Sequence[Case], *,
+               root: str | Path | None = None) -> list[tuple[str, str]]:
     """``(edit, "<edit prompt> <new>. <neighbour prompt>")`` for up to
     :data:`PLUS_NEIGHBOURS` neighbours per edit (unedited subjects of its
     relation, or general questions for free-form edits)."""
@@ -108,7 +110,7 @@ def plus_items(spec: Spec, cases: Sequence[Case]) -> list[tuple[str, str]]:
         neighbours: list[str] = []
         if rel is not None:
             edited = {c.subject for c in cases if c.relation == rel.name}
-            subjects = [s for s in subjects_of(spec, rel) if s not in edited]
+            subjects = [s for s in subjects_of(spec, rel, root=root) if s not in edited]
             neighbours = [render(rel.prompt, subject=s) for s in subjects[:PLUS_NEIGHBOURS]]
         if not neighbours:
             neighbours = list(canaries.GENERAL_QUESTIONS[:PLUS_NEIGHBOURS])

@@ -12,6 +12,7 @@ Contents:
 from __future__ import annotations
 
 import math
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,19 +22,77 @@ import jinja2
 from markupsafe import Markup, escape
 
 from kmec.hashing import atomic_write_text, canonical_json
+from kmec.outputs import OutputError
 from kmec.verify.report import Report
 
-_ENV = jinja2.Environment(
+
+class _MdRaw(str):
+    """Markdown the template itself built (a code span): :func:`md_escape` leaves it as is."""
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}()#+!|~-])")
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def md_escape(value: Any) -> str:
+    """A value as inert Markdown text: HTML special characters become entities,
+    Markdown punctuation is backslash-escaped, line breaks become ``↵``.
+
+    Every value a report template prints goes through it (jinja2's
+    ``finalize``), so a prompt cannot add a heading (``# kmec verify: PASS``),
+    open an HTML comment that hides the rest, or break a table.
+
+    >>> md_escape("# PASS <!-- x")
+    '\\# PASS &lt;!\\-\\- x'
+    """
+    if isinstance(value, _MdRaw):
+        return str(value)
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ↵ ")
+    return _MD_SPECIAL.sub(r"\\\1", _XML_INVALID.sub("", text))
+
+
+def md_code(value: Any) -> _MdRaw:
+    """A value as a Markdown code span that no backtick, pipe or line break can end early."""
+    text = _XML_INVALID.sub("", str(value)).replace("\r", " ").replace("\n", " ↵ ")
+    text = text.replace("|", "\\|")  # GitHub tables split cells on | even inside code
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return _MdRaw(f"{fence}{pad}{text}{pad}{fence}")
+
+
+def xml_text(value: Any) -> str:
+    """Text XML 1.0 can hold (control characters other than tab and newlines dropped)."""
+    return _XML_INVALID.sub("", str(value))
+
+
+def _filters(env: jinja2.Environment) -> jinja2.Environment:
+    env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
+    env.filters["num"] = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"
+    env.filters["g"] = lambda v: "–" if v is None else f"{v:.3g}"
+    env.filters["code"] = md_code
+    return env
+
+
+_ENV = _filters(jinja2.Environment(
     loader=jinja2.PackageLoader("kmec.verify", "templates"),
     autoescape=jinja2.select_autoescape(["html", "html.j2"]),
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
     keep_trailing_newline=True,
-)
-_ENV.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
-_ENV.filters["num"] = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"
-_ENV.filters["g"] = lambda v: "–" if v is None else f"{v:.3g}"
+))
+# Markdown: every printed value is escaped (finalize), code spans built with `| code`
+_MD_ENV = _filters(jinja2.Environment(
+    loader=jinja2.PackageLoader("kmec.verify", "templates"),
+    autoescape=False,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+    finalize=md_escape,
+))
 
 
 def _finite(value: Any) -> Any:
@@ -58,24 +117,28 @@ def to_junit(report: Report) -> str:
     for r in report.claims:
         suite = suites.get(r.claim)
         if suite is None:
-            suite = suites[r.claim] = ET.SubElement(root, "testsuite", name=f"kmec.{r.claim}")
-        case = ET.SubElement(suite, "testcase", classname=f"kmec.{r.claim}", name=r.edit)
+            suite = suites[r.claim] = ET.SubElement(root, "testsuite",
+                                                    name=xml_text(f"kmec.{r.claim}"))
+        case = ET.SubElement(suite, "testcase", classname=xml_text(f"kmec.{r.claim}"),
+                             name=xml_text(r.edit))
         if r.status == "n/a":
-            ET.SubElement(case, "skipped", message=r.note)
+            ET.SubElement(case, "skipped", message=xml_text(r.note))
         elif r.status == "fail":
-            f = ET.SubElement(case, "failure", message=f"{r.claim} = {r.score} < {r.threshold:g}",
+            f = ET.SubElement(case, "failure",
+                              message=xml_text(f"{r.claim} = {r.score} < {r.threshold:g}"),
                               type="ClaimViolated")
             lines = [f"{p.kind}: {p.prompt!r} value {p.value}" for p in r.probes if not p.ok][:20]
             if r.counterexample is not None:
                 c = r.counterexample
                 lines.insert(0, f"minimal counterexample ({c.source}): {c.prompt!r}: {c.why}")
-            f.text = "\n".join(lines)
+            f.text = xml_text("\n".join(lines))
     extra = ET.SubElement(root, "testsuite", name="kmec.checks")
     case = ET.SubElement(extra, "testcase", classname="kmec.checks", name="audit")
     if not report.audit.ran:
-        ET.SubElement(case, "skipped", message=report.audit.summary)
+        ET.SubElement(case, "skipped", message=xml_text(report.audit.summary))
     elif not report.audit.ok:
-        ET.SubElement(case, "failure", message=report.audit.summary, type="AuditFailed")
+        ET.SubElement(case, "failure", message=xml_text(report.audit.summary),
+                      type="AuditFailed")
     case = ET.SubElement(extra, "testcase", classname="kmec.checks", name="capability")
     if not report.capability.ran:
         ET.SubElement(case, "skipped", message="no locality claim")
@@ -152,7 +215,7 @@ def _context(report: Report) -> dict[str, Any]:
 
 def to_markdown(report: Report) -> str:
     """The report as Markdown (for CI summaries and code review)."""
-    return _ENV.get_template("report.md.j2").render(**_context(report))
+    return _MD_ENV.get_template("report.md.j2").render(**_context(report))
 
 
 def to_html(report: Report) -> str:
@@ -168,8 +231,12 @@ def write_reports(report: Report, folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     out = {"json": folder / "report.json", "junit": folder / "junit.xml",
            "markdown": folder / "report.md", "html": folder / "report.html"}
-    atomic_write_text(out["json"], to_json(report))
-    atomic_write_text(out["junit"], to_junit(report))
-    atomic_write_text(out["markdown"], to_markdown(report))
-    atomic_write_text(out["html"], to_html(report))
+    texts = {"json": to_json(report), "junit": to_junit(report),
+             "markdown": to_markdown(report), "html": to_html(report)}
+    try:
+        for key, text in texts.items():
+            atomic_write_text(out[key], text)
+    except OSError as e:
+        raise OutputError(f"cannot write the reports to {folder}: {e.strerror or e}",
+                          hint="choose a folder you can write to (--report-dir)") from None
     return out

@@ -35,7 +35,7 @@ from typing import Any
 
 from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 
-from kmec import __version__
+from kmec._version import __version__
 from kmec.artifacts import Artifact
 from kmec.errors import VerifyError
 from kmec.hashing import sha256_text
@@ -104,7 +104,8 @@ class _Run:
 
     def __init__(self, spec: Spec, plan: Plan | None, base: Any, edited: Any, tok: Any, seed: int,
                  max_examples: int | None, db: ExampleDatabase | None,
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, root: str | Path | None = None) -> None:
+        self.root = root
         self.spec, self.plan, self.base, self.edited, self.tok = spec, plan, base, edited, tok
         self.seed, self.max_examples, self.db = seed, max_examples, db
         self.progress = progress or (lambda _s, _d, _t: None)
@@ -130,7 +131,8 @@ class _Run:
         loc = [(i, c, d) for i, (c, d) in enumerate(self.claims) if c.metric == "locality"]
         for n_done, (ci, claim, declared) in enumerate(loc):
             for case in self.cases:
-                space = neighbour_space(self.spec, case, claim, self.cases, excluded)
+                space = neighbour_space(self.spec, case, claim, self.cases, excluded,
+                                        root=self.root)
                 label = f"{ci}:{claim_label(claim)}"
                 job = _Job(ci, claim, declared, case, space, key=f"{case.name}|{label}|{space.digest}",
                            seed_value=_seed_for(self.seed, case.name, label),
@@ -264,7 +266,7 @@ def _failures(results: list[ClaimResult], audit: AuditSection, cap: CapabilitySe
 def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, tok: Any, *,
            seed: int | None = None, max_examples: int | None = None,
            db_dir: str | Path | None = None, progress: Progress | None = None,
-           artifact: Artifact | None = None) -> Report:
+           artifact: Artifact | None = None, root: str | Path | None = None) -> Report:
     """Check every claim of ``spec`` on ``edited_model`` against ``base_model``.
 
     Args:
@@ -278,6 +280,8 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
         progress: ``progress(stage, done, total)``.
         artifact: the artifact; enables the weight-diff audit, retention and
             relative scalability.
+        root: the folder ``subjects from`` files must lie under (default: the
+            spec's repository, see :mod:`kmec.grammar.files`).
 
     Returns:
         The :class:`Report`; ``report.exit_code`` is 0 when every claim holds, else 1.
@@ -288,13 +292,13 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
     t_start = time.perf_counter()
     db = DirectoryBasedExampleDatabase(str(db_dir)) if db_dir is not None else None
     run = _Run(spec, plan, base_model, edited_model, tok, spec.seed if seed is None else seed,
-               max_examples, db, progress)
+               max_examples, db, progress, root)
     jobs = run.locality_jobs()
     t0 = time.perf_counter()
     items = run.probe_items() + [Item(d.prompt) for j in jobs for d in j.draws]
     if jobs:
         items += [Item(q) for q in canaries.GENERAL_QUESTIONS]
-    plus = plus_items(spec, run.cases)
+    plus = plus_items(spec, run.cases, root=root)
     items += [Item(p) for _, p in plus]
     run.cache.prefetch(items, progress=run.progress)
     run.timed("scoring_s", t0)

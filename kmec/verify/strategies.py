@@ -37,6 +37,7 @@ import contextlib
 import unittest
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis import strategies as st
@@ -94,12 +95,12 @@ def _forward_only(templates: Sequence[str]) -> tuple[str, ...]:
 
 
 def neighbour_space(spec: Spec, case: Case, claim: Claim, cases: Sequence[Case],
-                    excluded: frozenset[str]) -> NeighbourSpace:
+                    excluded: frozenset[str], *, root: str | Path | None = None) -> NeighbourSpace:
     """The neighbourhood of ``case`` for a locality ``claim``.
 
     The relation is ``claim.neighbours_of`` or the edit's own; its subjects
     are the inline ones and those of its ``subjects from`` file (read relative
-    to ``spec.source``). Subjects edited under that relation (by any edit of
+    to ``spec.source``, confined to ``root``). Subjects edited under that relation (by any edit of
     the spec) are left out: they are meant to change.
 
     Raises:
@@ -115,7 +116,7 @@ def neighbour_space(spec: Spec, case: Case, claim: Claim, cases: Sequence[Case],
     subjects: tuple[str, ...] = ()
     if rel is not None:
         templates = _forward_only((rel.prompt, *rel.paraphrases))
-        listed = subjects_of(spec, rel)
+        listed = subjects_of(spec, rel, root=root)
         edited = {c.subject for c in cases if c.relation == rel.name}
         subjects = tuple(s for s in dict.fromkeys(listed) if s not in edited and s != case.subject)
     subject_prompts: tuple[str, ...] = ()

@@ -36,8 +36,10 @@ def test_unknown_variable_and_syntax_error() -> None:
 
 
 def test_sandbox_blocks_internals() -> None:
-    with pytest.raises(SpecError, match="sandbox|undefined"):
+    with pytest.raises(SpecError, match="may not use function calls"):
         render("{{ subject.__class__.__mro__[1].__subclasses__() }}", subject="x")
+    with pytest.raises(SpecError, match="may not use attribute access"):
+        render("{{ subject.__class__ }}", subject="x")
 
 
 def test_no_html_escaping() -> None:
@@ -46,7 +48,7 @@ def test_no_html_escaping() -> None:
 
 def test_inspect() -> None:
     assert inspect("{{ subject }} and {{ object | upper }}").variables == {"subject", "object"}
-    assert inspect("{% for x in y %}{{ x }}{% endfor %}").variables == {"y"}
+    assert "loops" in (inspect("{% for x in y %}{{ x }}{% endfor %}").error or "")
     assert inspect("{{ subject }").error is not None
     assert is_template("{# note #} x") and not is_template("a { b } c")
 

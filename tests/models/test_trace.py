@@ -226,7 +226,7 @@ def test_cli_prompt_writes_out_dir_and_caches(tiny_cli, tmp_path, capsys):
     printed = capsys.readouterr()
     assert "@ 'France'" in printed.out and "mlp w10" in printed.out
     assert "peak layer" in printed.out and "planner defaults for tiny" in printed.out
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != ".kmec-output")
     assert names == ["00-the-capital-of-france-is-hidden.svg", "00-the-capital-of-france-is-mlp.svg",
                      "index.html", "index.md", "mean.svg", "traces.json"]
     data = json.loads((out / "traces.json").read_text())

@@ -20,6 +20,7 @@ from kmec.backends.base import LowRank
 from kmec.models.facts import facts_from_config
 from kmec.models.hooks import Trace
 from kmec.models.load import fingerprint_model
+from kmec.planner.draft import spec_hash
 from kmec.planner.model import EditRequest, Plan, Step
 from kmec.spec import Claim, Relation, Spec, TripleEdit
 from kmec.verify import canaries
@@ -61,8 +62,9 @@ def make_plan(spec: Spec, fingerprint: str) -> Plan:
     e = spec.edits[0]
     req = EditRequest(name=e.name, prompt=PROMPT, subject="France", target_new=e.new,
                       target_old=e.old, scope=("France's capital is ",))
-    step = Step(id="s00-rome", backend="rome", edits=(req,), layers=(LAYER,))
-    return Plan(kmec_version="0.1.0", spec_hash="0" * 64, model="tiny", model_fingerprint=fingerprint,
+    step = Step(id="s00-rome", backend="rome", edits=(req,), layers=(LAYER,), writes=(PARAM,))
+    return Plan(kmec_version="0.1.0", spec_hash=spec_hash(spec), model="tiny",
+                model_fingerprint=fingerprint,
                 model_arch="LlamaForCausalLM", seed=spec.seed, order="batch", steps=(step,))
 
 
@@ -164,3 +166,57 @@ def edited_copy(model: Any, artifact: Artifact, fingerprint: str) -> Any:
     edited = copy.deepcopy(model)
     apply(artifact, edited, fingerprint=fingerprint)
     return edited
+
+
+# ---------------------------------------------------------------- builds for CLI tests
+
+CLAIMS = (Claim(metric="efficacy", threshold=1.0),
+          Claim(metric="locality", threshold=0.9, sample=30, kl=0.05))
+
+
+@pytest.fixture()
+def tiny_loader(setup, monkeypatch):
+    """``load_model`` returns a copy of the tiny model, whatever the reference."""
+    from kmec.models.load import LoadedModel, ModelRef
+
+    def load(ref, **_):
+        return LoadedModel(model=copy.deepcopy(setup.model), tok=setup.tok, facts=setup.facts,
+                           ref=ModelRef(str(ref), "folder", None))
+
+    monkeypatch.setattr("kmec.models.load.load_model", load)
+
+
+def write_build(setup, tmp_path, payloads):
+    """A build directory as kmec compile writes it, for the tiny model and ``payloads``."""
+    from kmec.artifacts import save_artifact
+    from kmec.hashing import canonical_json
+
+    spec = make_spec(setup.old, setup.new, CLAIMS)
+    plan = make_plan(spec, setup.fingerprint)
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "plan.json").write_text(plan.to_json())
+    (build / "spec.json").write_text(canonical_json(spec.model_dump(mode="json")))
+    art = artifact_of(payloads, setup.fingerprint, plan)
+    (build / "build.json").write_text(canonical_json({
+        "spec_path": str(tmp_path / "spec.kmec"), "model": "tiny", "plan_hash": plan.sha256,
+        "kmec_version": "0.1.0", "artifact_sha256": art.manifest.sha256}))
+    save_artifact(art, build / "artifact")
+    return build, art
+
+
+def cli(*args) -> int:
+    """Run the kmec CLI in-process; its exit code."""
+    from kmec.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    return e.value.code
+
+
+@pytest.fixture(scope="module")
+def good(setup):
+    """A rank-one payload that makes the edit and leaves every checked prompt alone."""
+    spec = make_spec(setup.old, setup.new, CLAIMS)
+    avoid = checked_prompts(spec, make_plan(spec, setup.fingerprint))
+    return targeted(setup.model, setup.tok, avoid, setup.new, setup.old)

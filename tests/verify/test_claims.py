@@ -22,7 +22,7 @@ REL = Relation(name="capital", prompt="The capital of {{ subject }} is",
 EDITS = (
     TripleEdit(name="kz", subject="Kazakhstan", relation="capital", old="Astana", new="Almaty",
                expect_reversal=True, preserve=("The capital of Russia is",),
-               portability=(Probe(prompt="The currency used in the capital of {{ subject }} is",
+               portability=(Probe(prompt="The currency used in the capital of Kazakhstan is",
                                   target="tenge"),)),
     PromptEdit(name="cup", prompt="The 2022 World Cup was won by", target="France",
                scope=("Who won the 2022 World Cup?",)),
@@ -53,6 +53,7 @@ def test_cases_from_plan_skip_inverse_edits():
     assert [p.prompt for p in kz.generality] == ["Kazakhstan's capital city is"]
     assert kz.reversal[0].prompt == "Almaty is the capital of" and kz.reversal[0].target == "Kazakhstan"
     assert kz.portability[0].prompt == "The currency used in the capital of Kazakhstan is"
+
     assert kz.preserve == ("The capital of Russia is",)
     assert cup.kind == "prompt" and cup.reversal == ()
 
@@ -89,3 +90,12 @@ def test_labels_defaults_and_scope():
     assert {"The capital of Kazakhstan is", "Almaty is the capital of",
             "Who won the 2022 World Cup?"} <= scope
     assert "The capital of Russia is" not in scope
+
+
+def test_portability_prompts_are_used_as_written():
+    """They are not templates (docs/language.md): markup stays text, nothing is evaluated."""
+    odd = EDITS[0].model_copy(update={"portability": (
+        Probe(prompt="{{ range(5)|list }} {{ lipsum() }}", target="x"),)})
+    spec = SPEC.model_copy(update={"edits": (odd, *EDITS[1:])})
+    kz = build_cases(spec, None)[0]
+    assert kz.portability[0].prompt == "{{ range(5)|list }} {{ lipsum() }}"

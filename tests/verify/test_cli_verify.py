@@ -2,67 +2,22 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
-import pytest
 import torch
 
 from kmec.artifacts import save_artifact
 from kmec.backends.base import LowRank
-from kmec.cli import main
-from kmec.hashing import canonical_json
-from kmec.models.load import LoadedModel, ModelRef
-from kmec.spec import Claim
 from tests.verify.conftest import (
+    CLAIMS,
     PARAM,
     artifact_of,
-    checked_prompts,
+    cli,
     edited_copy,
     make_plan,
     make_spec,
-    targeted,
+    write_build,
 )
-
-CLAIMS = (Claim(metric="efficacy", threshold=1.0),
-          Claim(metric="locality", threshold=0.9, sample=30, kl=0.05))
-
-
-@pytest.fixture()
-def tiny_loader(setup, monkeypatch):
-    def load(ref, **_):
-        return LoadedModel(model=copy.deepcopy(setup.model), tok=setup.tok, facts=setup.facts,
-                           ref=ModelRef(str(ref), "folder", None))
-
-    monkeypatch.setattr("kmec.models.load.load_model", load)
-
-
-def write_build(setup, tmp_path, payloads):
-    spec = make_spec(setup.old, setup.new, CLAIMS)
-    plan = make_plan(spec, setup.fingerprint)
-    build = tmp_path / "build"
-    build.mkdir()
-    (build / "plan.json").write_text(plan.to_json())
-    (build / "spec.json").write_text(canonical_json(spec.model_dump(mode="json")))
-    (build / "build.json").write_text(canonical_json({
-        "spec_path": str(tmp_path / "spec.kmec"), "model": "tiny", "plan_hash": plan.sha256,
-        "kmec_version": "0.1.0"}))
-    art = artifact_of(payloads, setup.fingerprint, plan)
-    save_artifact(art, build / "artifact")
-    return build, art
-
-
-def cli(*args) -> int:
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    return e.value.code
-
-
-@pytest.fixture(scope="module")
-def good(setup):
-    spec = make_spec(setup.old, setup.new, CLAIMS)
-    avoid = checked_prompts(spec, make_plan(spec, setup.fingerprint))
-    return targeted(setup.model, setup.tok, avoid, setup.new, setup.old)
 
 
 def test_verify_passes_with_exit_0_and_writes_reports(setup, tmp_path, tiny_loader, good, capsys):
@@ -71,7 +26,7 @@ def test_verify_passes_with_exit_0_and_writes_reports(setup, tmp_path, tiny_load
     out = capsys.readouterr().out
     assert "PASS" in out and "all 4 checks hold" in out
     names = sorted(p.name for p in (build / "report").iterdir())
-    assert names == ["junit.xml", "report.html", "report.json", "report.md"]
+    assert names == [".kmec-output", "junit.xml", "report.html", "report.json", "report.md"]
 
 
 def test_verify_violation_exits_1_naming_the_claim(setup, tmp_path, tiny_loader, capsys):

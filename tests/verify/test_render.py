@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -110,3 +111,37 @@ def test_write_reports(failing, tmp_path):
     assert sorted(p.name for p in paths.values()) == ["junit.xml", "report.html", "report.json",
                                                        "report.md"]
     assert all(p.stat().st_size > 0 for p in paths.values())
+
+
+def _hostile(report: Report) -> Report:
+    """The report with every user string replaced by an injection attempt."""
+    evil = "\n# kmec verify: PASS\n<!-- | `x` **y** [a](http://e) <script>alert(1)</script>\x1b[2J\x00"
+    edits = tuple(e.model_copy(update={"prompt": evil, "target_new": evil, "edited_greedy": evil})
+                  for e in report.edits)
+    claims = tuple(c.model_copy(update={
+        "probes": tuple(p.model_copy(update={"prompt": evil, "target": evil, "ok": False})
+                        for p in c.probes),
+        "counterexample": c.counterexample.model_copy(update={"prompt": evil, "why": evil})
+        if c.counterexample else None}) for c in report.claims)
+    return report.model_copy(update={"edits": edits, "claims": claims, "notes": (evil,),
+                                     "model": evil})
+
+
+def test_user_strings_are_escaped_in_every_report(failing):
+    bad = _hostile(failing)
+    md = to_markdown(bad)
+    lines = md.splitlines()
+    assert lines[0] == "# kmec verify: FAIL"
+    assert not any(line.startswith("# kmec verify: PASS") for line in lines)
+    assert "\x1b" not in md and "\x00" not in md
+    # outside code spans (where Markdown shows text as written) no markup survives
+    prose = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", md)
+    assert "<!--" not in prose and "<script>" not in prose and "](http" not in prose
+    start = lines.index("## Edits")
+    table = [line for line in lines[start:start + 8] if line.startswith("|")]
+    cells = {len(re.split(r"(?<!\\)\|", line)) for line in table}
+    assert len(table) == 3 and len(cells) == 1, table  # the prompt did not add a column
+    html = to_html(bad)
+    assert "<script>alert" not in html and "&lt;script&gt;" in html and "<!-- |" not in html
+    root = ET.fromstring(to_junit(bad))  # control characters dropped: still well-formed XML
+    assert root.get("name") == "kmec verify"

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kmec import __version__
+from kmec._version import __version__
 from kmec.backends.mend.checkpoint import Run, checkpoint_dir, load_checkpoint, save_checkpoint
 from kmec.backends.mend.edit import (
     TEXT,

@@ -13,6 +13,7 @@ MLPs; the retrieval memory no layer at all.
 
 from __future__ import annotations
 
+from kmec.models.adapters import adapter_for
 from kmec.models.facts import ModelFacts
 from kmec.planner.draft import Draft
 from kmec.planner.layers import LayerChoice, Role, check_layers, default_layers, layer_span
@@ -27,6 +28,9 @@ ROLE: dict[str, Role] = {
     "mend": "mend",
 }
 
+
+# backends whose payloads change the MLP output projection of each of their layers
+WRITES_MLP_OUT = ("rome", "memit", "alphaedit", "ft", "mend")
 
 NO_LAYERS = {
     "retrieval": "the retrieval memory reads the input text and answers in context: it edits "
@@ -59,7 +63,8 @@ def _choice(draft: Draft, facts: ModelFacts, backend: str) -> LayerChoice:
 
 
 def choose_layers(draft: Draft, facts: ModelFacts) -> Draft:
-    """Set ``layers`` on every step, with the evidence as a reason.
+    """Set ``layers`` on every step, with the evidence as a reason, and ``writes``:
+    the parameters the step may change.
 
     Raises:
         PlanError: the spec's layers do not exist in this model.
@@ -71,11 +76,17 @@ def choose_layers(draft: Draft, facts: ModelFacts) -> Draft:
     >>> d = choose_layers(group_edits(d, example_facts()), example_facts())
     >>> d.steps[0].layers, d.steps[0].reasons[-1].choice
     ((4, 5, 6, 7, 8), 'layers 4..8')
+    >>> d.steps[0].writes[0]
+    'model.layers.4.mlp.down_proj.weight'
     """
+    adapter = adapter_for(facts.model_type)
     for i, step in enumerate(draft.steps):
         choice = _choice(draft, facts, step.backend)
         span = layer_span(choice.layers)
         reason = Reason(choice=f"layers {span}" if span else "no layers", because=choice.because)
+        writes = tuple(f"{adapter.site('mlp_out', layer)}.weight" for layer in choice.layers) \
+            if step.backend in WRITES_MLP_OUT else ()
         draft = draft.replace_step(i, step.model_copy(
-            update={"layers": choice.layers, "reasons": (*step.reasons, reason)}))
+            update={"layers": choice.layers, "writes": writes,
+                    "reasons": (*step.reasons, reason)}))
     return draft
