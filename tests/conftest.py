@@ -163,3 +163,103 @@ def real_model():
 
     install_alias("smollm2-135m")
     return load_model("smollm2-135m")
+
+
+class CorpusStats:
+    """Second moments of a tiny model's MLP keys over random token sequences (seeded)."""
+
+    def __init__(self, model, adapter, layers):
+        from kmec.models.hooks import TraceDict
+
+        torch.manual_seed(1)
+        ids = torch.randint(1, 127, (8, 32))
+        paths = [adapter.site("mlp_out", layer) for layer in sorted(layers)]
+        with TraceDict(model, paths, retain_input=True, stop=True) as td:
+            model(ids)
+        self.c = {}
+        for layer, p in zip(sorted(layers), paths):
+            k = td[p].input.reshape(-1, td[p].input.shape[-1]).double()
+            self.c[layer] = (k.T @ k / k.shape[0]).float()
+
+    def second_moment(self, layer):
+        return self.c[layer]
+
+
+def make_tiny_embedder(folder: Path) -> Path:
+    """A random 2-layer BERT with a character WordPiece vocabulary, saved as a model folder
+    (a stand-in for MiniLM in the retrieval backend's tests)."""
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits + ".,!?:'")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *chars, *("##" + c for c in chars)]
+    t = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    t.normalizer = normalizers.Lowercase()
+    t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    t.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                     special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", pad_token="[PAD]",
+                                  cls_token="[CLS]", sep_token="[SEP]")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=128)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- hand-made artifacts
+
+from kmec.artifacts import LowRank, build_artifact
+from kmec.models.adapters import adapter_for
+from kmec.models.load import fingerprint_model
+
+
+def mlp_out_param(model, layer: int = 1) -> str:
+    """The MLP output weight of ``layer`` in ``model``."""
+    return adapter_for(model.config.model_type).site("mlp_out", layer) + ".weight"
+
+
+def rank_one(model, layer: int = 1, seed: int = 0, scale: float = 0.5) -> LowRank:
+    """A hand-made rank-one payload on ``layer``'s MLP output weight."""
+    name = mlp_out_param(model, layer)
+    w = model.get_parameter(name)
+    layout = adapter_for(model.config.model_type).weight_layout
+    d_out, d_in = w.shape if layout == "out_in" else tuple(reversed(w.shape))
+    g = torch.Generator().manual_seed(seed)
+    return LowRank(name, torch.randn(d_out, 1, generator=g), torch.randn(d_in, 1, generator=g),
+                   scale)
+
+
+def artifact_for(model, payloads, *, fingerprint: str | None = None, base_model: str = "tiny"):
+    """An artifact of hand-made ``payloads`` for ``model`` (one step, ``s01-hand``)."""
+    adapter = adapter_for(model.config.model_type)
+    fp = fingerprint if fingerprint is not None else fingerprint_model(model)
+    return build_artifact([("s01-hand", payloads)], base_model=base_model, base_fingerprint=fp,
+                          base_arch=model.config.architectures[0],
+                          weight_layout=adapter.weight_layout, plan_hash="h" * 64)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of every parameter."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_identical(model, snap) -> None:
+    """Every parameter equals its snapshot bit for bit."""
+    params = dict(model.named_parameters())
+    assert params.keys() == snap.keys()
+    for n, p in params.items():
+        assert p.dtype == snap[n].dtype and torch.equal(p, snap[n]), n
+
+
+def kmec_cli(*args, cwd):
+    """``python -m kmec ARGS`` in ``cwd`` (a child process: the real entry point)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.run([sys.executable, "-m", "kmec", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env)

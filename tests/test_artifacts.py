@@ -14,7 +14,6 @@ from kmec.artifacts import (
     MANIFEST,
     apply,
     audit,
-    build_artifact,
     load_artifact,
     save_artifact,
 )
@@ -29,44 +28,15 @@ from kmec.edited import (
     write_edited,
 )
 from kmec.errors import ArtifactError
-from kmec.models.adapters import adapter_for
 from kmec.models.load import fingerprint_model
-from tests.conftest import build_tiny_model
-
-
-def mlp_out_param(model, layer: int = 1) -> str:
-    return adapter_for(model.config.model_type).site("mlp_out", layer) + ".weight"
-
-
-def rank_one(model, layer: int = 1, seed: int = 0, scale: float = 0.5) -> LowRank:
-    """A hand-made rank-one payload on ``layer``'s MLP output weight."""
-    name = mlp_out_param(model, layer)
-    w = model.get_parameter(name)
-    layout = adapter_for(model.config.model_type).weight_layout
-    d_out, d_in = w.shape if layout == "out_in" else tuple(reversed(w.shape))
-    g = torch.Generator().manual_seed(seed)
-    return LowRank(name, torch.randn(d_out, 1, generator=g), torch.randn(d_in, 1, generator=g),
-                   scale)
-
-
-def artifact_for(model, payloads, *, fingerprint: str | None = None, base_model: str = "tiny"):
-    adapter = adapter_for(model.config.model_type)
-    fp = fingerprint if fingerprint is not None else fingerprint_model(model)
-    return build_artifact([("s01-hand", payloads)], base_model=base_model, base_fingerprint=fp,
-                          base_arch=model.config.architectures[0],
-                          weight_layout=adapter.weight_layout, plan_hash="h" * 64)
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def assert_identical(model, snap) -> None:
-    params = dict(model.named_parameters())
-    assert params.keys() == snap.keys()
-    for n, p in params.items():
-        assert p.dtype == snap[n].dtype and torch.equal(p, snap[n]), n
-
+from tests.conftest import (
+    artifact_for,
+    assert_identical,
+    build_tiny_model,
+    mlp_out_param,
+    rank_one,
+    snapshot,
+)
 
 # ---------------------------------------------------------------- apply / revert
 

@@ -15,8 +15,7 @@ from kmec.artifacts import save_artifact
 from kmec.cli import main
 from kmec.edited import BASE_PARAMS, EDIT_RECORD
 from kmec.models.load import fingerprint_model
-from tests.conftest import build_tiny_model
-from tests.test_artifacts import artifact_for, rank_one
+from tests.conftest import artifact_for, build_tiny_model, rank_one
 
 
 def cli(*args) -> int:

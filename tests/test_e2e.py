@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import kmec_cli
 
 SPEC = """\
 model "smollm2-135m"
@@ -33,10 +32,7 @@ claim efficacy >= 0.9
 """
 
 
-def kmec(*args, cwd):
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.run([sys.executable, "-m", "kmec", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env)
+kmec = kmec_cli
 
 
 @pytest.mark.slow

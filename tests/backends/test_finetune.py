@@ -27,7 +27,7 @@ from kmec.planner import plan as make_plan
 from kmec.planner.model import EditRequest, Step
 from kmec.spec import MethodHint, PromptEdit, Spec
 from tests.conftest import SpaceLetterTokenizer, build_tiny_model
-from tests.test_e2e import kmec
+from tests.conftest import kmec_cli as kmec
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "specs" / "examples" / "finetune.kmec"
 

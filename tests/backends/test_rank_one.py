@@ -7,35 +7,15 @@ import torch
 
 from kmec.artifacts import apply, audit, build_artifact
 from kmec.backends import get_backend
-from kmec.backends.base import ExecContext
 from kmec.backends.keys import compute_keys, context_prefixes, subject_position, target_text
 from kmec.backends.linalg import spd_solve
 from kmec.backends.memit import batch_update
 from kmec.backends.rome import rank_one, rank_one_contexts
 from kmec.models.adapters import adapter_for
-from kmec.models.facts import facts_from_config
-from kmec.models.hooks import TraceDict
 from kmec.models.load import fingerprint_model
 from kmec.planner.model import EditRequest, Step
+from tests.backends.conftest import ctx_for
 from tests.conftest import ByteTokenizer, SpaceLetterTokenizer, build_tiny_model
-
-
-class CorpusStats:
-    """Second moments from random token sequences (enough for tiny models)."""
-
-    def __init__(self, model, adapter, layers):
-        torch.manual_seed(1)
-        ids = torch.randint(1, 127, (8, 32))
-        paths = [adapter.site("mlp_out", l) for l in sorted(layers)]
-        with TraceDict(model, paths, retain_input=True, stop=True) as td:
-            model(ids)
-        self.c = {}
-        for l, p in zip(sorted(layers), paths):
-            k = td[p].input.reshape(-1, td[p].input.shape[-1]).double()
-            self.c[l] = (k.T @ k / k.shape[0]).float()
-
-    def second_moment(self, layer):
-        return self.c[layer]
 
 
 def greedy_next(model, tok, prompt):
@@ -55,13 +35,6 @@ def says(model, tok, prompt, target):
             return False
         ids = ids + [t]
     return True
-
-
-def ctx_for(model, tok, layers, tmp_path):
-    adapter = adapter_for(model.config.model_type)
-    facts = facts_from_config(model.config, name="tiny", fingerprint=fingerprint_model(model))
-    return ExecContext(model=model, tok=tok, adapter=adapter, facts=facts,
-                       stats=CorpusStats(model, adapter, layers), cache_dir=tmp_path, seed=0)
 
 
 # In a random tiny model little flows between positions through attention, so the

@@ -11,8 +11,6 @@ character vocabulary stands in (saved to a folder, loaded like any embedder).
 
 from __future__ import annotations
 
-import string
-
 import pytest
 import torch
 
@@ -29,7 +27,7 @@ from kmec.models.facts import facts_from_config
 from kmec.models.load import LoadedModel, ModelRef, fingerprint_model
 from kmec.planner.model import EditRequest, Step
 from kmec.verify.decode import greedy_continuations
-from tests.conftest import SpaceLetterTokenizer, build_tiny_model
+from tests.conftest import SpaceLetterTokenizer, build_tiny_model, make_tiny_embedder
 
 TEMPLATE = "{prompt} {target}\n"
 EDITS = (EditRequest(name="bcc", prompt="The key of bcc", subject="bcc", target_new="Q"),
@@ -39,26 +37,7 @@ OTHERS = ("Hello world", "The door of itg", "The key of zvj")
 
 @pytest.fixture(scope="module")
 def embedder_dir(tmp_path_factory):
-    """A random 2-layer BERT with a character WordPiece vocabulary, as a model folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("embedder")
-    chars = list(string.ascii_lowercase + string.digits + ".,!?:'")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *chars, *("##" + c for c in chars)]
-    t = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    t.normalizer = normalizers.Lowercase()
-    t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    t.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                     special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", pad_token="[PAD]",
-                                  cls_token="[CLS]", sep_token="[SEP]")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=128)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return make_tiny_embedder(tmp_path_factory.mktemp("embedder"))
 
 
 def tiny_lm() -> LoadedModel:

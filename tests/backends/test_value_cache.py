@@ -17,7 +17,7 @@ from kmec.backends.values import (
 )
 from kmec.models.adapters import adapter_for
 from kmec.planner.model import EditRequest, Step
-from tests.backends.test_rank_one import ctx_for
+from tests.backends.conftest import ctx_for
 from tests.conftest import SpaceLetterTokenizer, build_tiny_model
 
 EDITS = [EditRequest(name=f"e{i}", prompt=p, subject=s, target_new=t)

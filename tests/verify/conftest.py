@@ -220,3 +220,15 @@ def good(setup):
     spec = make_spec(setup.old, setup.new, CLAIMS)
     avoid = checked_prompts(spec, make_plan(spec, setup.fingerprint))
     return targeted(setup.model, setup.tok, avoid, setup.new, setup.old)
+
+
+def run_verify(setup, payloads, claims, *, edited=None, **kw):
+    """Verify ``payloads`` (applied to a copy of the tiny model) against ``claims``."""
+    from kmec.verify import verify
+
+    spec = make_spec(setup.old, setup.new, claims)
+    plan = make_plan(spec, setup.fingerprint)
+    art = artifact_of(payloads, setup.fingerprint, plan)
+    if edited is None:
+        edited = edited_copy(setup.model, art, setup.fingerprint)
+    return verify(spec, plan, setup.model, edited, setup.tok, seed=0, artifact=art, **kw)

@@ -21,8 +21,7 @@ from kmec.verify.render import (
     write_reports,
 )
 from kmec.verify.report import Report
-from tests.verify.conftest import PARAM
-from tests.verify.test_verify import run
+from tests.verify.conftest import PARAM, run_verify
 
 CLAIMS = (Claim(metric="efficacy", threshold=1.0),
           Claim(metric="generality", threshold=0.0, protocol="token"),
@@ -33,7 +32,7 @@ CLAIMS = (Claim(metric="efficacy", threshold=1.0),
 @pytest.fixture(scope="module")
 def failing(setup) -> Report:
     g = torch.Generator().manual_seed(3)
-    return run(setup, [LowRank(PARAM, torch.randn(32, 1, generator=g) * 3,
+    return run_verify(setup, [LowRank(PARAM, torch.randn(32, 1, generator=g) * 3,
                                torch.randn(2048, 1, generator=g) * 3)], CLAIMS)
 
 

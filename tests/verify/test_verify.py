@@ -20,6 +20,7 @@ from tests.verify.conftest import (
     edited_copy,
     make_plan,
     make_spec,
+    run_verify,
     targeted,
 )
 
@@ -28,12 +29,7 @@ CLAIMS = (Claim(metric="efficacy", threshold=1.0),
 
 
 def run(setup, payloads, claims=CLAIMS, *, edited=None, **kw):
-    spec = make_spec(setup.old, setup.new, claims)
-    plan = make_plan(spec, setup.fingerprint)
-    art = artifact_of(payloads, setup.fingerprint, plan)
-    if edited is None:
-        edited = edited_copy(setup.model, art, setup.fingerprint)
-    return verify(spec, plan, setup.model, edited, setup.tok, seed=0, artifact=art, **kw)
+    return run_verify(setup, payloads, claims, edited=edited, **kw)
 
 
 @pytest.fixture(scope="module")

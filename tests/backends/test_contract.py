@@ -1,0 +1,153 @@
+"""Every registered backend keeps the backend contract, on a tiny model.
+
+For each backend in ``BACKENDS``: ``execute`` leaves the model bit-identical,
+its payloads are the ones recorded in ``fixtures/golden_payloads.json`` (sha256
+of every tensor: deterministic, and unchanged by refactoring; regenerate with
+``KMEC_UPDATE_GOLDEN=1`` only when a change is meant to change the numbers),
+the artifact survives a save/load round trip, and apply → revert restores
+every parameter bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kmec.artifacts import apply, build_artifact, load_artifact, save_artifact
+from kmec.backends import BACKENDS
+from kmec.backends.base import ExecContext
+from kmec.hashing import atomic_write_text, canonical_json, sha256_tensor
+from kmec.models.adapters import adapter_for
+from kmec.models.facts import facts_from_config
+from kmec.models.load import fingerprint_model
+from kmec.planner.model import EditRequest, Step
+from tests.conftest import (
+    CorpusStats,
+    SpaceLetterTokenizer,
+    assert_identical,
+    build_tiny_model,
+    make_tiny_embedder,
+    snapshot,
+)
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden_payloads.json"
+UPDATE = os.environ.get("KMEC_UPDATE_GOLDEN") == "1"
+EDITS = (EditRequest(name="e1", prompt="Key of abc", subject="abc", target_new="Q",
+                     scope=("abc key",), preserve=("Key of xyz",)),
+         EditRequest(name="e2", prompt="Key of mno", subject="mno", target_new="R",
+                     scope=("mno key",), preserve=("Door of xyz",)))
+# small but real settings: the defaults' structure, fewer optimisation steps
+PARAMS = {
+    "rome": {"value": {"steps": 12}},
+    "memit": {"value": {"steps": 12}},
+    "alphaedit": {"value": {"steps": 12}, "null_space_rel": 0.3},  # random tiny C is full rank
+    "ft": {"steps": 12},
+    "memory": {},
+    "retrieval": {"threshold": 0.995, "margin": 0.005, "template": "{prompt} {target}\n"},
+    "mend": {},
+}
+LAYERS = {"rome": (1,), "memit": (1, 2), "alphaedit": (1, 2), "ft": (1, 2), "memory": (1,),
+          "retrieval": (), "mend": (1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A KMEC_HOME of its own (the MEND editor is trained into it), and one torch thread:
+    MEND's training sums gradients in a thread-dependent order (noted in BENCHMARKS.md),
+    and tiny matrices gain nothing from a second thread on a shared machine."""
+    path = tmp_path_factory.mktemp("contract-home")
+    old, threads = os.environ.get("KMEC_HOME"), torch.get_num_threads()
+    os.environ["KMEC_HOME"] = str(path)
+    torch.set_num_threads(1)
+    yield path
+    torch.set_num_threads(threads)
+    if old is None:
+        os.environ.pop("KMEC_HOME", None)
+    else:
+        os.environ["KMEC_HOME"] = old
+
+
+def _lm():
+    model = build_tiny_model("llama", seed=3)
+    facts = facts_from_config(model.config, name="tiny", fingerprint=fingerprint_model(model))
+    return model, SpaceLetterTokenizer(), facts
+
+
+def _mend_editor(model, tok, facts) -> str:
+    from kmec.backends.mend import DataInfo, EditorConfig, EditRecord, TrainConfig, train_editor
+
+    words = ("bcc", "lfx", "zvj", "itg", "tbs", "vfn", "qrd", "mkp", "wha", "yoe", "gul", "dsi")
+    recs = [EditRecord(prompt=f"The key of {w} is", target=chr(65 + i), rephrase=f"{w} has key",
+                       loc=f"The door of {words[(i + 5) % 12]} is") for i, w in enumerate(words)]
+    config = TrainConfig(steps=8, batch=4, lr=3e-3, log_every=4, checkpoint_every=4, max_len=48,
+                         text_pool=16, editor=EditorConfig(rank=16))
+    data = DataInfo(path="records", sha256="0" * 64, dataset="zsre", records=12, train=12,
+                    held_out=0)
+    return train_editor(model, tok, facts, recs, layers=LAYERS["mend"], config=config,
+                        data=data).manifest.sha256
+
+
+def _step(name: str, facts, extra: dict) -> Step:
+    backend = BACKENDS[name]
+    params = backend.default_params(facts).model_dump(mode="json")
+    for key, value in {**PARAMS[name], **extra}.items():
+        params[key] = {**params[key], **value} if isinstance(value, dict) and \
+            isinstance(params.get(key), dict) else value
+    adapter = adapter_for(facts.model_type)
+    writes = tuple(f"{adapter.site('mlp_out', layer)}.weight" for layer in LAYERS[name]) \
+        if name not in ("memory", "retrieval") else ()
+    return Step(id=f"s00-{name}", backend=name, edits=EDITS, layers=LAYERS[name],
+                writes=writes, params=params)
+
+
+def _recorded() -> dict:
+    return json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_backend_contract(name, home, tmp_path_factory):
+    model, tok, facts = _lm()
+    extra: dict = {}
+    if name == "retrieval":
+        extra["embedder"] = str(make_tiny_embedder(tmp_path_factory.mktemp("embedder")))
+    if name == "mend":
+        extra["editor"] = _mend_editor(model, tok, facts)
+    step = _step(name, facts, extra)
+    adapter = adapter_for(facts.model_type)
+    stats = CorpusStats(model, adapter, step.layers) if step.layers else None
+    before = snapshot(model)
+    ctx = ExecContext(model=model, tok=tok, adapter=adapter, facts=facts, stats=stats, seed=0)
+    payloads = list(BACKENDS[name].execute(step, ctx))
+    assert_identical(model, before)  # execute never changes the model
+
+    art = build_artifact([(step.id, payloads)], base_model="tiny",
+                         base_fingerprint=facts.fingerprint, base_arch=facts.arch,
+                         weight_layout=adapter.weight_layout, plan_hash="h" * 64)
+    hashes = {k: sha256_tensor(v) for k, v in sorted(art.tensors.items())}
+    params = {e.id: e.param or e.site for e in art.manifest.payloads}
+    recorded = _recorded()
+    if UPDATE:
+        recorded[name] = {"tensors": hashes, "params": params}
+        atomic_write_text(GOLDEN, canonical_json(recorded))
+    assert name in recorded, f"no golden payloads for {name}: run with KMEC_UPDATE_GOLDEN=1"
+    assert recorded[name] == {"tensors": hashes, "params": params}, (
+        f"{name}'s payloads changed; if intended, regenerate with KMEC_UPDATE_GOLDEN=1")
+
+    folder = tmp_path_factory.mktemp(f"art-{name}")
+    save_artifact(art, folder / "artifact")
+    loaded = load_artifact(folder / "artifact")
+    assert loaded.manifest == art.manifest
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in art.tensors.items())
+
+    handle = apply(loaded, model, tok=tok)
+    with torch.no_grad():
+        edited_logits = model(torch.tensor([tok.encode(EDITS[0].prompt)])).logits
+    handle.revert()
+    assert_identical(model, before)
+    with torch.no_grad():
+        base_logits = model(torch.tensor([tok.encode(EDITS[0].prompt)])).logits
+    assert not torch.equal(edited_logits, base_logits), f"{name}'s edit changed nothing"
