@@ -98,7 +98,7 @@ def main() -> None:
     entries = int(payloads[0].keys.shape[0])
     routing = {}
     if args.method == "retrieval":  # what the scope classifier lets in, on the bare prompts
-        from kmec.backends.retrieval import ScopeClassifier
+        from kmec.artifacts.scope import ScopeClassifier
 
         clf = ScopeClassifier.from_tables(list(payloads), lm.tok)
         para = [(i, p) for i, r in enumerate(records) for p in r["paraphrases"]]

@@ -99,8 +99,7 @@ def bench_scoring(model, tok, items: list[Item], rounds: int) -> dict:
 
 def bench_budget(spec_path: Path, build: Path) -> dict:
     """Compile ``spec_path`` (cached steps make a rerun quick) and time ``verify`` on it."""
-    from kmec.compile import compile_spec
-    from kmec.verify.build import load_inputs
+    from kmec.pipeline import compile_spec, load_inputs
 
     t0 = time.perf_counter()
     compile_spec(spec_path, out=build)

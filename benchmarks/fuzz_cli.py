@@ -25,7 +25,7 @@ Two parts, each counted; every count of a failure must be 0:
    third of the cases (a forger who recomputes it), and in a tenth of the
    cases a byte of the tensor file is flipped instead. The build is then
    read as ``kmec verify``/``apply``/``audit`` read it
-   (:func:`kmec.compile.load_checked`). Counted: **accepted** (a build whose
+   (:func:`kmec.artifacts.build.load_checked`). Counted: **accepted** (a build whose
    manifest means something else than the original was read without
    refusal) and **tracebacks** (a refusal that is not a KmecError).
 
@@ -177,10 +177,9 @@ def _write_build(folder: Path) -> Path:
     import torch
 
     from kmec.artifacts import build_artifact, save_artifact
-    from kmec.backends.base import LowRank
+    from kmec.artifacts.payloads import LowRank
     from kmec.grammar import parse
-    from kmec.hashing import canonical_json
-    from kmec.planner.draft import spec_hash
+    from kmec.hashing import canonical_json, spec_hash
     from kmec.planner.model import EditRequest, Plan, Step
 
     spec = parse(GOOD_RELATION + GOOD_EDIT)
@@ -233,7 +232,7 @@ def _difference(original: dict, manifest: Path) -> str:
 
 def manifest_campaign(n: int, seed: int, folder: Path) -> Counter:
     from kmec.artifacts import Manifest
-    from kmec.compile import load_checked
+    from kmec.artifacts.build import load_checked
     from kmec.errors import KmecError
 
     rng = random.Random(seed)

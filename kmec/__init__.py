@@ -20,7 +20,8 @@ from typing import Any
 from kmec._version import __version__
 from kmec.errors import KmecError
 
-__all__ = ["KmecError", "__version__", "apply", "execute", "load_model", "parse", "plan", "verify"]
+__all__ = ["KmecError", "__version__", "apply", "compile_spec", "execute", "load_model", "parse",
+           "plan", "verify", "verify_build"]
 
 
 def parse(text: str, *, path: str = "<string>") -> Any:
@@ -58,16 +59,30 @@ def verify(spec: Any, plan: Any, base: Any, edited: Any, tok: Any, **kwargs: Any
     return _verify(spec, plan, base, edited, tok, **kwargs)
 
 
+def compile_spec(spec_path: Any, **kwargs: Any) -> Any:
+    """Compile a spec file into a build directory (see :func:`kmec.pipeline.compile_spec`)."""
+    from kmec.pipeline import compile_spec as _compile
+
+    return _compile(spec_path, **kwargs)
+
+
+def verify_build(build: Any, **kwargs: Any) -> Any:
+    """Verify a build directory and write its reports (see :func:`kmec.pipeline.verify_build`)."""
+    from kmec.pipeline import verify_build as _verify_build
+
+    return _verify_build(build, **kwargs)
+
+
 def load_model(ref: str, **kwargs: Any) -> Any:
     """Load a model by alias, folder or hub id (see :func:`kmec.models.load.load_model`).
 
     A folder written by ``kmec apply`` comes back edited, with its external
-    memory (codebook or retrieval) installed (see :func:`kmec.edited.load_edited`).
+    memory (codebook or retrieval) installed (see :func:`kmec.artifacts.edited.load_edited`).
     """
     from pathlib import Path
 
     if (Path(ref).expanduser() / "kmec_edit.json").is_file():
-        from kmec.edited import load_edited
+        from kmec.artifacts.edited import load_edited
 
         return load_edited(Path(ref).expanduser(), **kwargs)
     from kmec.models.load import load_model as _load

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -40,11 +40,11 @@ from pydantic import BaseModel, ConfigDict
 
 from kmec._version import __version__
 from kmec.errors import KmecError, PlanError, did_you_mean
+from kmec.progress import Progress
 
 Mode = Literal["single", "batch", "sequence"]
 MODES: tuple[Mode, ...] = ("single", "batch", "sequence")
 METRICS = ("efficacy", "generality", "locality", "portability", "reversal", "retention")
-Progress = Callable[[str, int, int], None]
 
 
 class BenchRow(BaseModel):
@@ -253,25 +253,21 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
             is reported in its row's ``error`` instead, so the others still run).
     """
     from kmec.backends import BACKENDS
-    from kmec.compile import DEFAULT_MODEL
-    from kmec.grammar import parse_file
-    from kmec.models.load import load_model
+    from kmec.pipeline import start
     from kmec.planner import plan as make_plan
 
     spec_path = Path(spec_path)
     methods = parse_methods(",".join(methods), list(BACKENDS))
-    spec = parse_file(spec_path, root=root)
-    if limit is not None:
-        spec = spec.model_copy(update={"edits": spec.edits[:limit]})
-    if not spec.edits:
-        raise PlanError(f"{spec_path} declares no edits to benchmark")
-    mode = mode or spec.order
-    lm = load_model(model or spec.model or DEFAULT_MODEL)
-    order = "sequence" if mode == "sequence" else "batch"
-    if editors is None:
-        from kmec.backends.mend.store import planner_editors
 
-        editors = planner_editors(lm.facts.fingerprint)
+    def has_edits(spec: Any, _ref: Any) -> None:  # before the model loads
+        if not spec.edits:
+            raise PlanError(f"{spec_path} declares no edits to benchmark")
+
+    s = start(spec_path, model=model, root=root, editors=editors, limit=limit,
+              before_load=has_edits)
+    spec, lm, editors = s.spec, s.lm, s.editors
+    mode = mode or spec.order
+    order = "sequence" if mode == "sequence" else "batch"
 
     def specs_for(method: str) -> list[Any]:
         base = _with_method(spec, method, order)

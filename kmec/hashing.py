@@ -6,6 +6,7 @@ Contents:
     sha256_bytes()     sha256 hex digest of bytes
     sha256_tensor()    sha256 of a tensor's dtype, shape and raw bytes
     sha256_file()      streaming sha256 of a file
+    spec_hash()        sha256 of a spec's canonical JSON (spans and source path excluded)
     atomic_write_bytes() / atomic_write_text()   write-then-rename
     atomic_dir()       build a directory under a temporary name, then rename
 
@@ -57,6 +58,14 @@ def sha256_tensor(tensor: Any) -> str:
     # view as bytes so bf16 (no numpy dtype) hashes too
     h.update(t.reshape(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def spec_hash(spec: Any) -> str:
+    """sha256 of a spec's canonical JSON (its dump leaves out spans and the source path).
+
+    Takes any pydantic model, so this module needs no import of :mod:`kmec.spec`.
+    """
+    return sha256_text(canonical_json(spec.model_dump(mode="json")))
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

@@ -17,8 +17,7 @@ from kmec.artifacts import (
     load_artifact,
     save_artifact,
 )
-from kmec.backends.base import Dense, LowRank, MemoryTable
-from kmec.edited import (
+from kmec.artifacts.edited import (
     BASE_PARAMS,
     EDIT_RECORD,
     load_weights,
@@ -27,6 +26,7 @@ from kmec.edited import (
     revert_folder,
     write_edited,
 )
+from kmec.artifacts.payloads import Dense, LowRank, MemoryTable
 from kmec.errors import ArtifactError
 from kmec.models.load import fingerprint_model
 from tests.conftest import (

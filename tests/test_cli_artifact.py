@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kmec.artifacts import save_artifact
+from kmec.artifacts.edited import BASE_PARAMS, EDIT_RECORD
 from kmec.cli import main
-from kmec.edited import BASE_PARAMS, EDIT_RECORD
 from kmec.models.load import fingerprint_model
 from tests.conftest import artifact_for, build_tiny_model, rank_one
 

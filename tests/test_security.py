@@ -132,7 +132,7 @@ def test_root_option_widens_the_root(repo, tmp_path_factory):
 
 def test_verify_reads_subjects_under_the_build_root(repo):
     """A build's recorded spec path cannot move the root: verify confines to --root or the
-    repository of the build folder (kmec.verify.build), and the reader refuses escapes."""
+    repository of the build folder (kmec.pipeline), and the reader refuses escapes."""
     from kmec.grammar import subjects_of
     from kmec.spec import Relation, Spec
 
@@ -272,12 +272,14 @@ def test_revert_and_import_refuse_foreign_outputs(tmp_path, capsys):
 
 
 def test_verify_report_dir_is_checked_before_verifying(tmp_path, capsys, monkeypatch):
-    from kmec.verify import build as vb
+    from kmec import pipeline as vb
 
     def boom(*a, **k):
         raise AssertionError("verification ran before the report folder was checked")
 
-    monkeypatch.setattr(vb, "verify", boom)
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("kmec.verify"), "verify", boom)
     monkeypatch.setattr(vb, "load_inputs", lambda *a, **k: None)
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "x").write_text("x")
@@ -337,7 +339,7 @@ def test_audit_of_huge_finite_weights_is_not_called_non_finite():
     import torch
 
     from kmec.artifacts import audit, build_artifact
-    from kmec.backends.base import LowRank
+    from kmec.artifacts.payloads import LowRank
     from tests.conftest import build_tiny_model
 
     base = build_tiny_model("llama")

@@ -71,7 +71,8 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kmec.backends.base import ExecContext, Payload
+from kmec.artifacts.payloads import Payload
+from kmec.backends.base import ExecContext
 from kmec.backends.keys import compute_keys, context_prefixes, residual_at
 from kmec.backends.linalg import spd_solve
 from kmec.backends.spread import spread_over_layers

@@ -1,10 +1,6 @@
-"""The backend interface: two methods and three payload types.
+"""The backend interface: two methods over the payload types of :mod:`kmec.artifacts`.
 
 Contents:
-    LowRank        W += scale · u vᵀ   (u: [out, r], v: [in, r], in the math layout)
-    Dense          W += delta
-    MemoryTable    an external memory installed at a hook site
-    Payload        LowRank | Dense | MemoryTable
     StatsProvider  what backends call to get second moments
     ExecContext    everything ``execute`` may use (no globals)
     Backend        Protocol: ``name``, ``Params``, ``default_params``, ``execute``
@@ -19,7 +15,7 @@ key space), whatever the module's storage layout; the ArchAdapter's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -27,49 +23,11 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel
 
+from kmec.artifacts.payloads import Payload
 from kmec.models.adapters import ArchAdapter
 from kmec.models.facts import ModelFacts
 from kmec.planner.model import Step
-
-
-@dataclass(frozen=True)
-class LowRank:
-    """A low-rank delta ``scale · u vᵀ`` on parameter ``param`` (math layout [out, in])."""
-
-    param: str
-    u: torch.Tensor
-    v: torch.Tensor
-    scale: float = 1.0
-    kind: str = field(default="low_rank", init=False)
-
-    def dense(self) -> torch.Tensor:
-        """The delta as a dense [out, in] matrix (float32)."""
-        return self.scale * (self.u.float() @ self.v.float().T)
-
-
-@dataclass(frozen=True)
-class Dense:
-    """A dense delta on parameter ``param`` in the parameter's own storage layout."""
-
-    param: str
-    delta: torch.Tensor
-    kind: str = field(default="dense", init=False)
-
-
-@dataclass(frozen=True)
-class MemoryTable:
-    """An external memory: keys → values at a hook site, within ``radius``."""
-
-    site: str
-    layer: int
-    keys: torch.Tensor
-    values: torch.Tensor
-    radius: torch.Tensor
-    meta: dict[str, Any] = field(default_factory=dict)
-    kind: str = field(default="memory", init=False)
-
-
-Payload = LowRank | Dense | MemoryTable
+from kmec.progress import Progress
 
 
 @runtime_checkable
@@ -108,7 +66,7 @@ class ExecContext:
     weights: str = ""
     seed: int = 0
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kmec"))
-    progress: Callable[[str, int, int], None] | None = None
+    progress: Progress | None = None
 
 
 class Backend(Protocol):

@@ -63,7 +63,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kmec.backends.base import Dense, ExecContext, LowRank, Payload
+from kmec.artifacts.payloads import Dense, LowRank, Payload
+from kmec.backends.base import ExecContext
 from kmec.backends.keys import context_prefixes, target_text
 from kmec.errors import BackendError
 from kmec.models.batching import right_pad

@@ -9,7 +9,7 @@ Contents:
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any
 
 import torch
 
@@ -53,39 +53,6 @@ def math_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
 
 def module_device(module: Any) -> torch.device:
     return next(module.parameters()).device
-
-
-class temporarily_added:
-    """Context manager: add ``u vᵀ`` deltas to parameters, restore exact bytes on exit.
-
-    MEMIT needs the model *with* its earlier layers' updates to compute the
-    keys and residuals of later layers. Rather than copying the model, the
-    deltas are added in place and the original tensors are copied back on
-    exit (bit-for-bit), so the caller's model is unchanged afterwards; the
-    compile loop checks this with the model fingerprint.
-    """
-
-    def __init__(self, model: Any, layout: str) -> None:
-        self.params = dict(model.named_parameters())
-        self.layout = layout
-        self.saved: dict[str, torch.Tensor] = {}
-
-    def add(self, name: str, u: torch.Tensor, v: torch.Tensor) -> None:
-        w = self.params[name]
-        if name not in self.saved:
-            self.saved[name] = w.detach().clone()
-        d = u.float().to(w.device) @ v.float().to(w.device).T
-        with torch.no_grad():
-            w.add_((d.T if self.layout == "in_out" else d).to(w.dtype))
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        with torch.no_grad():
-            for name, original in self.saved.items():
-                self.params[name].copy_(original)
-        self.saved.clear()
 
 
 def bound_relative_change(u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,

@@ -43,7 +43,8 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from kmec.backends.base import ExecContext, Payload
+from kmec.artifacts.payloads import Payload
+from kmec.backends.base import ExecContext
 from kmec.backends.keys import context_prefixes, residual_at
 from kmec.backends.linalg import spd_solve
 from kmec.backends.spread import spread_over_layers

@@ -14,7 +14,7 @@ Hartvigsen et al. 2023 ("Aging with GRACE"), adapted. The codebook wraps the
 MLP of block ``layer`` (the layer comes from the plan). A *key* is the MLP's
 input at one token; a *value* replaces the MLP's output at every position whose
 input is within the *deferral radius* of its nearest key (see
-:func:`kmec.backends.memory_hook.codebook_lookup`).
+:func:`kmec.artifacts.memory.codebook_lookup`).
 
 Which token: with ``key = "subject"`` (default) the last token of the edit's
 subject, as ROME keys its edits, so that paraphrases naming the same subject
@@ -71,7 +71,8 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kmec.backends.base import ExecContext, MemoryTable, Payload
+from kmec.artifacts.payloads import MemoryTable, Payload
+from kmec.backends.base import ExecContext
 from kmec.backends.memory_values import all_states, states_at, train_values
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts

@@ -41,9 +41,11 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from kmec.backends.base import ExecContext, LowRank, Payload
+from kmec.artifacts.apply import temporarily_added
+from kmec.artifacts.payloads import LowRank, Payload
+from kmec.backends.base import ExecContext
 from kmec.backends.keys import compute_keys, context_prefixes
-from kmec.backends.linalg import bound_relative_change, spd_solve, temporarily_added
+from kmec.backends.linalg import bound_relative_change, spd_solve
 from kmec.backends.values import ValueParams, optimise_deltas, value_cache
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts

@@ -18,9 +18,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kmec.backends.base import ExecContext, LowRank, Payload
+from kmec.artifacts.apply import temporarily_added
+from kmec.artifacts.payloads import LowRank, Payload
+from kmec.backends.base import ExecContext
 from kmec.backends.keys import compute_keys, residual_at
-from kmec.backends.linalg import bound_relative_change, temporarily_added
+from kmec.backends.linalg import bound_relative_change
 from kmec.planner.model import EditRequest
 
 Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

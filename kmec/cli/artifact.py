@@ -24,8 +24,8 @@ def apply_cmd(
     memories (method memory / retrieval) are saved in kmec_memory/ next to the
     unchanged weights; kmec.load_model(OUT) loads the model with them installed.
     """
-    from kmec.compile import load_checked
-    from kmec.edited import write_edited
+    from kmec.artifacts.build import load_checked
+    from kmec.artifacts.edited import write_edited
     from kmec.outputs import check_output
 
     check_output(out, "edited-model", inputs=[target], force=force)
@@ -49,7 +49,7 @@ def revert_cmd(
                                "write it (everything in it is lost)."),
 ) -> None:
     """Restore the base model bit-for-bit from a folder written by `kmec apply`."""
-    from kmec.edited import revert_folder
+    from kmec.artifacts.edited import revert_folder
 
     with console.status("restoring the base weights"):
         w = revert_folder(edited, out, force=force)

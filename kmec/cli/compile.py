@@ -23,7 +23,7 @@ def compile_cmd(
                              "folder]."),
 ) -> None:
     """Compile a spec into an artifact (build/plan.json, build/artifact/, ...)."""
-    from kmec.compile import compile_spec
+    from kmec.pipeline import compile_spec
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn())

@@ -76,7 +76,7 @@ def verify_cmd(
 ) -> None:
     """Verify every claim of the spec on the edited model; write JSON/JUnit/Markdown/HTML reports."""
     _passive_omp()
-    from kmec.verify.build import default_report_dir, verify_build
+    from kmec.pipeline import default_report_dir, verify_build
     from kmec.verify.render import to_json
 
     folder = Path(report_dir) if report_dir else default_report_dir(target)
@@ -112,8 +112,8 @@ def audit_cmd(
     """Prove an edited model differs from its base only by the artifact's declared deltas."""
     _passive_omp()
     from kmec.artifacts import audit, check_base
-    from kmec.compile import load_checked
-    from kmec.edited import load_weights
+    from kmec.artifacts.build import load_checked
+    from kmec.artifacts.edited import load_weights
     from kmec.models.load import fingerprint_model
 
     artifact = load_checked(build)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kmec.hashing import canonical_json, sha256_text
+from kmec.hashing import spec_hash
 from kmec.models.facts import ModelFacts
 from kmec.planner.model import Cost, EditRequest, Plan, Reason, Step
 from kmec.spec import Spec
@@ -125,17 +125,12 @@ class Pass(Protocol):
     def __call__(self, draft: Draft, facts: ModelFacts, /) -> Draft: ...
 
 
-def spec_hash(spec: Spec) -> str:
-    """sha256 of the spec's canonical JSON (spans and source path excluded).
-
-    >>> spec_hash(Spec()) == spec_hash(Spec(source="elsewhere.kmec"))
-    True
-    """
-    return sha256_text(canonical_json(spec.model_dump(mode="json")))
-
-
 def example_spec() -> Spec:
-    """A small spec for examples: one triple edit with a reversal, one free-form edit."""
+    """A small spec for examples: one triple edit with a reversal, one free-form edit.
+
+    >>> [e.kind for e in example_spec().edits]
+    ['triple', 'prompt']
+    """
     from kmec.spec import PromptEdit, Relation, TripleEdit
 
     capital = Relation(

@@ -31,13 +31,13 @@ import torch
 from kmec.errors import StatsError
 from kmec.models.adapters import ArchAdapter
 from kmec.models.hooks import TraceDict
+from kmec.progress import Progress
 from kmec.stats.accumulators import SecondMoment
 from kmec.stats.batches import pools
 from kmec.stats.corpus import Corpus, windows
 
 log = logging.getLogger("kmec")
 
-ProgressFn = Callable[[str, int, int], None]
 CheckpointFn = Callable[[dict[int, SecondMoment], int, int], None]
 
 
@@ -93,7 +93,7 @@ def collect(
     products: str = "float32",
     resume: Resume | None = None,
     on_checkpoint: CheckpointFn | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> dict[int, SecondMoment]:
     """Accumulate ``Σ k kᵀ`` of the MLP keys of ``layers`` in one pass.
 

@@ -17,7 +17,6 @@ an interrupted one resumes from its checkpoint.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +25,7 @@ from kmec.errors import StatsError
 from kmec.models.adapters import ArchAdapter
 from kmec.models.facts import ModelFacts
 from kmec.models.load import fingerprint_model, tokenizer_hash
+from kmec.progress import Progress
 from kmec.stats import distributed
 from kmec.stats.accumulators import SecondMoment
 from kmec.stats.cache import StatsCache, StatsKey
@@ -91,7 +91,7 @@ class MomentProvider:
     def __init__(self, model: Any, tok: Any, facts: ModelFacts, adapter: ArchAdapter,
                  request: StatsRequest, *, corpus: Corpus, cache: StatsCache,
                  config: PassConfig, kernel: str | None,
-                 progress: Callable[[str, int, int], None] | None) -> None:
+                 progress: Progress | None) -> None:
         self.model, self.tok, self.facts, self.adapter = model, tok, facts, adapter
         self.request, self.corpus, self.cache, self.config = request, corpus, cache, config
         self.kernel, self.progress = kernel, progress
@@ -192,7 +192,7 @@ def provider(
     *,
     corpus: str | Corpus | None = None,
     cache: StatsCache | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
     kernel: str | None = None,
     batch_tokens: int | None = None,
     samples: int | None = None,

@@ -2,7 +2,6 @@
 
 Contents:
     audit_section()  the weight-diff audit of the edited model against the artifact
-    partial()        the artifact restricted to some of its steps
     step_scores()    each edit's efficacy on a model with only some steps applied
                      (after its own step: retention; its step alone: scalability)
     plus_items()     neighbourhood prompts with the edit statement prepended
@@ -23,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kmec.artifacts import Artifact, apply, audit
+from kmec.artifacts import Artifact, apply, audit, select
 from kmec.grammar import subjects_of
 from kmec.grammar.templates import render
 from kmec.spec import Spec
@@ -43,15 +42,6 @@ def audit_section(base: Any, edited: Any, artifact: Artifact | None) -> AuditSec
     return AuditSection(ran=True, ok=r.ok, declared=artifact.manifest.params,
                         undeclared=r.undeclared, mismatched=r.mismatched, checked=r.checked,
                         max_error=float(f"{r.max_error:.3g}"), summary=r.summary())
-
-
-def partial(artifact: Artifact, steps: set[str]) -> Artifact:
-    """The artifact with only the payloads of ``steps``."""
-    m = artifact.manifest
-    entries = tuple(e for e in m.payloads if e.step in steps)
-    names = {n for e in entries for n in e.tensors}
-    return Artifact(m.model_copy(update={"payloads": entries}),
-                    {k: v for k, v in artifact.tensors.items() if k in names})
 
 
 def _efficacy_on(model: Any, tok: Any, cases: Sequence[Case]) -> dict[str, float]:
@@ -91,7 +81,7 @@ def step_scores(base: Any, tok: Any, cases: Sequence[Case], artifact: Artifact |
         if order == "sequence" and i == len(step_ids) - 1:
             continue  # the last step's edits are scored on the full model anyway
         keep = set(step_ids[: i + 1]) if order == "sequence" else {step}
-        applied = apply(partial(artifact, keep), scratch, check=False, tok=tok)
+        applied = apply(select(artifact, steps=keep), scratch, check=False, tok=tok)
         try:
             out.update(_efficacy_on(scratch, tok, mine))
         finally:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,9 @@ from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 from kmec._version import __version__
 from kmec.artifacts import Artifact
 from kmec.errors import VerifyError
-from kmec.hashing import sha256_text
-from kmec.planner.draft import spec_hash
+from kmec.hashing import sha256_text, spec_hash
 from kmec.planner.model import Plan
+from kmec.progress import Progress
 from kmec.spec import Claim, Spec
 from kmec.verify import canaries, metrics
 from kmec.verify.claims import Case, build_cases, claim_label, claims_of, in_scope, not_applicable
@@ -74,7 +73,6 @@ from kmec.verify.strategies import (
 
 log = logging.getLogger("kmec")
 
-Progress = Callable[[str, int, int], None]
 PPL_TOLERANCE = 0.05  # edited/base perplexity of the corpus slice may be at most 1.05
 DEFAULT_SAMPLE = 50  # locality draws per edit when a claim gives no `sample`
 GREEDY_TOKENS = 8  # at most; the longest new target + 3 tokens suffices to show it

@@ -25,7 +25,7 @@ whose tokens are a prefix of another's is read from the longer one's row.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +33,7 @@ import torch
 
 from kmec.errors import VerifyError
 from kmec.models.batching import right_pad
-
-Progress = Callable[[str, int, int], None]
+from kmec.progress import Progress
 
 # Families whose causal-LM head is exactly ``lm_head(base_model(x).last_hidden_state)``
 # (no logit scaling or soft-capping), so the head can run on gathered positions only.

@@ -15,8 +15,10 @@ import torch
 
 import kmec.compile as kcompile
 from kmec.artifacts import apply, audit, build_artifact
+from kmec.artifacts.build import read_build
+from kmec.artifacts.payloads import Dense, LowRank
 from kmec.backends import BACKENDS, get_backend
-from kmec.backends.base import Dense, ExecContext, LowRank
+from kmec.backends.base import ExecContext
 from kmec.backends.finetune import FinetuneParams, _Trainer, preserve_prompts
 from kmec.backends.keys import target_text
 from kmec.errors import BackendError
@@ -259,6 +261,6 @@ def test_the_example_spec_compiles_and_verifies_on_the_real_model(real_model, tm
     report = json.loads((build / "report" / "report.json").read_text())
     assert report["ok"] and report["audit"]["ok"]
     params = dict(real_model.model.named_parameters())
-    for p in kcompile.read_build(build)[3].payloads():
+    for p in read_build(build)[3].payloads():
         assert isinstance(p, Dense)
         assert float(p.delta.double().norm()) <= 0.02 * float(params[p.param].double().norm())

@@ -11,12 +11,19 @@ import torch
 import kmec
 import kmec.compile as kcompile
 from kmec.artifacts import apply, build_artifact, load_artifact, save_artifact
+from kmec.artifacts.edited import (
+    load_edited,
+    load_weights,
+    read_record,
+    revert_folder,
+    write_edited,
+)
+from kmec.artifacts.memory import codebook_lookup, install_memory
+from kmec.artifacts.payloads import MemoryTable
 from kmec.backends import BACKENDS, get_backend
-from kmec.backends.base import ExecContext, MemoryTable
+from kmec.backends.base import ExecContext
 from kmec.backends.keys import target_text
 from kmec.backends.memory import Codebook, MemoryParams, exclude, grace_insert
-from kmec.backends.memory_hook import codebook_lookup, install_memory
-from kmec.edited import load_edited, load_weights, read_record, revert_folder, write_edited
 from kmec.errors import ArtifactError
 from kmec.models.adapters import adapter_for
 from kmec.models.facts import facts_from_config

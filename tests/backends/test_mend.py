@@ -185,7 +185,7 @@ def test_grouped_edits_are_the_sum_of_their_updates():
 
 
 def _low_rank(adapter, layer, U, D):
-    from kmec.backends.base import LowRank
+    from kmec.artifacts.payloads import LowRank
 
     return LowRank(f"{adapter.site('mlp_out', layer)}.weight", D[0].T.contiguous(),
                    U[0].T.contiguous())

@@ -16,11 +16,13 @@ import torch
 
 import kmec
 from kmec.artifacts import apply, build_artifact, load_artifact, save_artifact
+from kmec.artifacts.edited import load_weights, write_edited
+from kmec.artifacts.memory import _SITES
+from kmec.artifacts.payloads import MemoryTable
+from kmec.artifacts.scope import embed, load_embedder_cached, segments
 from kmec.backends import get_backend
-from kmec.backends.base import ExecContext, MemoryTable
-from kmec.backends.memory_hook import _SITES
-from kmec.backends.retrieval import calibrate, embed, load_embedder_cached, segments
-from kmec.edited import load_weights, write_edited
+from kmec.backends.base import ExecContext
+from kmec.backends.retrieval import calibrate
 from kmec.errors import BackendError, ModelError
 from kmec.models.adapters import adapter_for
 from kmec.models.facts import facts_from_config

@@ -7,9 +7,8 @@ import sys
 import textwrap
 
 from kmec.errors import Span
-from kmec.hashing import canonical_json, sha256_text
+from kmec.hashing import canonical_json, sha256_text, spec_hash
 from kmec.planner import plan
-from kmec.planner.draft import spec_hash
 from tests.planner.helpers import FACTS, fake_registry, kz, make_spec, many
 
 SCRIPT = textwrap.dedent("""

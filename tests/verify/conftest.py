@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from kmec.artifacts import Artifact, build_artifact
-from kmec.backends.base import LowRank
+from kmec.artifacts.payloads import LowRank
+from kmec.hashing import spec_hash
 from kmec.models.facts import facts_from_config
 from kmec.models.hooks import Trace
 from kmec.models.load import fingerprint_model
-from kmec.planner.draft import spec_hash
 from kmec.planner.model import EditRequest, Plan, Step
 from kmec.spec import Claim, Relation, Spec, TripleEdit
 from kmec.verify import canaries

@@ -7,7 +7,7 @@ import json
 import torch
 
 from kmec.artifacts import save_artifact
-from kmec.backends.base import LowRank
+from kmec.artifacts.payloads import LowRank
 from tests.verify.conftest import (
     CLAIMS,
     PARAM,
@@ -93,7 +93,7 @@ def test_verify_undeclared_change_exits_1_naming_the_parameter(setup, tmp_path, 
             model.get_parameter("model.layers.0.mlp.gate_proj.weight")[0, 0] += 1e-3
         return applied
 
-    monkeypatch.setattr("kmec.verify.build.apply", leaky_apply)
+    monkeypatch.setattr("kmec.pipeline.apply", leaky_apply)
     build, _ = write_build(setup, tmp_path, [good])
     assert cli("verify", str(build), "--max-examples", "10") == 1
     out = capsys.readouterr().out

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from kmec.backends.base import LowRank
+from kmec.artifacts.payloads import LowRank
 from kmec.spec import Claim
 from kmec.verify.render import (
     kl_histogram_svg,

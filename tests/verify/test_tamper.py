@@ -12,7 +12,7 @@ import json
 import pytest
 
 from kmec.artifacts import MANIFEST, Manifest
-from kmec.compile import _existing_build, read_build
+from kmec.artifacts.build import read_build, up_to_date
 from kmec.hashing import canonical_json
 from kmec.planner.model import Plan
 from tests.verify.conftest import cli, write_build
@@ -73,9 +73,9 @@ def test_plan_and_build_record_must_agree(build, tiny_loader, capsys):
 
 def test_a_tampered_build_is_not_up_to_date(build):
     plan = read_build(build)[0]
-    assert _existing_build(build, plan) is not None
+    assert up_to_date(build, plan) is not None
     edit_manifest(build, scale)
-    assert _existing_build(build, plan) is None
+    assert up_to_date(build, plan) is None
 
 
 def test_audit_with_the_wrong_base_says_so(setup, build, tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kmec.backends.base import LowRank
+from kmec.artifacts.payloads import LowRank
 from kmec.planner.model import EditRequest, Plan, Step
 from kmec.spec import Claim, TripleEdit
 from kmec.verify import verify

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kmec.artifacts import apply, build_artifact
-from kmec.backends.base import LowRank
+from kmec.artifacts.payloads import LowRank
 from kmec.models.hooks import Trace
 from kmec.planner.model import EditRequest, Plan, Step
 from kmec.spec import Claim, Relation, Spec, TripleEdit

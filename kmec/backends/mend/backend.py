@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kmec.backends.base import ExecContext, LowRank, Payload
+from kmec.artifacts.payloads import LowRank, Payload
+from kmec.backends.base import ExecContext
 from kmec.backends.linalg import bound_relative_change
 from kmec.backends.mend.edit import base_pass, editor_factors, tokenize
 from kmec.backends.mend.store import find_editor, load_editor

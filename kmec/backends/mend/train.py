@@ -46,7 +46,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,9 +76,9 @@ from kmec.backends.mend.store import EditorManifest, save_editor
 from kmec.hashing import canonical_json, sha256_text
 from kmec.models.adapters import adapter_for
 from kmec.models.facts import ModelFacts
+from kmec.progress import Progress
 
 log = logging.getLogger("kmec")
-Progress = Callable[[str, int, int], None]
 EVAL_TEXT_SEED = 1_000_003  # ordinary-text snippets for evaluation (training uses the run's seed)
 ALPHA_GRID = tuple(10.0 ** (e / 2) for e in range(-14, 1))  # 1e-7 .. 1 in half-decades
 

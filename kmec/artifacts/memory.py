@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from kmec.backends.base import MemoryTable
+from kmec.artifacts.payloads import MemoryTable
 from kmec.errors import ArtifactError, ModelError
 from kmec.models.hooks import Trace, get_module
 
@@ -240,7 +240,7 @@ class RetrievalSite:
     kind = "retrieval"
 
     def __init__(self, model: Any, path: str, tok: Any) -> None:
-        from kmec.backends.retrieval import ScopeClassifier
+        from kmec.artifacts.scope import ScopeClassifier
 
         self.model, self.path, self.tok = model, path, tok
         self.tables: list[MemoryTable] = []
@@ -260,13 +260,13 @@ class RetrievalSite:
         self.tok = self.tok or tok
 
     def add(self, table: MemoryTable) -> None:
-        from kmec.backends.retrieval import ScopeClassifier
+        from kmec.artifacts.scope import ScopeClassifier
 
         self.classifier = ScopeClassifier.from_tables([*self.tables, table], self.tok)
         self.tables.append(table)
 
     def remove(self, table: MemoryTable) -> None:
-        from kmec.backends.retrieval import ScopeClassifier
+        from kmec.artifacts.scope import ScopeClassifier
 
         self.tables = [t for t in self.tables if t is not table]
         if self.tables:

@@ -1,40 +1,31 @@
-"""Artifacts: what an edit *is*, and the only code that writes weights.
+"""The artifact format: manifest, payload tensors, save / load, and the checks on both.
 
 Contents:
+    FORMAT / MANIFEST / TENSORS   format name and file names of an artifact folder
     PayloadEntry    manifest row for one payload (kind, parameter, shapes, hashes)
-    Manifest        base model fingerprint, plan hash, payload rows, kmec version
+    Manifest        base model fingerprint, plan hash, payload rows, per-field digests, sha256
     Artifact        manifest + payload tensors
-    build_artifact()  payloads + provenance -> Artifact (hashes computed here)
-    save_artifact() / load_artifact()   safetensors + JSON, atomic, no pickle
-    check_base()    refuse a model whose fingerprint is not the artifact's base
+    build_artifact()  payloads + provenance -> Artifact (hashes computed, manifest sealed)
+    save_artifact() / load_artifact()   safetensors + JSON, atomic, no pickle, every hash checked
+    select()        the artifact cut down to some steps and/or payload kinds
+    check_format()  refuse JSON written in another kmec format
     check_against_plan()  refuse payloads the plan does not declare (steps, parameters)
-    apply()         add the payloads to a model in place -> Applied (revertible)
-    Applied         handle with ``revert()`` (restores exact original bytes)
-    audit()         prove an edited model differs from its base only as declared
-    AuditResult
+    check_base()    refuse a model whose fingerprint is not the artifact's base
 
 On disk an artifact is a folder::
 
     manifest.json         canonical JSON (Manifest)
     payloads.safetensors  tensors named ``<payload-id>.u`` / ``.v`` / ``.delta`` / ...
 
-A ``LowRank`` payload adds ``scale · u vᵀ`` to a parameter in the math layout
-``[out, in]``; the ``weight_layout`` recorded in the manifest (from the
-ArchAdapter) says whether the stored weight is ``[out, in]`` (``nn.Linear``)
-or ``[in, out]`` (GPT-2's ``Conv1D``), so no shapes are sniffed.
-
 Nothing here unpickles: tensors are read with safetensors and everything else
-is JSON, so a downloaded artifact cannot run code. Payloads holding NaN or inf
-are refused by :func:`apply`, and :func:`audit` fails on non-finite weights.
-Edited model folders (``kmec apply`` / ``kmec revert``) live in
-:mod:`kmec.edited`.
+is JSON, so a downloaded artifact cannot run code.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kmec._version import __version__
-from kmec.backends.base import Dense, LowRank, MemoryTable, Payload
+from kmec.artifacts.payloads import Dense, LowRank, MemoryTable, Payload
 from kmec.errors import ArtifactError
 from kmec.hashing import atomic_dir, canonical_json, sha256_tensor, sha256_text
 from kmec.planner.model import Plan
@@ -403,38 +394,6 @@ def check_against_plan(manifest: Manifest, plan: Plan, *, where: str = "the arti
                                 "(field 'param')", hint=hint)
 
 
-# ---------------------------------------------------------------- apply / revert
-
-
-@dataclass
-class Applied:
-    """An artifact applied to a model in place; ``revert()`` restores exact bytes."""
-
-    model: Any
-    artifact: Artifact
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)
-    hooks: list[Any] = field(default_factory=list)
-    reverted: bool = False
-
-    def revert(self) -> None:
-        """Restore every touched parameter bit-for-bit and remove memory hooks."""
-        if self.reverted:
-            return
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, original in self.originals.items():
-                params[name].copy_(original)
-        for h in self.hooks:
-            h.close()
-        self.reverted = True
-
-
-def low_rank_delta(p: LowRank, layout: str, dtype: torch.dtype, device: Any) -> torch.Tensor:
-    """Dense delta of a LowRank payload in the parameter's storage layout."""
-    d = p.scale * (p.u.to(device, torch.float32) @ p.v.to(device, torch.float32).T)
-    return (d.T if layout == "in_out" else d).to(dtype)
-
-
 def check_base(manifest: Manifest, fingerprint: str, *, model: str | None = None) -> None:
     """Refuse a model that is not the base the artifact was compiled for.
 
@@ -458,157 +417,19 @@ def check_base(manifest: Manifest, fingerprint: str, *, model: str | None = None
     )
 
 
-def _check_payloads(artifact: Artifact) -> None:
-    """Refuse non-finite or malformed payloads before any weight is touched."""
-    for entry, p in zip(artifact.manifest.payloads, artifact.payloads()):
-        where = f"payload {entry.id} (step {entry.step}, {entry.param or entry.site})"
-        if isinstance(p, LowRank):
-            if p.u.ndim != 2 or p.v.ndim != 2 or p.u.shape[1] != p.v.shape[1]:
-                raise ArtifactError(f"{where} has factors of shapes {tuple(p.u.shape)} and "
-                                    f"{tuple(p.v.shape)}; expected [out, r] and [in, r]",
-                                    hint="the artifact is corrupt; recompile it")
-            named = {"u": p.u, "v": p.v, "scale": torch.tensor(p.scale)}
-        elif isinstance(p, Dense):
-            named = {"delta": p.delta}
-        else:
-            named = {"keys": p.keys, "values": p.values, "radius": p.radius}
-        for part, t in named.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ArtifactError(f"{where} holds non-finite values (NaN or inf) in {part}",
-                                    hint="the edit diverged when it was computed; recompile the "
-                                    "spec (lower the learning rate or max_delta) and check its log")
+def select(artifact: Artifact, *, steps: Collection[str] | None = None,
+           kinds: Collection[str] | None = None) -> Artifact:
+    """The artifact cut down to the payloads of ``steps`` and of ``kinds`` (None: all).
 
+    The manifest keeps its provenance and is sealed again for the subset.
 
-def apply(artifact: Artifact, model: Any, *, fingerprint: str | None = None,
-          check: bool = True, tok: Any = None) -> Applied:
-    """Add the artifact's payloads to ``model`` in place.
-
-    Every payload is checked (finite, well-formed) before any weight changes;
-    if applying fails part way, the weights already touched are restored.
-
-    Args:
-        artifact: the artifact.
-        model: a model whose weights equal the artifact's base model.
-        fingerprint: the model's fingerprint if already known (else computed).
-        check: refuse a model whose fingerprint differs from the base's.
-        tok: the model's tokenizer, passed to memory tables that read text
-            (a retrieval memory needs it; weight deltas and codebooks do not).
-
-    Raises:
-        ModelError: a retrieval memory without ``tok``.
-        ArtifactError: fingerprint mismatch, non-finite payload, unknown
-            parameter, shape mismatch, or a delta that overflows the weights' dtype.
+    >>> empty = build_artifact([], base_model="m", base_fingerprint="f", base_arch="a",
+    ...                        weight_layout="out_in", plan_hash="p")
+    >>> select(empty, kinds=("memory",)).manifest.payloads
+    ()
     """
-    if check:
-        if fingerprint is None:
-            from kmec.models.load import fingerprint_model
-
-            fingerprint = fingerprint_model(model)
-        check_base(artifact.manifest, fingerprint)
-    _check_payloads(artifact)
-    params = dict(model.named_parameters())
-    applied = Applied(model, artifact)
-    layout = artifact.manifest.weight_layout
-    try:
-        with torch.no_grad():
-            for p in artifact.payloads():
-                if isinstance(p, MemoryTable):
-                    from kmec.backends.memory_hook import install_memory
-
-                    applied.hooks.append(install_memory(model, p, tok=tok))
-                    continue
-                if p.param not in params:
-                    raise ArtifactError(f"the model has no parameter {p.param!r} that the artifact edits")
-                w = params[p.param]
-                if p.param not in applied.originals:
-                    applied.originals[p.param] = w.detach().clone()
-                if isinstance(p, LowRank):
-                    delta = low_rank_delta(p, layout, w.dtype, w.device)
-                else:
-                    delta = p.delta.to(w.device, w.dtype)
-                if delta.shape != w.shape:
-                    raise ArtifactError(f"delta for {p.param} has shape {tuple(delta.shape)}, "
-                                        f"the parameter has {tuple(w.shape)}")
-                w.add_(delta)
-                if not bool(torch.isfinite(w).all()):
-                    raise ArtifactError(f"applying the delta makes {p.param} non-finite in "
-                                        f"{w.dtype} (overflow)",
-                                        hint="load the model in float32, or recompile with a "
-                                        "smaller max_delta")
-    except BaseException:
-        applied.revert()
-        raise
-    return applied
-
-
-# ---------------------------------------------------------------- audit
-
-
-@dataclass(frozen=True)
-class AuditResult:
-    """Outcome of :func:`audit`."""
-
-    ok: bool
-    undeclared: tuple[str, ...]  # parameters that moved but the artifact does not declare
-    mismatched: tuple[str, ...]  # declared parameters whose change differs from the delta
-    checked: int
-    max_error: float  # over declared parameters with finite values
-    nonfinite: tuple[str, ...] = ()  # declared parameters holding NaN or inf after the edit
-
-    def summary(self) -> str:
-        if self.ok:
-            return f"audit passed: {self.checked} parameters checked, max delta error {self.max_error:.2e}"
-        parts = []
-        if self.nonfinite:
-            parts.append("non-finite values (NaN or inf) in: " + ", ".join(self.nonfinite))
-        if self.undeclared:
-            parts.append("undeclared parameters moved: " + ", ".join(self.undeclared))
-        if self.mismatched:
-            parts.append("declared deltas do not match: " + ", ".join(self.mismatched))
-        return "audit failed: " + "; ".join(parts)
-
-
-def audit(base: Any, edited: Any, artifact: Artifact, *, rtol: float = 1e-4) -> AuditResult:
-    """Check that ``edited`` differs from ``base`` exactly by the artifact's deltas.
-
-    Every parameter not named in the manifest must be bit-identical; every
-    declared parameter must be finite and satisfy
-    ``‖(edited − base) − Δ‖ ≤ rtol·‖Δ‖ + 4·eps·‖W‖`` (Δ being the sum of the
-    artifact's payloads on it). A NaN anywhere fails: comparisons with NaN are
-    false, so "error > bound" alone would let it pass.
-    """
-    layout = artifact.manifest.weight_layout
-    declared: dict[str, torch.Tensor] = {}
-    for p in artifact.payloads():
-        if isinstance(p, MemoryTable):
-            continue
-        d = (low_rank_delta(p, layout, torch.float32, "cpu") if isinstance(p, LowRank)
-             else p.delta.float().cpu())
-        declared[p.param] = declared.get(p.param, 0) + d
-    base_params = dict(base.named_parameters())
-    undeclared, mismatched, nonfinite, max_err, n = [], [], [], 0.0, 0
-    for name, w_edit in edited.named_parameters():
-        n += 1
-        w_base = base_params.get(name)
-        if w_base is None or w_base.shape != w_edit.shape:
-            undeclared.append(name)
-            continue
-        if name not in declared:
-            if not torch.equal(w_base, w_edit):
-                undeclared.append(name)
-            continue
-        if not bool(torch.isfinite(w_edit).all()):
-            nonfinite.append(name)
-            continue
-        # float64: squared norms of large but finite weights overflow float32
-        diff = w_edit.detach().double().cpu() - w_base.detach().double().cpu()
-        err = (diff - declared[name].double()).norm().item()
-        # rounding of W + Δ in the parameter's dtype is at most ~eps·|W| per element
-        eps = torch.finfo(w_edit.dtype).eps
-        bound = rtol * declared[name].double().norm().item() + \
-            4 * eps * w_base.double().norm().item()
-        max_err = max(max_err, err)
-        if err > bound:
-            mismatched.append(name)
-    ok = not undeclared and not mismatched and not nonfinite
-    return AuditResult(ok, tuple(undeclared), tuple(mismatched), n, max_err, tuple(nonfinite))
+    entries = tuple(e for e in artifact.manifest.payloads
+                    if (steps is None or e.step in steps) and (kinds is None or e.kind in kinds))
+    names = {n for e in entries for n in e.tensors}
+    manifest = artifact.manifest.model_copy(update={"payloads": entries}).sealed()
+    return Artifact(manifest, {k: v for k, v in artifact.tensors.items() if k in names})

@@ -58,15 +58,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kmec._version import __version__
-from kmec.artifacts import (
-    Applied,
+from kmec.artifacts.apply import Applied, apply
+from kmec.artifacts.format import (
     Artifact,
     Manifest,
-    apply,
     check_base,
     check_format,
     load_artifact,
     save_artifact,
+    select,
 )
 from kmec.errors import ArtifactError, ModelError
 from kmec.hashing import atomic_dir, canonical_json, sha256_tensor
@@ -221,15 +221,10 @@ def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = Non
 
 
 def split_memory(artifact: Artifact) -> tuple[Artifact, Artifact | None]:
-    """``(weight payloads, memory payloads or None)`` of ``artifact``, same manifest otherwise."""
-    def part(kinds: tuple[str, ...]) -> Artifact:
-        entries = tuple(e for e in artifact.manifest.payloads if e.kind in kinds)
-        names = {n for e in entries for n in e.tensors}
-        return Artifact(artifact.manifest.model_copy(update={"payloads": entries}),
-                        {k: v for k, v in artifact.tensors.items() if k in names})
-
-    memory = part(("memory",))
-    return part(("low_rank", "dense")), (memory if memory.manifest.payloads else None)
+    """``(weight payloads, memory payloads or None)`` of ``artifact`` (see :func:`select`)."""
+    memory = select(artifact, kinds=("memory",))
+    return select(artifact, kinds=("low_rank", "dense")), (memory if memory.manifest.payloads
+                                                           else None)
 
 
 def read_record(folder: str | Path) -> EditRecord:

@@ -1,0 +1,337 @@
+"""The workflows: compile a spec into a build directory, verify a build, and their shared start.
+
+Contents:
+    Start           a parsed spec, its model loaded, the editors the planner may use
+    start()         spec file -> Start (the first steps of compile and bench)
+    compile_spec()  spec file -> parse -> plan -> execute -> build directory
+    BuildResult     what compile_spec produced
+    Inputs          spec, plan, model reference and artifact of one verification
+    load_inputs()   read a build directory, or an artifact folder plus a spec file
+    verify_build()  load the base model, apply the artifact to a copy, verify, write reports
+    default_report_dir()   ``<build>/report``
+
+This is the top of the library's stack: it calls the grammar, the planner,
+:func:`kmec.compile.execute`, the artifact formats and the verifier, which
+never call each other upward (``tests/test_imports.py``). The CLI and
+``kmec.__init__`` call these functions; nothing below imports this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Self
+
+from kmec._version import __version__
+from kmec.artifacts import MANIFEST, Artifact, apply, load_artifact
+from kmec.artifacts.build import build_root, read_build, up_to_date, write_build
+from kmec.errors import ArtifactError, BackendError, VerifyError
+from kmec.grammar.files import find_root
+from kmec.hashing import spec_hash
+from kmec.models.load import DEFAULT_MODEL, LoadedModel, ModelRef, resolve_ref
+from kmec.outputs import check_output, ensure_folder
+from kmec.planner.model import Plan
+from kmec.progress import Progress
+from kmec.spec import Spec
+
+if TYPE_CHECKING:
+    from kmec.verify.report import Report
+
+log = logging.getLogger("kmec")
+
+
+# ---------------------------------------------------------------- the shared start
+
+
+@dataclass
+class Start:
+    """A spec with its model loaded: what compile and bench begin with."""
+
+    spec: Spec
+    model: str  # the reference as given (--model, the spec's `model`, or the default)
+    lm: LoadedModel
+    editors: tuple[str, ...]  # models with a trained MEND editor, for the planner
+
+
+def start(spec_path: str | Path, *, model: str | None = None, root: str | Path | None = None,
+          editors: Collection[str] | None = None, limit: int | None = None,
+          before_load: Callable[[Spec, ModelRef], None] | None = None) -> Start:
+    """Parse ``spec_path`` and load its model.
+
+    Args:
+        spec_path: the ``.kmec`` file.
+        model: overrides the spec's ``model``.
+        root: the folder the spec's includes and subjects files must lie under.
+        editors: models with a trained MEND editor; None: the model's own
+            editor in ``$KMEC_HOME/editors`` when there is one.
+        limit: keep only the first ``limit`` edits.
+        before_load: ``fn(spec, ref)`` called after parsing and before the
+            (slow) model load, e.g. to check an output path against the inputs.
+
+    Raises:
+        SpecError / ModelError: the spec or the model.
+    """
+    from kmec.grammar import parse_file
+    from kmec.models.load import load_model  # looked up at call time (tests replace it)
+
+    spec = parse_file(spec_path, root=root)
+    if limit is not None:
+        spec = spec.model_copy(update={"edits": spec.edits[:limit]})
+    ref = model or spec.model or DEFAULT_MODEL
+    resolved = resolve_ref(ref)
+    if before_load is not None:
+        before_load(spec, resolved)
+    lm = load_model(resolved)
+    if editors is None:
+        from kmec.backends.mend.store import planner_editors
+
+        editors = planner_editors(lm.facts.fingerprint)
+    return Start(spec, ref, lm, tuple(editors))
+
+
+# ---------------------------------------------------------------- compile
+
+
+@dataclass
+class BuildResult:
+    """What :func:`compile_spec` produced."""
+
+    out: Path
+    plan: Plan
+    artifact: Artifact
+    seconds: float
+    up_to_date: bool
+
+
+def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str | None = None,
+                 progress: Progress | None = None, use_cache: bool = True,
+                 editors: tuple[str, ...] | None = None, force: bool = False,
+                 root: str | Path | None = None) -> BuildResult:
+    """Parse, plan and execute a spec; write the build directory.
+
+    Args:
+        spec_path: the ``.kmec`` file.
+        out: the build directory (replaced atomically; an existing path that
+            is not a kmec build is refused unless ``force``, see :mod:`kmec.outputs`).
+        model: overrides the spec's ``model``.
+        progress: ``progress(message, done, total)``.
+        use_cache: reuse cached step results and cached target values.
+        editors: models with a trained MEND editor, for the planner; None: the
+            model's own editor in ``$KMEC_HOME/editors`` when there is one.
+        force: replace ``out`` even if kmec did not write it.
+        root: the folder the spec's includes and subjects files must lie under
+            (default: its repository, see :mod:`kmec.grammar.files`).
+
+    Raises:
+        OutputError: ``out`` may not be written (checked before anything runs).
+    """
+    from kmec.backends import BACKENDS
+    from kmec.compile import execute
+    from kmec.models.load import fingerprint_model
+    from kmec.planner import plan as make_plan
+
+    t0 = time.perf_counter()
+    spec_path = Path(spec_path)
+    check_output(out, "build", inputs=[spec_path], force=force)
+
+    def inputs_are_safe(spec: Spec, ref: ModelRef) -> None:
+        check_output(out, "build", force=force, inputs=[spec_path, *spec.includes,
+                                                       *([ref.path] if ref.path else [])])
+
+    s = start(spec_path, model=model, root=root, editors=editors, before_load=inputs_are_safe)
+    plan = make_plan(s.spec, s.lm.facts, backends=BACKENDS, editors=s.editors)
+    out = Path(out)
+    existing = up_to_date(out, plan)
+    if existing is not None:
+        return BuildResult(out, plan, existing, time.perf_counter() - t0, True)
+    before = s.lm.facts.fingerprint
+    with _Collect() as messages:
+        artifact = execute(plan, s.lm, progress=progress, use_cache=use_cache)
+    if fingerprint_model(s.lm.model) != before:
+        raise BackendError("the model changed while compiling (a backend mutated it)",
+                           step_id="compile")
+    seconds = time.perf_counter() - t0
+    write_build(out, plan=plan, spec=s.spec, artifact=artifact, spec_path=spec_path,
+                model=s.model, log=_compile_log(plan, artifact, seconds, messages.lines))
+    return BuildResult(out, plan, artifact, seconds, False)
+
+
+class _Collect(logging.Handler):
+    """The kmec logger's messages while compiling, for compile.log.
+
+    It records what the logger lets through at its configured level (INFO
+    under the CLI, WARNING in a program that did not configure logging); it
+    never changes a level, so it cannot make a program chattier.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+    def __enter__(self) -> Self:
+        log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        log.removeHandler(self)
+
+
+def _compile_log(plan: Plan, artifact: Artifact, seconds: float,
+                 messages: Sequence[str] = ()) -> str:
+    lines = [f"kmec {__version__} compiled plan {plan.sha256[:16]} for {plan.model} "
+             f"({plan.model_fingerprint[:12]}) in {seconds:.1f} s"]
+    for step in plan.steps:
+        lines.append(f"step {step.id}: {step.backend}, {len(step.edits)} edits, layers "
+                     f"{list(step.layers)}")
+        lines += [f"  because {r.choice}: {r.because}" for r in step.reasons]
+    for e in artifact.manifest.payloads:
+        lines.append(f"payload {e.id}: {e.kind} on {e.param or e.site} rank {e.rank} "
+                     f"sha256 {min(e.tensors.values())[:16]}")
+    lines += [f"log {m}" for m in messages]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything one verification reads."""
+
+    spec: Spec
+    plan: Plan | None
+    model: str
+    artifact: Artifact
+    root: Path  # the build directory (or the artifact folder)
+    notes: tuple[str, ...] = ()
+
+
+def _parse(spec_path: Path, root: str | Path | None) -> Spec:
+    from kmec.grammar import parse_file
+
+    return parse_file(spec_path, root=root)
+
+
+def load_inputs(target: str | Path, spec_path: str | Path | None = None, *,
+                spec_root: str | Path | None = None) -> Inputs:
+    """Read a build directory, or an artifact folder plus a spec file.
+
+    Raises:
+        VerifyError: not a build directory / artifact, or an artifact without a spec.
+        SpecError: the spec file does not parse.
+        ArtifactError: the artifact is corrupt, or disagrees with its plan.
+    """
+    given = Path(target)
+    if not given.exists():
+        raise VerifyError(f"{given} does not exist", hint="run kmec compile SPEC first, or pass "
+                          "the build directory it wrote")
+    root = build_root(given)
+    notes: list[str] = []
+    if (root / "plan.json").exists():
+        plan, spec, info, artifact = read_build(root)
+        source = info.get("spec_path")
+        if spec_path is not None:
+            spec = _parse(Path(spec_path), spec_root)
+            if spec_hash(spec) != plan.spec_hash:
+                notes.append(f"the spec {spec_path} differs from the one this build was compiled "
+                             "from; its claims are checked against the compiled edits")
+        elif isinstance(source, str) and source:
+            spec = spec.model_copy(update={"source": source})
+        model = info.get("model") if isinstance(info.get("model"), str) else None
+        return Inputs(spec, plan, model or plan.model, artifact, root, tuple(notes))
+    if (root / MANIFEST).exists():
+        if spec_path is None:
+            raise VerifyError(f"{root} is an artifact without a build directory around it",
+                              hint="pass the spec it was compiled from: kmec verify ARTIFACT --spec SPEC")
+        artifact = load_artifact(root)
+        spec = _parse(Path(spec_path), spec_root)
+        return Inputs(spec, None, artifact.manifest.base_model, artifact, root,
+                      ("verified against the spec: no plan was found next to the artifact",))
+    raise VerifyError(f"{root} is neither a kmec build directory nor an artifact",
+                      hint="pass the folder kmec compile wrote (it holds plan.json)")
+
+
+def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
+                 max_examples: int | None = None, report_dir: str | Path | None = None,
+                 db_dir: str | Path | None = None, progress: Progress | None = None,
+                 force: bool = False, root: str | Path | None = None) -> Report:
+    """Verify a build directory (or an artifact folder with ``spec_path``).
+
+    Args:
+        build_dir: what ``kmec compile`` wrote, or an artifact folder.
+        spec_path: a spec file to take the claims from (required for a bare artifact).
+        max_examples: hypothesis examples per locality property.
+        report_dir: write report.json / junit.xml / report.md / report.html here
+            (checked and created before anything is verified; see :mod:`kmec.outputs`).
+        db_dir: hypothesis example database (default ``<build>/.hypothesis``).
+        progress: ``progress(stage, done, total)``.
+        force: write into ``report_dir`` even if it holds files kmec did not write.
+        root: the folder the spec's subjects files must lie under (default:
+            the spec's repository, see :mod:`kmec.grammar.files`).
+
+    Returns:
+        The :class:`kmec.verify.Report`.
+
+    Raises:
+        KmecError: bad inputs (exit code 2); claim violations are in the report.
+    """
+    from kmec.models.load import load_model  # looked up at call time (tests replace it)
+    from kmec.verify import verify
+    from kmec.verify.render import write_reports
+
+    inputs = load_inputs(build_dir, spec_path, spec_root=root)
+    if report_dir is not None:  # before the minutes of verification, not after
+        given = [build_dir, *([spec_path] if spec_path is not None else [])]
+        check_output(report_dir, "report", inputs=given, force=force, flag="--report-dir")
+        ensure_folder(report_dir, "report")
+    if progress:
+        progress("loading model", 0, 1)
+    lm = load_model(inputs.model)
+    fp = lm.facts.fingerprint
+    if fp != inputs.artifact.manifest.base_fingerprint:
+        raise ArtifactError(
+            f"the artifact was compiled for a model with fingerprint "
+            f"{inputs.artifact.manifest.base_fingerprint[:12]}, but {inputs.model!r} now has {fp[:12]}",
+            hint="recompile the spec for the installed model")
+    edited = copy.deepcopy(lm.model)
+    apply(inputs.artifact, edited, fingerprint=fp, tok=lm.tok)
+    if progress:
+        progress("loading model", 1, 1)
+    # subjects files are confined to --root, else to the repository of the spec given
+    # (--spec) or of the build folder: never to a root a build's own files could name
+    subjects_root = root if root is not None else find_root(spec_path or inputs.root)
+    report = verify(inputs.spec, inputs.plan, lm.model, edited, lm.tok, seed=None,
+                    max_examples=max_examples, root=subjects_root,
+                    db_dir=db_dir if db_dir is not None else _default_db(inputs.root),
+                    progress=progress, artifact=inputs.artifact)
+    if inputs.notes:
+        report = report.model_copy(update={"notes": report.notes + inputs.notes})
+    if report_dir is not None:
+        write_reports(report, report_dir)
+    return report
+
+
+def _default_db(root: Path) -> Path | None:
+    """``<build>/.hypothesis``, unless something other than a folder kmec made is there (a
+    link could make the example database write elsewhere): then no database."""
+    db = root / ".hypothesis"
+    if db.is_symlink() or (db.exists() and not db.is_dir()):
+        log.warning("not using %s as the example database: it is not a plain folder", db)
+        return None
+    return db
+
+
+def default_report_dir(target: str | Path) -> Path:
+    """``<build>/report`` (or ``<artifact>/../report`` for an artifact in a build)."""
+    return build_root(target) / "report"
+
+
+__all__ = ["BuildResult", "Inputs", "Start", "compile_spec", "default_report_dir",
+           "load_inputs", "start", "verify_build"]
