@@ -58,9 +58,9 @@ import torch
 from kmec.artifacts import apply, build_artifact
 from kmec.backends import get_backend
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import target_text
 from kmec.models.adapters import adapter_for
 from kmec.models.load import kmec_home, load_model
+from kmec.models.tokens import target_text
 from kmec.planner.layers import default_layers
 from kmec.planner.model import EditRequest, StatsRequest, Step
 from kmec.planner.passes.choose_layers import ROLE

@@ -71,9 +71,9 @@ def run_once(path: Path) -> tuple[float, float, int, int]:
 
 def plan_imported(path: Path) -> None:
     """Plan the imported spec for the embedded model; print the choice and the time."""
+    from kmec.models.facts_io import facts_for_ref
     from kmec.models.load import DEFAULT_MODEL
     from kmec.planner import plan
-    from kmec.planner.facts_io import facts_for_ref
 
     spec = import_file("counterfact", path).spec
     facts = facts_for_ref(DEFAULT_MODEL)

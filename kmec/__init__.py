@@ -35,6 +35,10 @@ def plan(spec: Any, facts: Any, **kwargs: Any) -> Any:
     """Compile a Spec into a Plan for a model's facts (see :func:`kmec.planner.plan`)."""
     from kmec.planner import plan as _plan
 
+    if "backends" not in kwargs:
+        from kmec.backends import BACKENDS
+
+        kwargs["backends"] = BACKENDS
     return _plan(spec, facts, **kwargs)
 
 

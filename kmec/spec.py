@@ -30,7 +30,10 @@ from kmec.errors import Span
 METHODS = ("auto", "rome", "memit", "alphaedit", "memory", "retrieval", "ft", "mend")
 METRICS = ("efficacy", "generality", "locality", "portability", "reversal", "retention")
 
-Method = Literal["auto", "rome", "memit", "alphaedit", "memory", "retrieval", "ft", "mend"]
+# A method is a backend's registry name. The .kmec language accepts the built-in ones
+# (METHODS, checked with "did you mean" when a spec is read); a spec built in Python may
+# name any backend registered with the planner (kmec.planner.backend_info).
+Method = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
 Metric = Literal["efficacy", "generality", "locality", "portability", "reversal", "retention"]
 
 
@@ -132,7 +135,7 @@ class MethodHint(Node):
     """How the user wants the edit made (``auto`` lets the planner choose)."""
 
     kind: Literal["method"] = "method"
-    method: Method = "auto"
+    method: Method = "auto"  # "auto" lets the planner choose
     layers: tuple[int, ...] | None = None
     max_delta: float | None = None  # bound on relative weight change, ‖Δ‖/‖W‖
     frozen: bool = False  # weights must not change: external memory only

@@ -2,7 +2,7 @@
 
 Contents:
     EDIT_RECORD / BASE_PARAMS / MEMORY_DIR   what kmec adds to an edited model folder
-    EditRecord       what ``kmec_edit.json`` holds (manifest, both fingerprints, hashes)
+    EditedRecord       what ``kmec_edit.json`` holds (manifest, both fingerprints, hashes)
     load_weights()   a causal LM's weights (float32, CPU) without its tokenizer
     write_edited()   artifact + base model -> edited Hugging Face folder (atomic)
     split_memory()   an artifact's weight payloads and its memory payloads, apart
@@ -14,7 +14,7 @@ Contents:
 An edited folder is an ordinary Hugging Face model folder (``config.json``,
 ``model.safetensors``, tokenizer files) plus::
 
-    kmec_edit.json                 canonical JSON (EditRecord)
+    kmec_edit.json                 canonical JSON (EditedRecord)
     kmec_base_params.safetensors   the exact original tensors of the edited parameters
 
 Only the parameters the artifact changes are stored, so the second file is
@@ -91,7 +91,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "chat_template.jinja", "chat_template.json")
 
 
-class EditRecord(BaseModel):
+class EditedRecord(BaseModel):
     """Contents of ``kmec_edit.json`` in an edited model folder."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -211,7 +211,7 @@ def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = Non
         save_file(originals, str(tmp / BASE_PARAMS), metadata={"format": EDITED_FORMAT})
         if memory_part is not None:
             save_artifact(memory_part, tmp / MEMORY_DIR)
-        record = EditRecord(kmec_version=__version__, base_model=name, base_fingerprint=base_fp,
+        record = EditedRecord(kmec_version=__version__, base_model=name, base_fingerprint=base_fp,
                             edited_fingerprint=edited_fp, tokenizer=tokenizer, manifest=m,
                             base_params={k: sha256_tensor(v) for k, v in originals.items()})
         (tmp / EDIT_RECORD).write_text(canonical_json(record.model_dump(mode="json")))
@@ -227,7 +227,7 @@ def split_memory(artifact: Artifact) -> tuple[Artifact, Artifact | None]:
                                                            else None)
 
 
-def read_record(folder: str | Path) -> EditRecord:
+def read_record(folder: str | Path) -> EditedRecord:
     """Read and validate an edited folder's ``kmec_edit.json`` (JSON only).
 
     Raises:
@@ -249,7 +249,7 @@ def read_record(folder: str | Path) -> EditRecord:
                             hint="the edited folder is corrupt; re-run kmec apply") from None
     check_format(raw, EDITED_FORMAT, path)
     try:
-        record = EditRecord.model_validate(raw)
+        record = EditedRecord.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ())) or "<root>"
@@ -262,7 +262,7 @@ def read_record(folder: str | Path) -> EditRecord:
     return record
 
 
-def read_base_params(folder: str | Path, record: EditRecord) -> dict[str, torch.Tensor]:
+def read_base_params(folder: str | Path, record: EditedRecord) -> dict[str, torch.Tensor]:
     """Read ``kmec_base_params.safetensors`` and check each tensor's sha256 (no pickle).
 
     Raises:
@@ -300,7 +300,7 @@ class EditedModel(LoadedModel):
             removes it); None when the folder holds weight edits only.
     """
 
-    record: EditRecord | None = None
+    record: EditedRecord | None = None
     memory: Applied | None = None
 
 

@@ -51,7 +51,7 @@ import torch
 
 from kmec.artifacts.payloads import MemoryTable
 from kmec.errors import ArtifactError, ModelError
-from kmec.models.hooks import Trace, get_module
+from kmec.models.hooks import Trace, device_of, get_module, hidden_of, with_hidden
 
 LOOKUP_ROWS = 4096  # positions compared with the keys at once (bounds the distance matrix)
 
@@ -183,7 +183,7 @@ class CodebookSite:
     def __init__(self, model: Any, path: str) -> None:
         self.path = path
         self.tables: list[MemoryTable] = []
-        self.device = next(model.parameters()).device
+        self.device = device_of(model)
         self.keys = self.values = self.radius = None
         self.trace = Trace(model, path, retain_input=True, edit_output=self._edit)
 
@@ -213,7 +213,7 @@ class CodebookSite:
 
     def _edit(self, output: Any, _path: str) -> Any:
         x = self.trace.input
-        out = output[0] if isinstance(output, tuple) else output
+        out = hidden_of(output)
         if x is None or x.shape[:-1] != out.shape[:-1]:
             return output
         fire, idx = codebook_lookup(x.reshape(-1, x.shape[-1]), self.keys, self.radius)
@@ -222,7 +222,7 @@ class CodebookSite:
         flat = out.reshape(-1, out.shape[-1]).clone()
         flat[fire] = self.values[idx[fire]].to(flat.dtype)
         new = flat.view(out.shape)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return with_hidden(output, new)
 
 
 def _forget(site: Any) -> None:

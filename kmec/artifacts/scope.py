@@ -28,6 +28,7 @@ import torch
 
 from kmec.artifacts.payloads import MemoryTable
 from kmec.errors import ArtifactError, ModelError
+from kmec.models.hooks import device_of
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 EMBED_BATCH = 64
@@ -60,7 +61,7 @@ def embed(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 256) 
     ``e(t) = normalise(Σ_i m_i h_i / Σ_i m_i)`` over the encoder's last hidden
     states ``h`` and attention mask ``m`` (the all-MiniLM-L6-v2 recipe).
     """
-    device = next(model.parameters()).device
+    device = device_of(model)
     out = []
     for start in range(0, len(texts), EMBED_BATCH):
         chunk = [t if t.strip() else "." for t in texts[start:start + EMBED_BATCH]]

@@ -73,14 +73,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kmec.artifacts.payloads import Payload
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import compute_keys, context_prefixes, residual_at
+from kmec.backends.keys import compute_keys, context_prefixes, locate_then_edit_cost, residual_at
 from kmec.backends.linalg import spd_solve
 from kmec.backends.spread import spread_over_layers
 from kmec.backends.values import ValueParams, optimise_deltas, value_cache
 from kmec.errors import BackendError
 from kmec.hashing import atomic_write_bytes, sha256_tensor
 from kmec.models.facts import ModelFacts
-from kmec.planner.model import EditRequest, Step
+from kmec.planner import costs
+from kmec.planner.backend_info import BackendInfo
+from kmec.planner.model import EditRequest, StatsRequest, Step
 
 
 class ProtectedKey(BaseModel):
@@ -163,10 +165,22 @@ def null_space_update(keys: torch.Tensor, resid: torch.Tensor, basis: torch.Tens
     return resid.float().T.contiguous(), v
 
 
+def _eigen_cost(request: StatsRequest, facts: ModelFacts) -> float:
+    """The null-space projector: an eigendecomposition per layer, about ``10 · d_mlp³``."""
+    return len(request.layers) * 10 * facts.d_mlp**3 / costs.CPU_FLOPS
+
+
+INFO = BackendInfo(
+    name="alphaedit", changes="weights", needs_stats=True, layers="range", layer_role="memit",
+    layer_note="AlphaEdit edits MEMIT's layers (as in its paper)", keyed=True,
+    cost=locate_then_edit_cost, stats_cost=_eigen_cost)
+
+
 class AlphaEdit:
     """Null-space–projected edits over a layer range; one step per edit under ``order sequence``."""
 
     name: ClassVar[str] = "alphaedit"
+    info: ClassVar[BackendInfo] = INFO
     Params: ClassVar[type[BaseModel]] = AlphaEditParams
 
     def default_params(self, facts: ModelFacts) -> AlphaEditParams:

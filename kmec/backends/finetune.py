@@ -65,11 +65,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kmec.artifacts.payloads import Dense, LowRank, Payload
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import context_prefixes, target_text
+from kmec.backends.keys import context_prefixes
 from kmec.errors import BackendError
 from kmec.models.batching import right_pad
 from kmec.models.facts import ModelFacts
-from kmec.models.hooks import TraceDict
+from kmec.models.hooks import TraceDict, device_of, hidden_of, with_hidden
+from kmec.models.tokens import target_text
+from kmec.planner import costs
+from kmec.planner.backend_info import BackendInfo, Work
 from kmec.planner.model import EditRequest, Step
 
 # Stand-in subjects for the fallback neighbourhood: well known, and of several
@@ -268,7 +271,7 @@ def _batch(rows: Sequence[_Row], pad: int, device: Any) -> tuple[torch.Tensor, t
 @torch.no_grad()
 def _base_logprobs(model: Any, tok: Any, prompts: Sequence[str], batch: int) -> torch.Tensor:
     """log P₀(· | prompt) at each prompt's last token: [n, vocab] float32."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = []
     for s in range(0, len(prompts), batch):
@@ -284,10 +287,35 @@ def _base_logprobs(model: Any, tok: Any, prompts: Sequence[str], batch: int) -> 
 # ---------------------------------------------------------------- the backend
 
 
+FT_STEPS = 40  # constrained fine-tuning steps, at most (FinetuneParams.steps; early stop)
+
+
+def _cost(step: Step, facts: ModelFacts, setup: bool) -> Work:
+    """At most ``FT_STEPS`` forward+backward passes over the edit and scope prompts plus a
+    KL forward over the preserve prompts, training one MLP output matrix per layer."""
+    p, n, L = costs.model_params(facts), len(step.edits), max(len(step.layers), 1)
+    prompts = sum(1 + len(e.scope) for e in step.edits)
+    anchors = sum(len(e.preserve) for e in step.edits) or 5 * n
+    secs = costs.seconds(FT_STEPS * (prompts * costs.FWD_BWD + 2 * anchors)
+                         * costs.PROMPT_TOKENS, p)
+    trained = L * facts.d_model * facts.d_mlp
+    extra = costs.activations_mb(facts, prompts * costs.PROMPT_TOKENS) + trained * 4 * 3 / costs.MB
+    return Work(secs, extra, (f"at most {FT_STEPS} steps over {prompts} prompts and {anchors} "
+                              f"KL anchors {secs:.0f} s",))
+
+
+INFO = BackendInfo(
+    name="ft", changes="weights", layers="range", layer_role="memit",
+    layer_note="constrained fine-tuning spreads its bounded change over MEMIT's range of "
+    "mid-early MLPs, where subject-keyed facts are stored",
+    uses=frozenset({"scope", "preserve"}), cost=_cost)
+
+
 class Finetune:
     """Norm- and KL-constrained fine-tuning of the step's MLP output projections."""
 
     name: ClassVar[str] = "ft"
+    info: ClassVar[BackendInfo] = INFO
     Params: ClassVar[type[BaseModel]] = FinetuneParams
 
     def default_params(self, facts: ModelFacts) -> FinetuneParams:
@@ -356,7 +384,7 @@ class _Trainer:
         self.model, self.deltas, self.base, self.p = model, deltas, base, p
         self.nll_rows, self.kl_rows, self.step_id = nll_rows, kl_rows, step_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.device = next(model.parameters()).device
+        self.device = device_of(model)
         self.trainable = [t for d in deltas.values() for t in d.tensors()]
         n_bare = sum(r.bare for r in nll_rows)
         self.n_check = len(nll_rows) if p.stop_on_scope else n_bare
@@ -368,9 +396,9 @@ class _Trainer:
         holder: dict[str, TraceDict] = {}
 
         def edit(output: Any, path: str) -> Any:
-            out = output[0] if isinstance(output, tuple) else output
-            out = out + self.deltas[path].add(holder["td"][path].input).to(out.dtype)
-            return (out, *output[1:]) if isinstance(output, tuple) else out
+            out = hidden_of(output)
+            return with_hidden(output, out + self.deltas[path].add(holder["td"][path].input)
+                               .to(out.dtype))
 
         with TraceDict(self.model, list(self.deltas), retain_input=True, detach=False,
                        edit_output=edit) as td:

@@ -9,8 +9,6 @@ Contents:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 
@@ -49,10 +47,6 @@ def math_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
     """``weight`` as the ``[out, in]`` matrix W with ``y = W k`` (float32 copy)."""
     w = weight.detach().float()
     return w.T if layout == "in_out" else w
-
-
-def module_device(module: Any) -> torch.device:
-    return next(module.parameters()).device
 
 
 def bound_relative_change(u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,

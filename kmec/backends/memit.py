@@ -45,12 +45,13 @@ from pydantic import BaseModel, ConfigDict
 
 from kmec.artifacts.payloads import Payload
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import context_prefixes, residual_at
+from kmec.backends.keys import context_prefixes, locate_then_edit_cost, residual_at
 from kmec.backends.linalg import spd_solve
 from kmec.backends.spread import spread_over_layers
 from kmec.backends.values import ValueParams, optimise_deltas, value_cache
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts
+from kmec.planner.backend_info import BackendInfo
 from kmec.planner.model import Step
 
 
@@ -96,10 +97,18 @@ def batch_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor,
     return resid.float().T.contiguous(), v
 
 
+# MEMIT's paper evaluates batches up to 10,000 edits in one solve (Meng et al. 2023, Fig. 5);
+# beyond that there is no evidence one solve stays accurate, so larger batches are split.
+INFO = BackendInfo(
+    name="memit", changes="weights", needs_stats=True, layers="range", layer_role="memit",
+    max_batch=10_000, keyed=True, cost=locate_then_edit_cost)
+
+
 class Memit:
     """Batched edits over a layer range (one step may hold thousands of edits)."""
 
     name: ClassVar[str] = "memit"
+    info: ClassVar[BackendInfo] = INFO
     Params: ClassVar[type[BaseModel]] = MemitParams
 
     def default_params(self, facts: ModelFacts) -> MemitParams:

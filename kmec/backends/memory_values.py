@@ -18,7 +18,7 @@ import torch
 
 from kmec.backends.base import ExecContext
 from kmec.backends.keys import build_batch, context_prefixes
-from kmec.models.hooks import Trace
+from kmec.models.hooks import Trace, device_of, hidden_of, with_hidden
 from kmec.planner.model import EditRequest
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def _requests(occ: Sequence[Occurrence]) -> list[EditRequest]:
 def states_at(ctx: ExecContext, site: str, occ: Sequence[Occurrence]
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLP input (key) and output at each occurrence's key position (bare prompt)."""
-    device = next(ctx.model.parameters()).device
+    device = device_of(ctx.model)
     batch = build_batch(ctx.tok, _requests(occ), [""], with_targets=False, device=device)
     keys, outs = [], []
     for start in range(0, batch.input_ids.shape[0], 64):
@@ -50,7 +50,7 @@ def states_at(ctx: ExecContext, site: str, occ: Sequence[Occurrence]
 @torch.no_grad()
 def all_states(ctx: ExecContext, site: str, prompts: Sequence[str]) -> torch.Tensor:
     """MLP inputs at every token of ``prompts``: ``[tokens, d]`` (right-padded batches)."""
-    device = next(ctx.model.parameters()).device
+    device = device_of(ctx.model)
     rows = [r for r in (ctx.tok.encode(p, add_special_tokens=False) for p in prompts) if r]
     out = []
     for start in range(0, len(rows), 64):
@@ -126,7 +126,7 @@ def _train_chunk(ctx: ExecContext, site: str, occ: Sequence[Occurrence], book: C
                  entries: list[int], outs: torch.Tensor, prefixes: Sequence[str],
                  p: MemoryParams) -> tuple[torch.Tensor, torch.Tensor]:
     model, tok = ctx.model, ctx.tok
-    device = next(model.parameters()).device
+    device = device_of(model)
     members = [(e_local, m) for e_local, e in enumerate(entries) for m in book.members[e]]
     rw = build_batch(tok, _requests([occ[m] for _, m in members]), prefixes, with_targets=True,
                      device=device)
@@ -153,10 +153,9 @@ def _train_chunk(ctx: ExecContext, site: str, occ: Sequence[Occurrence], book: C
     head, body = model.get_output_embeddings(), model.base_model
 
     def replace(output: Any, _path: str) -> Any:
-        out = output[0] if isinstance(output, tuple) else output
-        out = out.clone()
+        out = hidden_of(output).clone()
         out[idx, look] = v[rows_entry].to(out.dtype)
-        return (out, *output[1:]) if isinstance(output, tuple) else out
+        return with_hidden(output, out)
 
     kl_base, done = None, torch.zeros(n, dtype=torch.bool, device=device)
     prob = torch.zeros(n, device=device)

@@ -57,9 +57,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from kmec.artifacts.payloads import MemoryTable, Payload
 from kmec.artifacts.scope import best_per_query, embed, load_embedder_cached, segments
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import target_text
 from kmec.errors import BackendError, ModelError
 from kmec.models.facts import ModelFacts
+from kmec.models.tokens import target_text
+from kmec.planner import costs
+from kmec.planner.backend_info import BackendInfo, Work
 from kmec.planner.model import Step
 
 DEMO_TEMPLATE = ("New Fact: {prompt} {target}\nPrompt: {prompt} {target}\n\n"
@@ -133,10 +135,29 @@ def calibrate(pos: Sequence[float], neg: Sequence[float], prior: float, margin: 
 # ---------------------------------------------------------------- backend
 
 
+EMBEDDER_PARAMS = 22_700_000  # all-MiniLM-L6-v2
+
+
+def _cost(step: Step, facts: ModelFacts, setup: bool) -> Work:
+    """One pass of the sentence encoder over the edit, scope and preserve prompts (each with
+    its last sentence)."""
+    prompts = sum(1 + len(e.scope) for e in step.edits)
+    texts = 2 * (prompts + sum(len(e.preserve) for e in step.edits))
+    secs = costs.seconds(texts * costs.PROMPT_TOKENS, EMBEDDER_PARAMS)
+    return Work(secs, EMBEDDER_PARAMS * 4 / costs.MB, (f"embedding {texts} texts {secs:.1f} s",))
+
+
+INFO = BackendInfo(
+    name="retrieval", changes="memory", layers="none",
+    no_layers_note="the retrieval memory reads the input text and answers in context: it "
+    "edits no layer", writes_site=None, uses=frozenset({"scope", "preserve"}), cost=_cost)
+
+
 class Retrieval:
     """Edits as text + a MiniLM scope classifier + in-context answers; no weight changes."""
 
     name: ClassVar[str] = "retrieval"
+    info: ClassVar[BackendInfo] = INFO
     Params: ClassVar[type[BaseModel]] = RetrievalParams
 
     def default_params(self, facts: ModelFacts) -> RetrievalParams:

@@ -44,11 +44,12 @@ from pydantic import BaseModel, ConfigDict
 from kmec.artifacts.apply import temporarily_added
 from kmec.artifacts.payloads import LowRank, Payload
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import compute_keys, context_prefixes
+from kmec.backends.keys import compute_keys, context_prefixes, locate_then_edit_cost
 from kmec.backends.linalg import bound_relative_change, spd_solve
 from kmec.backends.values import ValueParams, optimise_deltas, value_cache
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts
+from kmec.planner.backend_info import BackendInfo
 from kmec.planner.model import Step
 
 
@@ -104,10 +105,16 @@ def rank_one_contexts(keys: torch.Tensor, delta: torch.Tensor, c: torch.Tensor |
     return delta.float()[:, None], v
 
 
+INFO = BackendInfo(
+    name="rome", changes="weights", needs_stats=True, layers="one", layer_role="rome",
+    batches=False, keyed=True, cost=locate_then_edit_cost)
+
+
 class Rome:
     """One rank-one update per edit; edits in one step are applied in order."""
 
     name: ClassVar[str] = "rome"
+    info: ClassVar[BackendInfo] = INFO
     Params: ClassVar[type[BaseModel]] = RomeParams
 
     def default_params(self, facts: ModelFacts) -> RomeParams:

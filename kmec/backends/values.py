@@ -49,7 +49,7 @@ from kmec._version import __version__
 from kmec.backends.keys import build_batch
 from kmec.hashing import atomic_write_bytes, canonical_json, sha256_text
 from kmec.models.adapters import ArchAdapter
-from kmec.models.hooks import Trace
+from kmec.models.hooks import Trace, device_of, hidden_of, with_hidden
 from kmec.planner.model import EditRequest
 
 
@@ -224,7 +224,7 @@ def optimise_deltas(
 
 
 def _optimise_chunk(model, tok, adapter, layer, edits, prefixes, params, seed, compact):
-    device = next(model.parameters()).device
+    device = device_of(model)
     torch.manual_seed(seed)
     rw = build_batch(tok, edits, prefixes, with_targets=True, device=device)
     ess = build_batch(tok, _essence_edits(edits, params.essence), [""], with_targets=False,
@@ -277,11 +277,10 @@ def _optimise_chunk(model, tok, adapter, layer, edits, prefixes, params, seed, c
                    edits=active.nonzero()[:, 0])
 
     def add_delta(output, _path):
-        out = output[0] if isinstance(output, tuple) else output
+        out = hidden_of(output)
         add = torch.zeros_like(out)
         add[cur["rows"], cur["look"]] = delta[cur["edit_of_row"]].to(out.dtype)
-        out = out + add
-        return (out, *output[1:]) if isinstance(output, tuple) else out
+        return with_hidden(output, out + add)
 
     kl_base = torch.zeros(n, 0, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)

@@ -28,16 +28,17 @@ def plan_command(
 ) -> None:
     """Show what `kmec compile` would do with SPEC, and why."""
     from kmec.grammar import parse_file
+    from kmec.models.facts_io import facts_for_ref
     from kmec.models.load import DEFAULT_MODEL
     from kmec.planner import plan
     from kmec.planner.explain import explain_tree, summary_table
-    from kmec.planner.facts_io import facts_for_ref
 
     parsed = parse_file(spec, root=root)
     facts = facts_for_ref(model or parsed.model or DEFAULT_MODEL)
+    from kmec.backends import BACKENDS
     from kmec.backends.mend.store import planner_editors
 
-    result = plan(parsed, facts, editors=planner_editors(facts.fingerprint))
+    result = plan(parsed, facts, backends=BACKENDS, editors=planner_editors(facts.fingerprint))
     if as_json:
         typer.echo(result.to_json(), nl=False)
     elif explain:

@@ -2,7 +2,7 @@
 
 Contents:
     Tally          counts (and a few examples) of what was left out, dropped or adjusted
-    Draft          an edit being assembled (mutable until :meth:`Builder.spec`)
+    EditDraft          an edit being assembled (mutable until :meth:`Builder.spec`)
     Builder        relations and edits from records: naming, merging, conflicts, claims
     load_records() a JSON array or JSON-Lines file -> list of records
     field()        a required record field, or a KmecError naming the record
@@ -85,7 +85,7 @@ class Tally:
 
 
 @dataclass
-class Draft:
+class EditDraft:
     """An edit being assembled from one or more records (same prompt, same target)."""
 
     name: str
@@ -151,9 +151,9 @@ class Builder:
         self.records = 0
         self.relations: dict[str, Relation] = {}
         self._relation_keys: dict[tuple[str, str, str | None], str] = {}
-        self.drafts: dict[str, Draft] = {}
-        self._by_prompt: dict[str, Draft] = {}
-        self._by_fact: dict[Any, Draft] = {}
+        self.drafts: dict[str, EditDraft] = {}
+        self._by_prompt: dict[str, EditDraft] = {}
+        self._by_fact: dict[Any, EditDraft] = {}
 
     # ------------------------------------------------------------------ names
 
@@ -182,7 +182,7 @@ class Builder:
 
     def edit(self, name: str, *, prompt: str, new: str, old: str | None = None,
              subject: str | None = None, relation: str | None = None,
-             fact: Any = None) -> Draft | None:
+             fact: Any = None) -> EditDraft | None:
         """Start (or merge into) the edit ``prompt -> new``; None if the record is dropped.
 
         Args:
@@ -216,7 +216,7 @@ class Builder:
             if prompt != first.prompt:  # the same fact asked another way: in scope
                 first.scope.append(prompt)
             return first
-        draft = Draft(name=self._unique(identifier(name, prefix="e"), self.drafts), prompt=prompt,
+        draft = EditDraft(name=self._unique(identifier(name, prefix="e"), self.drafts), prompt=prompt,
                       new=new, old=old, subject=subject, relation=relation)
         self.drafts[draft.name] = draft
         self._by_prompt[prompt] = draft
@@ -230,11 +230,11 @@ class Builder:
             self.adjusted.add("answers with surrounding blanks trimmed", example=example)
         return answer.strip()
 
-    def existing(self, prompt: str, fact: Any = None) -> Draft | None:
+    def existing(self, prompt: str, fact: Any = None) -> EditDraft | None:
         """The edit already declared for ``prompt`` (or for ``fact``), if any."""
         return self._by_prompt.get(prompt) or (self._by_fact.get(fact) if fact else None)
 
-    def _strings(self, values: Iterable[object], what: str, draft: Draft) -> list[str]:
+    def _strings(self, values: Iterable[object], what: str, draft: EditDraft) -> list[str]:
         good = []
         for v in values:
             if _blank(v):
@@ -243,15 +243,15 @@ class Builder:
                 good.append(str(v))
         return good
 
-    def scope(self, draft: Draft, prompts: Iterable[object]) -> None:
+    def scope(self, draft: EditDraft, prompts: Iterable[object]) -> None:
         """Add in-scope prompts (paraphrases) to ``draft``."""
         draft.scope.extend(self._strings(prompts, "scope prompts", draft))
 
-    def preserve(self, draft: Draft, prompts: Iterable[object]) -> None:
+    def preserve(self, draft: EditDraft, prompts: Iterable[object]) -> None:
         """Add prompts whose output must not change to ``draft``."""
         draft.preserve.extend(self._strings(prompts, "preserve prompts", draft))
 
-    def portability(self, draft: Draft, probes: Iterable[tuple[object, object]]) -> None:
+    def portability(self, draft: EditDraft, probes: Iterable[tuple[object, object]]) -> None:
         """Add ``(prompt, answer)`` probes that must follow the edit to ``draft``."""
         for prompt, answer in probes:
             if _blank(prompt) or _blank(answer):

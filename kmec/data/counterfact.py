@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kmec.data.common import Builder, Draft, field, format_template
+from kmec.data.common import Builder, EditDraft, field, format_template
 from kmec.errors import KmecError
 from kmec.grammar.templates import render
 
@@ -94,7 +94,7 @@ def _read_rome(records: Sequence[Mapping[str, Any]], start: int, b: Builder) -> 
 
 
 def _rewrite(b: Builder, name: str, template: str, rid: str, subject: str, new: str,
-             old: str) -> Draft | None:
+             old: str) -> EditDraft | None:
     """A triple edit when ``template`` has one ``{}``; else a prompt edit of the filled text."""
     jinja = format_template(template)
     if jinja is not None:

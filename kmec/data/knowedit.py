@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kmec.data.common import Builder, Draft, answers, field, first_answer, subject_template
+from kmec.data.common import Builder, EditDraft, answers, field, first_answer, subject_template
 
 KEYS = ("subject", "prompt", "target_new")
 _WORD = re.compile(r"[A-Za-z0-9]+")
@@ -118,7 +118,7 @@ def _relation(b: Builder, prompt: str, subject: str, reverse_prompt: str | None,
     return b.relation(_slug(forward), forward, backward)
 
 
-def _portability(b: Builder, draft: Draft, probes: list[tuple[str, Any, Any]]) -> None:
+def _portability(b: Builder, draft: EditDraft, probes: list[tuple[str, Any, Any]]) -> None:
     pairs = []
     for _kind, prompt, gt in probes:
         answer, more = first_answer(gt)
@@ -128,7 +128,7 @@ def _portability(b: Builder, draft: Draft, probes: list[tuple[str, Any, Any]]) -
     b.portability(draft, pairs)
 
 
-def _locality(b: Builder, draft: Draft, rec: Mapping[str, Any]) -> None:
+def _locality(b: Builder, draft: EditDraft, rec: Mapping[str, Any]) -> None:
     groups = rec.get("locality") or {}
     for _kind, items in (groups.items() if isinstance(groups, Mapping) else ()):
         for item in items or ():

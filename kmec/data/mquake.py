@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kmec.data.common import Builder, Draft, field, format_template
+from kmec.data.common import Builder, EditDraft, field, format_template
 from kmec.grammar.templates import render
 
 
@@ -91,7 +91,7 @@ def _contradicts(b: Builder, rw: Mapping[str, Any]) -> bool:
     return first is not None and first.new != rw["new"]
 
 
-def _edit(b: Builder, name: str, rw: Mapping[str, Any]) -> Draft | None:
+def _edit(b: Builder, name: str, rw: Mapping[str, Any]) -> EditDraft | None:
     relation = b.relation(rw["rid"], rw["jinja"]) if rw["jinja"] else None
     draft = b.edit(name, prompt=rw["prompt"], new=rw["new"], old=rw["old"], subject=rw["subject"],
                    relation=relation, fact=(rw["rid"], rw["subject"]))
@@ -100,8 +100,8 @@ def _edit(b: Builder, name: str, rw: Mapping[str, Any]) -> Draft | None:
     return draft
 
 
-def _hops(b: Builder, home: Draft, rec: Mapping[str, Any], edited: set[str],
-          by_question: Mapping[str, Draft]) -> None:
+def _hops(b: Builder, home: EditDraft, rec: Mapping[str, Any], edited: set[str],
+          by_question: Mapping[str, EditDraft]) -> None:
     """Single hops: unedited ones are preserved; an edited hop's other cloze is in scope."""
     for key in ("single_hops", "new_single_hops"):
         for hop in rec.get(key) or ():

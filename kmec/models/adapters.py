@@ -5,6 +5,7 @@ Contents:
                       the declared weight layout of the MLP output projection
     ADAPTERS          model_type -> ArchAdapter
     adapter_for()     look up the adapter for a config's ``model_type``
+    plain_head()      whether a family's logits are exactly ``lm_head(last hidden state)``
 
 A *site* is an abstract place in the network. Backends and the statistics
 engine name sites (``mlp_out`` at layer 7) and the adapter turns them into
@@ -42,6 +43,9 @@ class ArchAdapter(BaseModel):
         lm_head: path of the unembedding (may be tied to ``embed``).
         weight_layout: how ``mlp_out.weight`` is stored (see module docstring).
         d_mlp_attr: config attribute holding the MLP width (None: 4 × d_model).
+        plain_head: the causal-LM head is exactly ``lm_head(base_model(x).last_hidden_state)``
+            (no logit scaling or soft-capping), so the verifier may run the head on
+            the positions it reads only.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -59,6 +63,7 @@ class ArchAdapter(BaseModel):
     d_mlp_attr: str | None
     n_layers_attr: str
     d_model_attr: str
+    plain_head: bool = True
 
     def site(self, name: str, layer: int | None = None) -> str:
         """Module path of an abstract site, e.g. ``site("mlp_out", 3)``.
@@ -158,3 +163,13 @@ def adapter_for(model_type: str) -> ArchAdapter:
             f"unsupported architecture {model_type!r}; kmec supports: {supported}",
             hint=hint or "add an ArchAdapter row in kmec/models/adapters.py",
         ) from None
+
+
+def plain_head(model_type: str) -> bool:
+    """Whether the family's logits are ``lm_head`` of the body's last hidden state (False for
+    families kmec has no adapter for: the verifier then runs the whole model).
+
+    >>> plain_head("llama"), plain_head("gemma2")
+    (True, False)
+    """
+    return model_type in ADAPTERS and ADAPTERS[model_type].plain_head

@@ -6,6 +6,9 @@ Contents:
                   the output (optionally seeing the call's arguments), optionally
                   stop the forward pass after it
     TraceDict     the same over several modules at once
+    hidden_of()   the hidden states in a module's output (a tensor, or the first of a tuple)
+    with_hidden() the output with its hidden states replaced (same structure)
+    device_of()   the device a module's (first) parameters live on
     get_module()  module by dotted path, with a clear error
 
 Hooks are always removed when the ``with`` block ends, even on error. No other
@@ -36,6 +39,33 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         raise ModelError(
             f"model has no module {path!r}", hint=did_you_mean(path, names)
         ) from None
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states in a module's output: the output itself, or its first element.
+
+    >>> t = torch.zeros(1); hidden_of((t, None)) is t and hidden_of(t) is t
+    True
+    """
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` with its hidden states replaced by ``hidden`` (tuple kept a tuple).
+
+    >>> with_hidden((torch.zeros(1), "cache"), torch.ones(1))[1]
+    'cache'
+    """
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (where its inputs should go); CPU when it
+    has none."""
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
 
 
 def _first_tensor(x: Any) -> Any:

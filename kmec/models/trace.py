@@ -49,14 +49,15 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-# The same subject position and target spacing as the editing backends, so a
-# trace reports the very token ROME/MEMIT key on (a downstream import, but a
-# leaf module of pure helpers).
-from kmec.backends.keys import subject_position, target_text
 from kmec.errors import KmecError
 from kmec.hashing import atomic_write_text, canonical_json, sha256_text
 from kmec.models.adapters import ArchAdapter
-from kmec.models.hooks import Trace, TraceDict, get_module
+from kmec.models.hooks import Trace, TraceDict, device_of, get_module, hidden_of, with_hidden
+
+# The same subject position and target spacing as the editing backends, so a
+# trace reports the very token ROME/MEMIT key on (a downstream import, but a
+# leaf module of pure helpers).
+from kmec.models.tokens import subject_position, target_text
 
 log = logging.getLogger("kmec")
 
@@ -202,14 +203,6 @@ def _sites(adapter: ArchAdapter, kind: Kind, n_layers: int) -> list[str]:
     return [adapter.site(name, layer) for layer in range(n_layers)]
 
 
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _with_first(output: Any, h: torch.Tensor) -> Any:
-    return (h, *output[1:]) if isinstance(output, tuple) else h
-
-
 def _last_logits(model: Any, final: torch.Tensor) -> torch.Tensor:
     """Logits at the last position from the final norm's output, so the full
     ``[rows, T, vocab]`` logits are never built. The unembedding comes from
@@ -250,7 +243,7 @@ def prepare_trace(model: Any, tok: Any, adapter: ArchAdapter, prompt: str, subje
     if not ids_list:
         raise KmecError("cannot trace an empty prompt")
     first, last = subject_span(tok, prompt, subject)
-    device = next(model.parameters()).device
+    device = device_of(model)
     ids = torch.tensor(ids_list, device=device)
     n_layers = len(get_module(model, adapter.layers))
     sites = _sites(adapter, kind, n_layers)
@@ -312,16 +305,16 @@ def patched_probs(setup: TraceSetup, restore: torch.Tensor, *, batch_tokens: int
 
         def edit(output: Any, path: str, mask: torch.Tensor = mask,
                  noise: torch.Tensor = noise) -> Any:
-            h = _first(output)
+            h = hidden_of(output)
             if path == embed:
                 h = h.clone()
                 h[:, a:b] += noise.to(h.dtype)
-                return _with_first(output, h)
+                return with_hidden(output, h)
             m = mask[:, layer_of[path]]
             if not bool(m.any()):
                 return output
             clean = setup.clean[layer_of[path]].to(h.dtype)
-            return _with_first(output, torch.where(m[..., None], clean[None], h))
+            return with_hidden(output, torch.where(m[..., None], clean[None], h))
 
         with TraceDict(model, [embed, *sites], edit_output=edit), \
                 Trace(model, adapter.final_norm, retain_output=True, stop=True) as fin:

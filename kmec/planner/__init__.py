@@ -5,8 +5,9 @@ Contents:
     plan()   run them and freeze the result into a :class:`~kmec.planner.model.Plan`
 
 The planner sees a model only through :class:`~kmec.models.facts.ModelFacts`
-and backends only through their registry entries (``default_params``), so it
-needs no weights. Same spec + same facts + same kmec version + same registry
+and backends only through the registry it is given: each entry's torch-free
+record (``info``, :class:`~kmec.planner.backend_info.BackendInfo`), its
+``Params`` and ``default_params``. It imports no backend and needs no weights. Same spec + same facts + same kmec version + same registry
 defaults give byte-identical ``plan.to_json()``.
 
 The pass order differs from the first sketch in STYLE.md in two places:
@@ -52,7 +53,7 @@ def plan(
     spec: Spec,
     facts: ModelFacts,
     *,
-    backends: Mapping[str, Any] | None = None,
+    backends: Mapping[str, Any],
     editors: Collection[str] = (),
     kmec_version: str | None = None,
 ) -> Plan:
@@ -61,8 +62,8 @@ def plan(
     Args:
         spec: the parsed spec.
         facts: the model's facts (no weights needed).
-        backends: backend registry (name -> backend); default
-            :data:`kmec.backends.BACKENDS`.
+        backends: the backend registry (name -> backend), e.g.
+            :data:`kmec.backends.BACKENDS`; the planner reads each entry's ``info``.
         editors: fingerprints or names of models that have a trained MEND editor.
         kmec_version: version stamped into the plan; default ``kmec.__version__``.
 
@@ -78,10 +79,6 @@ def plan(
     kmec.errors.PlanError: backend 'ft' is not available in this installation (registered: none)
     ...
     """
-    if backends is None:
-        from kmec.backends import BACKENDS  # imported late: backends import torch
-
-        backends = BACKENDS
     if kmec_version is None:
         from kmec._version import __version__ as kmec_version
     draft = Draft(spec=spec, backends=dict(backends), editors=frozenset(editors),

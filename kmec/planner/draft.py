@@ -6,6 +6,7 @@ Contents:
     Pass          Protocol of a planner pass: ``(draft, facts) -> draft``
     example_spec()   a two-edit spec used by the passes' doctests
     example_facts()  SmolLM2-135M's facts, written by hand (no weights)
+    example_backends()  a registry of records shaped like the built-in backends, for doctests
 
 A pass never mutates its input: it returns ``draft.update(...)`` (a copy), so
 every intermediate draft can be inspected and each pass tested alone. The
@@ -20,8 +21,10 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kmec.errors import PlanError, did_you_mean
 from kmec.hashing import spec_hash
 from kmec.models.facts import ModelFacts
+from kmec.planner.backend_info import BackendInfo
 from kmec.planner.model import Cost, EditRequest, Plan, Reason, Step
 from kmec.spec import Spec
 
@@ -90,6 +93,21 @@ class Draft(_Frozen):
         """A copy with one more plan-level :class:`Reason`."""
         return self.update(reasons=(*self.reasons, Reason(choice=choice, because=because)))
 
+    def info(self, name: str) -> BackendInfo:
+        """The record of backend ``name`` (:class:`~kmec.planner.backend_info.BackendInfo`).
+
+        Raises:
+            PlanError: no such backend is registered.
+        """
+        backend = self.backends.get(name)
+        if backend is None:
+            known = ", ".join(sorted(self.backends)) or "none"
+            raise PlanError(
+                f"backend {name!r} is not available in this installation (registered: {known})",
+                hint=did_you_mean(name, self.backends)
+                or f"name an available method with `method ...`, or register the {name} backend")
+        return backend.info
+
     def replace_step(self, index: int, step: Step) -> Draft:
         """A copy whose step ``index`` is ``step``."""
         steps = list(self.steps)
@@ -157,3 +175,32 @@ def example_facts() -> ModelFacts:
         n_layers=30, d_model=576, d_mlp=1536, vocab_size=49152, dtype="float32",
         tied_embeddings=True, fingerprint="0" * 64, n_params=134_515_008,
     )
+
+
+class _NoParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Example:
+    """A registry entry for doctests: a record and empty Params, no execution."""
+
+    def __init__(self, info: BackendInfo) -> None:
+        self.name, self.info, self.Params = info.name, info, _NoParams
+
+    def default_params(self, facts: ModelFacts) -> Any:
+        return self.Params()
+
+
+def example_backends() -> dict[str, Any]:
+    """Records shaped like the built-in backends' (names, roles, layers; no cost model), so
+    the passes' doctests run without importing a backend (which would import torch)."""
+    records = [
+        BackendInfo(name="rome", changes="weights", needs_stats=True, layers="one",
+                    layer_role="rome", batches=False, keyed=True),
+        BackendInfo(name="memit", changes="weights", needs_stats=True, layer_role="memit",
+                    max_batch=10_000, keyed=True),
+        BackendInfo(name="ft", changes="weights", layer_role="memit"),
+        BackendInfo(name="memory", changes="memory", layers="one", layer_role="rome",
+                    writes_site=None),
+    ]
+    return {r.name: _Example(r) for r in records}

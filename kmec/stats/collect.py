@@ -30,7 +30,7 @@ import torch
 
 from kmec.errors import StatsError
 from kmec.models.adapters import ArchAdapter
-from kmec.models.hooks import TraceDict
+from kmec.models.hooks import TraceDict, device_of
 from kmec.progress import Progress
 from kmec.stats.accumulators import SecondMoment
 from kmec.stats.batches import pools
@@ -69,13 +69,6 @@ class Resume:
     position: int = 0
     tokens_done: int = 0
     states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-
-def _device_of(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def collect(
@@ -121,7 +114,7 @@ def collect(
     layers = sorted(set(layers))
     if not layers:
         raise StatsError("no layers requested")
-    device = _device_of(model)
+    device = device_of(model)
     resume = resume or Resume()
     acc = {l: SecondMoment(d, device=device, kernel=kernel, products=products) for l in layers}
     for l, state in resume.states.items():

@@ -1,7 +1,7 @@
 """Claims turned into probes: what to ask the models about each edit.
 
 Contents:
-    Probe             a prompt, the answer expected after the edit, and the old answer
+    Check             a prompt, the answer expected after the edit, and the old answer
     Case              one user edit with every probe its claims need
     build_cases()     Spec (+ Plan) -> one Case per user edit, in plan order
     claims_of()       the spec's claims, or the default ones when it declares none
@@ -34,7 +34,7 @@ DEFAULT_CLAIMS: tuple[Claim, ...] = (
 )
 
 
-class Probe(BaseModel):
+class Check(BaseModel):
     """A prompt and what should follow it after the edit (``old``: before it)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -65,11 +65,11 @@ class Case(BaseModel):
     kind: Literal["triple", "prompt"]
     subject: str | None = None
     relation: str | None = None
-    efficacy: Probe
-    generality: tuple[Probe, ...] = ()
+    efficacy: Check
+    generality: tuple[Check, ...] = ()
     preserve: tuple[str, ...] = ()
-    portability: tuple[Probe, ...] = ()
-    reversal: tuple[Probe, ...] = ()
+    portability: tuple[Check, ...] = ()
+    reversal: tuple[Check, ...] = ()
     expect_reversal: bool = False
     step: str | None = None
     step_index: int = 0
@@ -84,19 +84,19 @@ def _edit_of(spec: Spec, name: str) -> TripleEdit | PromptEdit:
                       "(drop --spec, or recompile)")
 
 
-def _reverse(spec: Spec, edit: TripleEdit | PromptEdit) -> tuple[Probe, ...]:
+def _reverse(spec: Spec, edit: TripleEdit | PromptEdit) -> tuple[Check, ...]:
     if not isinstance(edit, TripleEdit):
         return ()
     rel = spec.relation(edit.relation)
     if rel is None or rel.reverse is None:
         return ()
     prompt = render(rel.reverse, subject=edit.subject, object=edit.new)
-    return (Probe(prompt=prompt, target=edit.subject),)
+    return (Check(prompt=prompt, target=edit.subject),)
 
 
-def _portability(edit: TripleEdit | PromptEdit) -> tuple[Probe, ...]:
+def _portability(edit: TripleEdit | PromptEdit) -> tuple[Check, ...]:
     """The edit's portability probes, used as written (they are not templates)."""
-    return tuple(Probe(prompt=p.prompt, target=p.target) for p in edit.portability)
+    return tuple(Check(prompt=p.prompt, target=p.target) for p in edit.portability)
 
 
 def _request_from_spec(spec: Spec, edit: TripleEdit | PromptEdit) -> EditRequest:
@@ -117,13 +117,13 @@ def _request_from_spec(spec: Spec, edit: TripleEdit | PromptEdit) -> EditRequest
 
 def _case(spec: Spec, req: EditRequest, step: str | None, index: int) -> Case:
     edit = _edit_of(spec, req.name)
-    scope = tuple(Probe(prompt=p, target=req.target_new, old=req.target_old) for p in req.scope)
+    scope = tuple(Check(prompt=p, target=req.target_new, old=req.target_old) for p in req.scope)
     return Case(
         name=req.name,
         kind=edit.kind,
         subject=edit.subject,
         relation=edit.relation if isinstance(edit, TripleEdit) else None,
-        efficacy=Probe(prompt=req.prompt, target=req.target_new, old=req.target_old),
+        efficacy=Check(prompt=req.prompt, target=req.target_new, old=req.target_old),
         generality=scope,
         preserve=tuple(dict.fromkeys(edit.preserve)),
         portability=_portability(edit),

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from kmec.errors import VerifyError
-from kmec.verify.scoring import Encoded, _device, _ids, pad_id_of, score_encoded
+from kmec.models.hooks import device_of
+from kmec.verify.scoring import Encoded, _ids, pad_id_of, score_encoded
 
 
 def perplexity(models: Sequence[Any], tok: Any, texts: Sequence[str], *, max_len: int = 128,
@@ -56,7 +57,7 @@ def greedy_continuations(models: Sequence[Any], tok: Any, prompts: Sequence[str]
     width = max(len(e) for e in enc)
     per_model = []
     for model in models:
-        dev = _device(model)
+        dev = device_of(model)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=dev)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=dev)
         with torch.no_grad():

@@ -20,7 +20,7 @@ from typing import Any
 
 from kmec.spec import Claim
 from kmec.verify import metrics
-from kmec.verify.claims import Case, Probe, claim_label
+from kmec.verify.claims import Case, Check, claim_label
 from kmec.verify.report import (
     CapabilitySection,
     ClaimResult,
@@ -73,7 +73,7 @@ def _status(score: float, threshold: float) -> str:
     return "pass" if score + EPS >= threshold else "fail"
 
 
-def _probe(p: Probe, kind: str, protocol: str, threshold: float, cache: ScoreCache,
+def _probe(p: Check, kind: str, protocol: str, threshold: float, cache: ScoreCache,
            dec: Decoder) -> tuple[ProbeResult, float]:
     b_new, e_new = cache.get(Item(p.prompt, p.target))
     b_old, e_old = cache.get(Item(p.prompt, p.old)) if p.old is not None else (None, None)
@@ -91,7 +91,7 @@ _METRIC_FN = {"efficacy": metrics.accuracy, "generality": metrics.generality,
               "retention": metrics.retention}
 
 
-def probes_of(claim: Claim, case: Case) -> tuple[Probe, ...]:
+def probes_of(claim: Claim, case: Case) -> tuple[Check, ...]:
     """The probes a non-locality claim checks on ``case``."""
     m = claim.metric
     if m in ("efficacy", "retention"):

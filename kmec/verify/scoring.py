@@ -32,12 +32,11 @@ from typing import Any
 import torch
 
 from kmec.errors import VerifyError
+from kmec.models.adapters import plain_head
 from kmec.models.batching import right_pad
+from kmec.models.hooks import device_of
 from kmec.progress import Progress
 
-# Families whose causal-LM head is exactly ``lm_head(base_model(x).last_hidden_state)``
-# (no logit scaling or soft-capping), so the head can run on gathered positions only.
-_PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "gpt2", "gptj", "gpt_neox"})
 PAD_WASTE = 0.25  # a batch is closed before more than this share of it would be padding
 HEAD_POSITIONS = 256  # positions per unembedding GEMM (256 x 49k fp32 logits = 50 MB)
 
@@ -196,16 +195,12 @@ def score_logprobs(logprobs: torch.Tensor, target_ids: Sequence[int],
 # ---------------------------------------------------------------- batched forward
 
 
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """Final hidden states and the head that maps them to logits (or logits
     and an identity head for families whose head is not a plain linear map)."""
     body = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if model.config.model_type in _PLAIN_HEAD and body is not None and body is not model \
+    if plain_head(model.config.model_type) and body is not None and body is not model \
             and head is not None:
         out = body(input_ids=ids, attention_mask=mask, use_cache=False)
         return out.last_hidden_state, head
@@ -268,7 +263,7 @@ def _score_batch(models: Sequence[Any], rows: Sequence[_Row], pad_id: int,
     refs: dict[int, torch.Tensor] = {}
     per_item: dict[int, list[ItemScore]] = {}
     for mi, model in enumerate(models):
-        ids, mask = _pad(rows, pad_id, _device(model))
+        ids, mask = _pad(rows, pad_id, device_of(model))
         with torch.no_grad():
             hidden, head = _hidden(model, ids, mask)
             for group in _head_groups(rows):

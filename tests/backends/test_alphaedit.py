@@ -12,12 +12,12 @@ from kmec.artifacts import apply, audit, build_artifact
 from kmec.backends import BACKENDS, get_backend
 from kmec.backends.alphaedit import null_space, null_space_update
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import target_text
 from kmec.errors import BackendError
 from kmec.models.adapters import adapter_for
 from kmec.models.facts import facts_from_config
 from kmec.models.hooks import TraceDict
 from kmec.models.load import LoadedModel, ModelRef, fingerprint_model
+from kmec.models.tokens import target_text
 from kmec.planner import plan as make_plan
 from kmec.planner.model import EditRequest, Plan, StatsRequest, Step
 from kmec.spec import MethodHint, PromptEdit, Spec

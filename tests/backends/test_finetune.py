@@ -20,11 +20,11 @@ from kmec.artifacts.payloads import Dense, LowRank
 from kmec.backends import BACKENDS, get_backend
 from kmec.backends.base import ExecContext
 from kmec.backends.finetune import FinetuneParams, _Trainer, preserve_prompts
-from kmec.backends.keys import target_text
 from kmec.errors import BackendError
 from kmec.models.adapters import adapter_for
 from kmec.models.facts import facts_from_config
 from kmec.models.load import LoadedModel, ModelRef, fingerprint_model
+from kmec.models.tokens import target_text
 from kmec.planner import plan as make_plan
 from kmec.planner.model import EditRequest, Step
 from kmec.spec import MethodHint, PromptEdit, Spec

@@ -22,12 +22,12 @@ from kmec.artifacts.memory import codebook_lookup, install_memory
 from kmec.artifacts.payloads import MemoryTable
 from kmec.backends import BACKENDS, get_backend
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import target_text
 from kmec.backends.memory import Codebook, MemoryParams, exclude, grace_insert
 from kmec.errors import ArtifactError
 from kmec.models.adapters import adapter_for
 from kmec.models.facts import facts_from_config
 from kmec.models.load import LoadedModel, ModelRef, fingerprint_model
+from kmec.models.tokens import target_text
 from kmec.planner import plan as make_plan
 from kmec.planner.model import EditRequest, Step
 from kmec.spec import MethodHint, PromptEdit, Spec

@@ -7,12 +7,13 @@ import torch
 
 from kmec.artifacts import apply, audit, build_artifact
 from kmec.backends import get_backend
-from kmec.backends.keys import compute_keys, context_prefixes, subject_position, target_text
+from kmec.backends.keys import compute_keys, context_prefixes
 from kmec.backends.linalg import spd_solve
 from kmec.backends.memit import batch_update
 from kmec.backends.rome import rank_one, rank_one_contexts
 from kmec.models.adapters import adapter_for
 from kmec.models.load import fingerprint_model
+from kmec.models.tokens import subject_position, target_text
 from kmec.planner.model import EditRequest, Step
 from tests.backends.conftest import ctx_for
 from tests.conftest import ByteTokenizer, SpaceLetterTokenizer, build_tiny_model

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -113,15 +111,6 @@ def test_real_model_knows_paris(real_model):
     f = real_model.facts
     assert (f.arch, f.n_layers, f.d_model, f.d_mlp) == ("LlamaForCausalLM", 30, 576, 1536)
     assert f.tied_embeddings and len(f.fingerprint) == 64
-
-
-@pytest.mark.slow
-def test_cached_load_is_fast_as_a_whole_process(real_model):
-    code = "from kmec.models.load import load_model; load_model('smollm2-135m')"
-    t = time.time()
-    subprocess.run([sys.executable, "-c", code], check=True)
-    # generous bound against a loaded CI machine; the note reports the real figure
-    assert time.time() - t < 15
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 """Planner test helpers: hand-written ModelFacts, a fake backend registry, spec builders.
 
-The planner needs no weights and no real backend: the FAKE registry below has
-one entry per method name with small Params models, so these tests (and the
-golden plans) do not change when a real backend's defaults do.
+The planner needs no weights and does not execute a backend: the fake registry
+below has one entry per built-in method with small Params models (so these
+tests and the golden plans do not change when a real backend's defaults do)
+and that method's own record (``info``: what it changes, its layers, its cost
+model), which is what the planner reads.
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ class FakeBackend:
     """Enough of the Backend protocol for the planner."""
 
     def __init__(self, name: str, params: type[BaseModel] = FakeParams) -> None:
+        from kmec.backends import BACKENDS
+
         self.name = name
         self.Params = params
+        self.info = BACKENDS[name].info
 
     def default_params(self, facts: ModelFacts) -> BaseModel:
         if self.Params is FakeParams:

@@ -31,7 +31,7 @@ def app(monkeypatch):
         seen.append(ref)
         return FACTS["smollm2"].model_copy(update={"name": ref})
 
-    monkeypatch.setattr("kmec.planner.facts_io.facts_for_ref", fake_facts)
+    monkeypatch.setattr("kmec.models.facts_io.facts_for_ref", fake_facts)
     monkeypatch.setattr(kmec.backends, "BACKENDS", fake_registry())
     app = typer.Typer()
     app.callback()(lambda: None)  # keep `plan` a subcommand, as in the real CLI

@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict
 
 from kmec.errors import PlanError
 from kmec.planner import plan
+from kmec.planner.costs import model_params
 from kmec.planner.model import StatsRequest
-from kmec.planner.passes.estimate_cost import model_params
 from tests.planner.helpers import (
     FACTS,
     FakeBackend,
@@ -71,10 +71,15 @@ def test_invalid_override_is_a_plan_error(registry, smol):
 
 
 def test_default_registry_is_kmec_backends(smol, monkeypatch):
+    """The planner takes its registry explicitly (it imports no backend); the top-level verb
+    ``kmec.plan`` passes kmec's own."""
+    import kmec
     import kmec.backends
 
     monkeypatch.setattr(kmec.backends, "BACKENDS", fake_registry("rome"))
-    assert plan(make_spec(kz()), smol).steps[0].backend == "rome"
+    assert kmec.plan(make_spec(kz()), smol).steps[0].backend == "rome"
+    with pytest.raises(TypeError):
+        plan(make_spec(kz()), smol)  # no registry: the caller must say which
 
 
 # -- statistics --------------------------------------------------------------------------

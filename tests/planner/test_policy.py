@@ -259,8 +259,10 @@ def test_mixed_relations_still_one_backend(registry, smol):
     assert p.steps[0].edits[1].prompt == "The official language of France is"
 
 
-def test_memit_chunks_large_batches_without_splitting_pairs(registry, smol, monkeypatch):
-    monkeypatch.setitem(ge.MAX_BATCH, "memit", 4)
+def test_memit_chunks_large_batches_without_splitting_pairs(registry, smol):
+    import dataclasses
+
+    registry["memit"].info = dataclasses.replace(registry["memit"].info, max_batch=4)
     edits = list(many(7))
     edits[1] = edits[1].model_copy(update={"expect_reversal": True})
     edits[3] = edits[3].model_copy(update={"expect_reversal": True})
@@ -274,7 +276,9 @@ def test_memit_chunks_large_batches_without_splitting_pairs(registry, smol, monk
 
 
 def test_memit_default_chunk_is_the_papers_largest_batch():
-    assert ge.MAX_BATCH["memit"] == 10_000
+    from kmec.backends import BACKENDS
+
+    assert BACKENDS["memit"].info.max_batch == 10_000
 
 
 def test_facts_family_drives_defaults(registry):

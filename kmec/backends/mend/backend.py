@@ -32,7 +32,9 @@ from kmec.backends.mend.edit import base_pass, editor_factors, tokenize
 from kmec.backends.mend.store import find_editor, load_editor
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts
-from kmec.models.hooks import get_module
+from kmec.models.hooks import device_of, get_module
+from kmec.planner import costs
+from kmec.planner.backend_info import BackendInfo, Work
 from kmec.planner.model import Step
 
 CHUNK = 32  # edits per forward/backward pass
@@ -53,10 +55,38 @@ def _train_hint(facts: ModelFacts) -> str:
             "--data zsre_mend_train_1k.json (zsRE or CounterFact records)")
 
 
+MEND_TRAIN_STEPS = 10_000  # editor training, once per model (then cached)
+MEND_BATCH = 10
+
+
+def _cost(step: Step, facts: ModelFacts, setup: bool) -> Work:
+    """One forward+backward per edit, plus training the editor (``MEND_TRAIN_STEPS`` steps)
+    when none is registered for the model (``setup``)."""
+    p, L = costs.model_params(facts), max(len(step.layers), 1)
+    d, m = facts.d_model, facts.d_mlp
+    prompts = sum(1 + len(e.scope) for e in step.edits)
+    secs = costs.seconds(prompts * costs.PROMPT_TOKENS * costs.FWD_BWD, p)
+    parts = [f"editing {secs:.0f} s"]
+    if setup:
+        train = costs.seconds(MEND_TRAIN_STEPS * MEND_BATCH * costs.PROMPT_TOKENS
+                              * costs.FWD_BWD, p)
+        secs += train
+        parts.append(f"editor training {train:.0f} s (once per model)")
+    hyper = L * 2 * (d + m) * (d + m) * 4 / costs.MB
+    return Work(secs, costs.activations_mb(facts, MEND_BATCH * costs.PROMPT_TOKENS) + hyper,
+                tuple(parts))
+
+
+INFO = BackendInfo(
+    name="mend", changes="weights", layers="range", layer_role="mend", needs_editor=True,
+    uses=frozenset({"scope"}), cost=_cost)
+
+
 class Mend:
     """Edits through a MEND editor trained by ``kmec train-editor``."""
 
     name: ClassVar[str] = "mend"
+    info: ClassVar[BackendInfo] = INFO
     Params: ClassVar[type[BaseModel]] = MendParams
 
     def default_params(self, facts: ModelFacts) -> MendParams:
@@ -91,7 +121,7 @@ class Mend:
 def _factors(step: Step, ctx: ExecContext, net: Any, layers: Sequence[int],
              max_len: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Per layer, ``u = (−α δ̃)ᵀ`` [d_out, tokens] and ``v = ũᵀ`` [d_in, tokens] of all edits."""
-    device = next(ctx.model.parameters()).device
+    device = device_of(ctx.model)
     net = net.to(device)
     us: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     vs: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}

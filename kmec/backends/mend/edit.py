@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
-from kmec.backends.keys import target_text
 from kmec.backends.mend.model import EditorNet
 from kmec.models.adapters import ArchAdapter
-from kmec.models.hooks import TraceDict
+from kmec.models.hooks import TraceDict, hidden_of, with_hidden
+from kmec.models.tokens import target_text
 
 IGNORE = -100
 Factors = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (U [E, T, d_in], D [E, T, d_out])
@@ -170,14 +170,6 @@ def same_argmax(base_logp: torch.Tensor, logp: torch.Tensor, rows: Rows) -> torc
     return _per_row((base_logp.argmax(-1) == logp.argmax(-1)).to(logp.dtype), rows)
 
 
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace(output: Any, new: torch.Tensor) -> Any:
-    return (new, *output[1:]) if isinstance(output, tuple) else new
-
-
 @dataclass
 class BasePass:
     """What one pass of the unedited model gives: factors per layer and log-probs."""
@@ -198,9 +190,9 @@ def base_pass(model: Any, adapter: ArchAdapter, layers: Sequence[int], rows: Row
     leaves: dict[str, torch.Tensor] = {}
 
     def add_leaf(output: Any, path: str) -> Any:
-        out = _first(output)
+        out = hidden_of(output)
         leaves[path] = torch.zeros_like(out, requires_grad=True)
-        return _replace(output, out + leaves[path])
+        return with_hidden(output, out + leaves[path])
 
     with torch.enable_grad(), TraceDict(model, paths, retain_input=True,
                                         edit_output=add_leaf) as td:
@@ -264,11 +256,11 @@ def edited(model: Any, adapter: ArchAdapter, factors: Mapping[int, tuple[torch.T
     traces: list[TraceDict] = []  # filled once the hooks exist; read when the model runs
 
     def add_edit(output: Any, path: str) -> Any:
-        out = _first(output)
+        out = hidden_of(output)
         U, D = factors[paths[path]]
         x = traces[0][path].input.float()
         corr = torch.bmm(torch.bmm(x, U[pick].transpose(1, 2)), D[pick]) * keep
-        return _replace(output, out + corr.to(out.dtype))
+        return with_hidden(output, out + corr.to(out.dtype))
 
     with TraceDict(model, paths, retain_input=True, detach=False, edit_output=add_edit) as td:
         traces.append(td)

@@ -31,7 +31,7 @@ import torch
 
 from kmec.backends.mend.edit import tokenize
 from kmec.models.adapters import ArchAdapter
-from kmec.models.hooks import Trace, get_module
+from kmec.models.hooks import Trace, device_of, get_module
 
 
 class LowerCache(dict[Hashable, torch.Tensor]):
@@ -63,7 +63,7 @@ def collect_lower(model: Any, tok: Any, adapter: ArchAdapter, first: int,
     if first == 0:
         return cache
     path = adapter.site("layer", first - 1)
-    device = next(model.parameters()).device
+    device = device_of(model)
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
         t = tokenize(tok, [(p, y) for _, p, y in part], max_len=max_len, device=device)

@@ -76,6 +76,7 @@ from kmec.backends.mend.store import EditorManifest, save_editor
 from kmec.hashing import canonical_json, sha256_text
 from kmec.models.adapters import adapter_for
 from kmec.models.facts import ModelFacts
+from kmec.models.hooks import device_of
 from kmec.progress import Progress
 
 log = logging.getLogger("kmec")
@@ -200,7 +201,7 @@ def _losses(model, tok, adapter, layers, net, records, ids, texts, config, *, tr
     their rows see (edits applied together); 1 edits every record alone.
     """
     recs = [records[i] for i in ids]
-    device = next(model.parameters()).device
+    device = device_of(model)
     rows, row_edit, n_scored, base_idx, keys = _layout(tok, recs, ids, texts, config.max_len,
                                                        device)
     b, first = len(recs), min(layers)
@@ -342,7 +343,7 @@ def train_editor(
     ckpt = checkpoint_dir(facts.fingerprint, run_key)
     torch.manual_seed(config.seed)
     net = EditorNet(facts.d_mlp, facts.d_model, len(layers), config.editor, seed=config.seed)
-    net.to(next(model.parameters()).device)
+    net.to(device_of(model))
     opt = _optimizer(net, config)
     run = load_checkpoint(ckpt, net, opt) if resume else None
     start = run.step if run else 0
@@ -406,7 +407,7 @@ def evaluate(model: Any, tok: Any, facts: ModelFacts, layers: Sequence[int], net
         ``ppl_ratio`` (edited / base perplexity of those snippets) and ``n``.
     """
     adapter = adapter_for(facts.model_type)
-    device = next(model.parameters()).device
+    device = device_of(model)
     pool = text_snippets(len(records), seed=EVAL_TEXT_SEED)
     batch = group * max(1, batch // group)
     sums: dict[str, float] = {}

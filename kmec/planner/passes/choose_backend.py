@@ -19,10 +19,12 @@ Policy, first match wins (each branch writes its reason into the plan):
    ``memit``: one joint least-squares solve.
 7. otherwise, a single edit -> ``rome``.
 
-Refusals for an explicit method: any weight-changing method with ``weights
-frozen`` (``memory`` and ``retrieval`` change none); ``rome``/``memory`` with
-more than one layer. Explicit ``rome``/``memit``/``alphaedit`` with a free-form
-edit that names no subject is *allowed*: the request's ``subject`` is None and,
+Refusals for an explicit method, read from its record
+(:class:`~kmec.planner.backend_info.BackendInfo`): a method that changes
+weights with ``weights frozen`` (``memory`` and ``retrieval`` change none); a
+one-layer method (``rome``, ``memory``) with more than one layer. An explicit
+locate-then-edit method (``keyed``) with a free-form edit that names no
+subject is *allowed*: the request's ``subject`` is None and,
 per the EditRequest contract, the backend keys the edit on the prompt's last
 token (the reason says that paraphrases then generalise less, since their last
 token differs).
@@ -30,7 +32,7 @@ token differs).
 
 from __future__ import annotations
 
-from kmec.errors import PlanError, did_you_mean
+from kmec.errors import PlanError
 from kmec.models.facts import ModelFacts
 from kmec.planner.draft import Draft
 from kmec.planner.model import Reason
@@ -49,10 +51,6 @@ BATCH_THRESHOLD = 2
 # fine-tuning on the paraphrases reaches it directly at some cost in locality.
 GENERALITY_FIRST = 0.9
 
-WEIGHT_METHODS = ("rome", "memit", "alphaedit", "ft", "mend")
-LOCATE_THEN_EDIT = ("rome", "memit", "alphaedit")
-SINGLE_LAYER = ("rome", "memory")
-FROZEN_OK = ("memory", "retrieval")  # external memories: no weight changes
 
 
 def has_editor(draft: Draft, facts: ModelFacts) -> bool:
@@ -72,13 +70,13 @@ def _generality_first(spec: Spec) -> float | None:
 
 
 def _explicit(draft: Draft, facts: ModelFacts, method: str) -> tuple[Reason, ...]:
-    hint = draft.spec.method
-    if hint.frozen and method not in FROZEN_OK:
+    hint, info = draft.spec.method, draft.info(method)
+    if hint.frozen and info.changes != "memory":
         raise PlanError(
             f"`method {method}` changes weights, but the spec says `weights frozen`",
             hint="use `method memory` or `method retrieval` (external memories), or drop "
             "`weights frozen`")
-    if method in SINGLE_LAYER and hint.layers is not None and len(hint.layers) > 1:
+    if info.layers == "one" and hint.layers is not None and len(hint.layers) > 1:
         raise PlanError(
             f"`method {method}` edits a single layer, but the spec gives {len(hint.layers)} layers",
             hint="give one layer, or use `method memit` to spread edits over a range")
@@ -86,15 +84,15 @@ def _explicit(draft: Draft, facts: ModelFacts, method: str) -> tuple[Reason, ...
                       because=f"the spec says `method {method}`; an explicit method always "
                       "overrides the planner's policy")]
     unkeyed = [e.source for e in draft.edits if not e.keyed]
-    if method in LOCATE_THEN_EDIT and unkeyed:
+    if info.keyed and unkeyed:
         reasons.append(Reason(
             choice="key on the last prompt token",
             because=f"free-form edit(s) {', '.join(unkeyed)} name no subject, so {method} keys "
             "them on the prompt's last token; paraphrases end in other tokens and generalise "
             "less (add `subject \"...\"` to key on a span)"))
-    if method == "mend" and not has_editor(draft, facts):
+    if info.needs_editor and not has_editor(draft, facts):
         reasons.append(Reason(
-            choice="train a MEND editor",
+            choice=f"train a {method} editor",
             because=f"no trained MEND editor is registered for {facts.name}; compiling needs "
             f"one: train it first with `kmec train-editor --model {facts.name} --data FILE` "
             "(zsRE or CounterFact records; stored by model fingerprint)"))
@@ -141,15 +139,6 @@ def _auto(draft: Draft, facts: ModelFacts) -> tuple[str, str]:
                     "cheapest precise edit (one solve, no batch interaction)")
 
 
-def _available(draft: Draft, name: str) -> None:
-    if name not in draft.backends:
-        known = ", ".join(sorted(draft.backends)) or "none"
-        raise PlanError(
-            f"backend {name!r} is not available in this installation (registered: {known})",
-            hint=did_you_mean(name, draft.backends)
-            or f"name an available method with `method ...`, or register the {name} backend")
-
-
 def choose_backend(draft: Draft, facts: ModelFacts) -> Draft:
     """Choose the method for all of the spec's edits (see the module's policy table).
 
@@ -157,9 +146,9 @@ def choose_backend(draft: Draft, facts: ModelFacts) -> Draft:
         PlanError: an explicit method that cannot satisfy the spec, or a chosen
             backend missing from the registry.
 
-    >>> from kmec.planner.draft import example_facts, example_spec
+    >>> from kmec.planner.draft import example_backends, example_facts, example_spec
     >>> from kmec.planner.passes.resolve import resolve
-    >>> d = resolve(Draft(spec=example_spec(), backends={"ft": object()}), example_facts())
+    >>> d = resolve(Draft(spec=example_spec(), backends=example_backends()), example_facts())
     >>> d = choose_backend(d, example_facts())
     >>> d.backend, d.backend_reasons[0].because[:48]
     ('ft', 'free-form edit(s) messi name no subject for a lo')
@@ -172,7 +161,7 @@ def choose_backend(draft: Draft, facts: ModelFacts) -> Draft:
         name = method
     else:
         name, because = _auto(draft, facts)
+        draft.info(name)  # the policy's choice must be registered
         reasons = (Reason(choice=f"backend {name}", because=because),)
-    _available(draft, name)
     draft = draft.update(backend=name, backend_reasons=reasons)
     return draft.note(reasons[0].choice, reasons[0].because)

@@ -39,7 +39,7 @@ def _merge(draft: Draft, step: Step, defaults: dict[str, Any],
         if "max_delta" in params:
             params["max_delta"] = bound
             notes.append(f"max_delta={bound:g} from the spec")
-        elif step.backend in ("memory", "retrieval"):
+        elif draft.info(step.backend).changes == "memory":
             notes.append(f"max_delta={bound:g} holds trivially: {step.backend} changes no weights")
         else:
             raise PlanError(
@@ -72,23 +72,21 @@ def choose_params(draft: Draft, facts: ModelFacts) -> Draft:
         PlanError: the backend is not registered, or the spec asks for a
             bound the backend cannot enforce.
 
-    >>> from kmec.planner.draft import example_facts, example_spec
+    >>> from kmec.spec import MethodHint
+    >>> from kmec.planner.draft import example_backends, example_facts, example_spec
     >>> from kmec.planner.passes.group_edits import group_edits
     >>> from kmec.planner.passes.resolve import resolve
-    >>> d = resolve(Draft(spec=example_spec()), example_facts()).update(backend="ft")
-    >>> choose_params(group_edits(d, example_facts()), example_facts())
+    >>> bounded = example_spec().model_copy(update={"method": MethodHint(max_delta=0.01)})
+    >>> d = resolve(Draft(spec=bounded, backends=example_backends()), example_facts())
+    >>> choose_params(group_edits(d.update(backend="ft"), example_facts()), example_facts())
     Traceback (most recent call last):
-    kmec.errors.PlanError: backend 'ft' is not available in this installation (registered: none)
-      hint: register the ft backend in kmec.backends.BACKENDS
+    kmec.errors.PlanError: the spec bounds the weight change (max_delta 0.01), but the ft backend has no max_delta parameter to enforce it
+      hint: drop max_delta, or choose a method that supports it
     """
     defaults: dict[str, dict[str, Any]] = {}
     for i, step in enumerate(draft.steps):
-        backend = draft.backends.get(step.backend)
-        if backend is None:
-            known = ", ".join(sorted(draft.backends)) or "none"
-            raise PlanError(f"backend {step.backend!r} is not available in this installation "
-                            f"(registered: {known})",
-                            hint=f"register the {step.backend} backend in kmec.backends.BACKENDS")
+        draft.info(step.backend)  # registered, or a PlanError naming the known ones
+        backend = draft.backends[step.backend]
         if step.backend not in defaults:
             defaults[step.backend] = backend.default_params(facts).model_dump(mode="json")
         params, notes = _merge(draft, step, defaults[step.backend], draft.steps[:i])

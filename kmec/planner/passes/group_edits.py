@@ -1,12 +1,10 @@
 """Pass ``group_edits``: split the edits into steps (one backend call each) and name them.
 
-* ``order sequence`` or a single-edit method (ROME): one step per edit, in spec
+* ``order sequence`` or a method that takes one edit per step (ROME, ``batches=False``): one step per edit, in spec
   order, each inverse edit right after its edit;
-* otherwise one batch step, chunked at ``MAX_BATCH[backend]`` edits. MEMIT's
-  paper evaluates batches up to 10,000 edits in one solve (Meng et al. 2023,
-  Fig. 5); beyond that we have no evidence one solve stays accurate, so larger
-  batches become consecutive steps. An edit and its inverse never straddle a
-  chunk boundary.
+* otherwise one batch step, chunked at the backend's ``max_batch`` edits (its
+  record; MEMIT's is 10,000, the largest batch its paper evaluates in one
+  solve). An edit and its inverse never straddle a chunk boundary.
 
 Step ids are ``s01-memit``, ``s02-memit``, ... (zero-padded to at least two
 digits), so they are stable for the same spec.
@@ -17,9 +15,6 @@ from __future__ import annotations
 from kmec.models.facts import ModelFacts
 from kmec.planner.draft import Draft, DraftEdit
 from kmec.planner.model import Reason, Step
-
-SINGLE_EDIT = ("rome",)
-MAX_BATCH: dict[str, int] = {"memit": 10_000}
 
 
 def step_id(index: int, total: int, backend: str) -> str:
@@ -57,10 +52,11 @@ def _grouping(draft: Draft, backend: str) -> tuple[list[list[DraftEdit]], str]:
     if draft.spec.order == "sequence":
         return [[e] for e in draft.edits], (
             f"`order sequence`: {n} steps, one per edit, applied in spec order")
-    if backend in SINGLE_EDIT:
+    info = draft.info(backend)
+    if not info.batches:
         return [[e] for e in draft.edits], (
             f"{backend} edits one fact per call: {n} step(s), one per edit, in spec order")
-    limit = MAX_BATCH.get(backend)
+    limit = info.max_batch
     if limit is None or n <= limit:
         return [list(draft.edits)], f"all {n} edit(s) in one {backend} batch step"
     chunks = _chunks(draft.edits, limit)
@@ -71,10 +67,10 @@ def _grouping(draft: Draft, backend: str) -> tuple[list[list[DraftEdit]], str]:
 def group_edits(draft: Draft, facts: ModelFacts) -> Draft:
     """Turn the resolved edits into steps with stable ids.
 
-    >>> from kmec.planner.draft import example_facts, example_spec
+    >>> from kmec.planner.draft import example_backends, example_facts, example_spec
     >>> from kmec.planner.passes.resolve import resolve
-    >>> d = resolve(Draft(spec=example_spec()), example_facts()).update(backend="rome")
-    >>> [s.id for s in group_edits(d, example_facts()).steps]
+    >>> d = resolve(Draft(spec=example_spec(), backends=example_backends()), example_facts())
+    >>> [s.id for s in group_edits(d.update(backend="rome"), example_facts()).steps]
     ['s01-rome', 's02-rome']
     """
     backend = draft.backend

@@ -24,16 +24,16 @@ from kmec.planner.model import Reason, StatsRequest
 
 DEFAULT_TOKENS = 100_000
 DEFAULT_MAX_LEN = 256
-STATS_BACKENDS = ("rome", "memit", "alphaedit")
 
 
 def require_stats(draft: Draft, facts: ModelFacts) -> Draft:
     """Attach a :class:`StatsRequest` to every step whose method needs ``E[k kᵀ]``.
 
-    >>> from kmec.planner.draft import example_facts, example_spec
+    >>> from kmec.planner.draft import example_backends, example_facts, example_spec
     >>> from kmec.planner.passes.group_edits import group_edits
     >>> from kmec.planner.passes.resolve import resolve
-    >>> d = resolve(Draft(spec=example_spec()), example_facts()).update(backend="rome")
+    >>> d = resolve(Draft(spec=example_spec(), backends=example_backends()), example_facts())
+    >>> d = d.update(backend="rome")
     >>> d = group_edits(d, example_facts())
     >>> d = d.update(steps=tuple(s.model_copy(update={"layers": (5,)}) for s in d.steps))
     >>> [s.needs_stats.layers for s in require_stats(d, example_facts()).steps]
@@ -41,7 +41,7 @@ def require_stats(draft: Draft, facts: ModelFacts) -> Draft:
     """
     first: dict[StatsRequest, str] = {}
     for i, step in enumerate(draft.steps):
-        if step.backend not in STATS_BACKENDS:
+        if not draft.info(step.backend).needs_stats:
             continue
         request = StatsRequest(layers=step.layers, corpus="default", tokens=DEFAULT_TOKENS,
                                max_len=DEFAULT_MAX_LEN, dtype="float32")

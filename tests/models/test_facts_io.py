@@ -9,8 +9,8 @@ import pytest
 
 from kmec.errors import ModelError
 from kmec.models.facts import facts_from_config
+from kmec.models.facts_io import count_params_on_disk, facts_for_ref
 from kmec.models.load import fingerprint_model
-from kmec.planner.facts_io import count_params_on_disk, facts_for_ref
 from tests.conftest import build_tiny_model
 
 
