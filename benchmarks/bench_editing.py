@@ -56,14 +56,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from kmec.artifacts import apply, build_artifact
-from kmec.backends import get_backend
+from kmec.backends import BACKENDS, get_backend
 from kmec.backends.base import ExecContext
 from kmec.models.adapters import adapter_for
 from kmec.models.load import kmec_home, load_model
 from kmec.models.tokens import target_text
 from kmec.planner.layers import default_layers
 from kmec.planner.model import EditRequest, StatsRequest, Step
-from kmec.planner.passes.choose_layers import ROLE
 from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, provider
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact.json"
@@ -186,7 +185,7 @@ def main() -> None:
     batch = args.method == "memit" if args.batch is None else args.batch
     if args.method == "rome" and batch:
         ap.error("rome edits one fact per step: use --single (or --method memit)")
-    layers = default_layers(lm.facts, ROLE[args.method]).layers
+    layers = default_layers(lm.facts, BACKENDS[args.method].info.layer_role).layers
     if args.layers:
         a, _, b = args.layers.partition("-")
         layers = tuple(range(int(a), int(b) + 1)) if b else tuple(int(x) for x in a.split(","))

@@ -78,7 +78,9 @@ def plan_imported(path: Path) -> None:
     spec = import_file("counterfact", path).spec
     facts = facts_for_ref(DEFAULT_MODEL)
     t0 = time.perf_counter()
-    result = plan(spec, facts)
+    from kmec.backends import BACKENDS
+
+    result = plan(spec, facts, backends=BACKENDS)
     took = time.perf_counter() - t0
     steps = ", ".join(f"{s.id} ({len(s.edits)} edits, layers {list(s.layers)})"
                       for s in result.steps)

@@ -37,13 +37,12 @@ import torch
 from bench_editing import DATA, mean, normalise, scores
 
 from kmec.artifacts import apply, build_artifact
-from kmec.backends import get_backend
+from kmec.backends import BACKENDS, get_backend
 from kmec.backends.base import ExecContext
 from kmec.models.adapters import adapter_for
 from kmec.models.load import kmec_home, load_model
 from kmec.planner.layers import default_layers
 from kmec.planner.model import EditRequest, Step
-from kmec.planner.passes.choose_layers import ROLE
 
 
 def request(rec: dict, i: int, declared: bool) -> EditRequest:
@@ -80,7 +79,7 @@ def main() -> None:
     layers: tuple[int, ...] = ()
     if args.method == "memory":
         layers = (args.layer,) if args.layer is not None else \
-            default_layers(lm.facts, ROLE["memory"]).layers
+            default_layers(lm.facts, BACKENDS["memory"].info.layer_role).layers
     ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts,
                       cache_dir=kmec_home() / "backends", seed=0,
                       progress=lambda m, d, t: print(f"{m} {d}/{t}", flush=True))

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kmec.artifacts import apply, build_artifact
-from kmec.backends import get_backend
+from kmec.backends import BACKENDS, get_backend
 from kmec.backends.base import ExecContext
 from kmec.backends.memit import MemitParams
 from kmec.models.adapters import adapter_for
@@ -107,7 +107,7 @@ def run_variant(lm: Any, records: list[dict[str, Any]], variant: str, log: Any =
                 ) -> dict[str, Any]:
     """Execute the sequence under ``variant``; evaluate; restore the model exactly."""
     adapter = adapter_for(lm.facts.model_type)
-    plan = make_plan(sequence_spec(records), lm.facts)
+    plan = make_plan(sequence_spec(records), lm.facts, backends=BACKENDS)
     stats = provider(lm.model, lm.tok, lm.facts, adapter, plan.steps[0].needs_stats)
     stats.prepare()
     applied, immediate, seconds = [], [], 0.0
