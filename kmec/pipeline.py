@@ -243,6 +243,7 @@ def load_inputs(target: str | Path, spec_path: str | Path | None = None, *,
                 notes.append(f"the spec {spec_path} differs from the one this build was compiled "
                              "from; its claims are checked against the compiled edits")
         elif isinstance(source, str) and source:
+            _refuse_stale(source, plan, root, spec_root)
             spec = spec.model_copy(update={"source": source})
         model = info.get("model") if isinstance(info.get("model"), str) else None
         return Inputs(spec, plan, model or plan.model, artifact, root, tuple(notes))
@@ -256,6 +257,37 @@ def load_inputs(target: str | Path, spec_path: str | Path | None = None, *,
                       ("verified against the spec: no plan was found next to the artifact",))
     raise VerifyError(f"{root} is neither a kmec build directory nor an artifact",
                       hint="pass the folder kmec compile wrote (it holds plan.json)")
+
+
+def _refuse_stale(source: str, plan: Plan, build: Path, root: str | Path | None) -> None:
+    """Refuse to verify a build whose spec file changed since it was compiled.
+
+    The spec file the build records is parsed again (under the same reading rules as
+    any spec); a spec that now means something else (another ``spec_hash``: a comment
+    or layout change does not count) or no longer parses makes the build stale. A spec
+    file that is gone is not an error: the build's own ``spec.json`` is verified.
+
+    Raises:
+        VerifyError: the build is stale (exit code 2).
+    """
+    from kmec.errors import SpecError
+    from kmec.grammar import parse_file
+
+    path = Path(source)
+    if not source.endswith(".kmec") or not path.is_file():
+        return
+    try:
+        now = spec_hash(parse_file(path, root=root))
+    except SpecError:
+        now = None
+    if now == plan.spec_hash:
+        return
+    what = "no longer parses" if now is None else "changed"
+    raise VerifyError(
+        f"the spec {source} {what} since {build} was compiled from it (plan spec hash "
+        f"{plan.spec_hash[:12]}{'' if now is None else f', the file now {now[:12]}'})",
+        hint=f"recompile it (kmec compile {source} -o {build}), or verify this build against "
+        f"the spec it was compiled from with --spec FILE")
 
 
 def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,

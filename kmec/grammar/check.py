@@ -207,6 +207,13 @@ def check_claims(spec: Spec, c: Ctx) -> Iterator[Diagnostic]:
         seen.add(dump)
     if spec.claims and not spec.edits:
         yield _warn(c.at(spec.claims[0]), "claims, but no edits to check them on")
+    if not any(cl.metric == "reversal" for cl in spec.claims):
+        for edit in spec.edits:
+            if edit.expect_reversal and isinstance(edit, TripleEdit):  # prompt edits: an error
+                yield _warn(c.at(edit, "expect_reversal"),
+                            f"edit `{edit.name}` says `expect reversal`, but no claim checks it",
+                            "add e.g. `claim reversal >= 0.9`; without it the reverse "
+                            "direction is compiled (a paired inverse edit) but never verified")
 
 
 def _claim_scope(spec: Spec, c: Ctx, claim: Claim, relations: list[str]) -> Iterator[Diagnostic]:

@@ -87,3 +87,22 @@ def test_audit_with_the_wrong_base_says_so(setup, build, tmp_path, capsys):
                "--build", str(build)) == 2
     err = capsys.readouterr().err
     assert "this artifact was compiled for base model" in err and "undeclared" not in err
+
+
+def test_verify_refuses_a_stale_build(setup, build, tiny_loader, tmp_path, capsys):
+    """The spec file a build was compiled from changed: recompile, or pass --spec (#10)."""
+    from kmec.grammar import format_spec
+
+    source = tmp_path / "spec.kmec"  # the path write_build records
+    compiled = read_build(build)[1]
+    source.write_text(format_spec(compiled))
+    assert cli("verify", str(build), "--max-examples", "5") in (0, 1)  # same spec: not stale
+    capsys.readouterr()
+    changed = compiled.model_copy(update={"seed": compiled.seed + 1})
+    source.write_text(format_spec(changed))
+    assert cli("verify", str(build)) == 2
+    err = capsys.readouterr().err
+    assert "changed since" in err and "--spec" in err
+    source.write_text("relation {")
+    assert cli("verify", str(build)) == 2
+    assert "no longer parses" in capsys.readouterr().err
