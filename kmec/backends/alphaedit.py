@@ -73,7 +73,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kmec.artifacts.payloads import Payload
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import compute_keys, context_prefixes, locate_then_edit_cost, residual_at
+from kmec.backends.keys import (
+    compute_keys,
+    context_prefixes,
+    locate_then_edit_cost,
+    prompt_keys,
+    residual_at,
+)
 from kmec.backends.linalg import spd_solve
 from kmec.backends.spread import spread_over_layers
 from kmec.backends.values import ValueParams, optimise_deltas, value_cache
@@ -118,6 +124,7 @@ class AlphaEditParams(BaseModel):
     value: ValueParams = ValueParams()
     max_delta: float | None = None  # bound on ‖ΔW‖_F / ‖W‖_F per parameter (spec: max_delta)
     protect: tuple[ProtectedKey, ...] = ()
+    locality_weight: float = 1.0  # ρ: weight of the declared locality set's keys (Step.protect)
 
 
 def null_space(c: torch.Tensor, rel: float) -> tuple[torch.Tensor, float]:
@@ -173,7 +180,8 @@ def _eigen_cost(request: StatsRequest, facts: ModelFacts) -> float:
 INFO = BackendInfo(
     name="alphaedit", changes="weights", needs_stats=True, layers="range", layer_role="memit",
     layer_note="AlphaEdit edits MEMIT's layers (as in its paper)", keyed=True,
-    cost=locate_then_edit_cost, stats_cost=_eigen_cost)
+    uses=frozenset({"scope", "preserve", "locality"}), cost=locate_then_edit_cost,
+    stats_cost=_eigen_cost)
 
 
 class AlphaEdit:
@@ -200,6 +208,12 @@ class AlphaEdit:
         prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len, seed=ctx.seed,
                                     cache_dir=ctx.cache_dir, fingerprint=ctx.facts.fingerprint)
         protected = _protected_keys(ctx, layers, edits, p.protect, prefixes)
+        if step.protect and p.locality_weight > 0:  # the declared locality set, weighted rows
+            for layer, (kp, w) in prompt_keys(model, tok, adapter, layers, step.protect).items():
+                rows = kp * (p.locality_weight * w).sqrt()[:, None]
+                earlier = protected.get(layer)
+                protected[layer] = rows if earlier is None else torch.cat([earlier, rows.to(
+                    earlier.device)])
         delta, prob = optimise_deltas(model, tok, adapter, top, edits, prefixes, p.value,
                                       seed=ctx.seed,
                                       cache=value_cache(ctx.cache_dir, ctx.weights))

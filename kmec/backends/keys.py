@@ -6,6 +6,9 @@ Contents:
     build_batch()         build an EditBatch
     compute_keys()        MLP keys k* at the subject's last token, averaged over
                           prefixes, for several layers in one forward pass
+    declared_prompts()    an edit's own prompt and its declared scope prompts, as requests
+    ContextKeys / context_keys()   every context key of every declared prompt, weighted
+    prompt_keys()         the keys at every token of the declared locality set
     residual_at()         hidden state (residual stream) after a layer at lookup positions
 
 ROME/MEMIT average the key over a few random context prefixes so the edit
@@ -179,6 +182,101 @@ def compute_keys(
     if per_context:
         return {layer: s.view(len(edits), n_pref, -1) for layer, s in sums.items()}
     return {layer: s / n_pref for layer, s in sums.items()}
+
+
+def declared_prompts(edits: Sequence[EditRequest], scope_weight: float
+                     ) -> tuple[list[EditRequest], list[int], list[int]]:
+    """The prompts an edit's δ is trained on: each edit, then (``scope_weight > 0``) one
+    request per declared scope prompt (same subject and target). Returns the requests,
+    the edit each belongs to, and the index of each edit's own prompt among them."""
+    out: list[EditRequest] = []
+    owner: list[int] = []
+    main: list[int] = []
+    for i, e in enumerate(edits):
+        main.append(len(out))
+        out.append(e)
+        owner.append(i)
+        if scope_weight > 0:
+            for s in e.scope:
+                out.append(EditRequest(name=e.name, prompt=s, subject=e.subject,
+                                       target_new=e.target_new))
+                owner.append(i)
+    return out, owner, main
+
+
+@dataclass
+class ContextKeys:
+    """Every context key of every declared prompt of some edits, at one layer.
+
+    Attributes:
+        keys: [M, d_mlp] — for each edit, its prompt under each prefix, then each of
+            its scope prompts under each prefix.
+        owner: [M] the edit each key belongs to.
+        weight: [M] each key's share of its edit's fit: the edit prompt's contexts
+            share ``1 / (1 + w)``, the scope prompts' ``w / (1 + w)`` (``w =
+            scope_weight``; 1 for the edit prompt alone when it has no scope).
+    """
+
+    keys: torch.Tensor
+    owner: torch.Tensor
+    weight: torch.Tensor
+
+    def of(self, i: int) -> torch.Tensor:
+        """The keys of edit ``i``, [P_i, d_mlp]."""
+        return self.keys[self.owner == i]
+
+
+def context_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[int],
+                 edits: Sequence[EditRequest], prefixes: Sequence[str],
+                 scope_weight: float) -> dict[int, ContextKeys]:
+    """:class:`ContextKeys` per layer for ``edits``: each declared prompt (the edit's own
+    and, with ``scope_weight > 0``, its scope prompts) keyed at its subject's last token
+    under every prefix (see :func:`declared_prompts`)."""
+    prompts, owner_list, main_list = declared_prompts(edits, scope_weight)
+    per = compute_keys(model, tok, adapter, layers, prompts, prefixes, per_context=True)
+    n_pref = len(prefixes)
+    device = next(iter(per.values())).device if per else torch.device("cpu")
+    owner = torch.tensor(owner_list, device=device).repeat_interleave(n_pref)
+    is_main = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    is_main[torch.tensor(main_list, device=device, dtype=torch.long)] = True
+    n_scope = torch.bincount(torch.tensor(owner_list, device=device)[~is_main],
+                             minlength=len(edits)).float()
+    w = torch.where(n_scope > 0, torch.full_like(n_scope, scope_weight), torch.zeros_like(n_scope))
+    req_owner = torch.tensor(owner_list, device=device)
+    share = torch.where(is_main, 1 / (1 + w[req_owner]),
+                        w[req_owner] / ((1 + w[req_owner]) * n_scope[req_owner].clamp_min(1)))
+    weight = (share / n_pref).repeat_interleave(n_pref)
+    return {layer: ContextKeys(k.reshape(-1, k.shape[-1]), owner, weight)
+            for layer, k in per.items()}
+
+
+@torch.no_grad()
+def prompt_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[int],
+                prompts: Sequence[str], *, batch_size: int = 64
+                ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The MLP keys at every token of ``prompts`` (the declared locality set), per layer:
+    ``(keys [M, d_mlp], weight [M])`` with each prompt's tokens sharing weight 1."""
+    device = device_of(model)
+    layers = sorted(set(layers))
+    paths = [adapter.site("mlp_out", layer) for layer in layers]
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    weights: list[torch.Tensor] = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in range(0, len(prompts), batch_size):
+        rows = [tok.encode(p, add_special_tokens=False) or [pad]
+                for p in prompts[start:start + batch_size]]
+        ids, mask = right_pad(rows, pad, device)
+        with TraceDict(model, paths, retain_input=True, stop=True) as td:
+            model(input_ids=ids, attention_mask=mask)
+        real = mask.bool()
+        for layer, path in zip(layers, paths):
+            out[layer].append(td[path].input[real].float())
+        lengths = mask.sum(1).float()
+        weights.append((1 / lengths)[:, None].expand_as(mask)[real])
+    if not prompts:
+        return {}
+    w = torch.cat(weights)
+    return {layer: (torch.cat(ks), w) for layer, ks in out.items()}
 
 
 @torch.no_grad()

@@ -38,14 +38,20 @@ k̄ᵢ, which under-serves the bare prompt when the subject opens it (see
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from kmec.artifacts.payloads import Payload
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import context_prefixes, locate_then_edit_cost, residual_at
+from kmec.backends.keys import (
+    ContextKeys,
+    context_prefixes,
+    locate_then_edit_cost,
+    prompt_keys,
+    residual_at,
+)
 from kmec.backends.linalg import spd_solve
 from kmec.backends.spread import spread_over_layers
 from kmec.backends.values import ValueParams, optimise_deltas, value_cache
@@ -66,6 +72,40 @@ class MemitParams(BaseModel):
     key_fit: Literal["contexts", "mean"] = "contexts"
     value: ValueParams = ValueParams()
     max_delta: float | None = None  # bound on ‖ΔW‖_F / ‖W‖_F per parameter (spec: max_delta)
+    locality_weight: float = 1.0  # ρ: weight of the declared locality set's keys (Step.protect)
+
+
+def declared_update(ck: ContextKeys, resid: torch.Tensor, c: torch.Tensor, lam: float,
+                    protected: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    rho: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (u, v) of the batched update fitted on every declared prompt, with the
+    declared locality set kept in place::
+
+        min Σᵢ Σⱼ wᵢⱼ ‖ΔW kᵢⱼ − rᵢ‖² + λ tr(ΔW C ΔWᵀ) + ρ Σ_t w_t ‖ΔW k_t‖²
+        ΔW = R K̄ᵀ (λC + Σᵢⱼ wᵢⱼ kᵢⱼ kᵢⱼᵀ + ρ Σ_t w_t k_t k_tᵀ)⁻¹,   K̄ᵢ = Σⱼ wᵢⱼ kᵢⱼ
+
+    over edit i's context keys kᵢⱼ (its prompt and its scope prompts under every
+    prefix, weights summing to 1 per edit: :class:`~kmec.backends.keys.ContextKeys`)
+    and the keys k_t at every token of the step's ``protect`` prompts. With one
+    prompt per edit and nothing protected it is :func:`batch_update` exactly.
+    """
+    n = resid.shape[0]
+    counts = torch.bincount(ck.owner, minlength=n)
+    uniform = bool((counts == counts[0]).all()) and bool(
+        torch.allclose(ck.weight, torch.full_like(ck.weight, 1.0 / int(counts[0]))))
+    plain = protected is None or rho <= 0 or protected[0].shape[0] == 0
+    if uniform and plain:  # the papers' least squares over the edit prompt's contexts
+        return batch_update(ck.keys.view(n, int(counts[0]), -1), resid, c, lam)
+    k = ck.keys.float()
+    w = ck.weight.float().to(k.device)
+    a = lam * c.float().to(k.device) + (k * w[:, None]).T @ k
+    if not plain:
+        kp, wp = protected[0].float().to(k.device), protected[1].float().to(k.device)
+        a = a + rho * (kp * wp[:, None]).T @ kp
+    kbar = torch.zeros(n, k.shape[1], device=k.device).index_add_(0, ck.owner.to(k.device),
+                                                                   k * w[:, None])
+    v = spd_solve(a, kbar.T)  # [d_in, n]
+    return resid.float().T.contiguous(), v
 
 
 def batch_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor,
@@ -101,7 +141,8 @@ def batch_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor,
 # beyond that there is no evidence one solve stays accurate, so larger batches are split.
 INFO = BackendInfo(
     name="memit", changes="weights", needs_stats=True, layers="range", layer_role="memit",
-    max_batch=10_000, keyed=True, cost=locate_then_edit_cost)
+    max_batch=10_000, keyed=True, uses=frozenset({"scope", "preserve", "locality"}),
+    cost=locate_then_edit_cost)
 
 
 class Memit:
@@ -139,7 +180,18 @@ class Memit:
         ctx.log.info("memit: %d targets, mean target prob %.3f", len(edits), float(prob.mean()))
         z = residual_at(model, tok, adapter, top, edits) + delta
         lam = p.lambda_rel * ctx.facts.d_mlp
-        return spread_over_layers(
-            ctx, "memit", layers, edits, prefixes, z,
-            lambda layer, k, resid: batch_update(k, resid, ctx.stats.second_moment(layer), lam),
-            p.max_delta, per_context=p.key_fit == "contexts")
+        protected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if step.protect and p.locality_weight > 0:
+            protected = prompt_keys(model, tok, adapter, layers, step.protect)
+            ctx.log.info("memit: %d declared prompt(s) kept in place (ρ %g)", len(step.protect),
+                         p.locality_weight)
+
+        def solve(layer: int, k: Any, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            c = ctx.stats.second_moment(layer)
+            if isinstance(k, ContextKeys):
+                return declared_update(k, resid, c, lam, protected.get(layer), p.locality_weight)
+            return batch_update(k, resid, c, lam)
+
+        return spread_over_layers(ctx, "memit", layers, edits, prefixes, z, solve, p.max_delta,
+                                  per_context=p.key_fit == "contexts",
+                                  scope_weight=p.value.scope_weight)

@@ -44,7 +44,13 @@ from pydantic import BaseModel, ConfigDict
 from kmec.artifacts.apply import temporarily_added
 from kmec.artifacts.payloads import LowRank, Payload
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import compute_keys, context_prefixes, locate_then_edit_cost
+from kmec.backends.keys import (
+    compute_keys,
+    context_keys,
+    context_prefixes,
+    locate_then_edit_cost,
+    prompt_keys,
+)
 from kmec.backends.linalg import bound_relative_change, spd_solve
 from kmec.backends.values import ValueParams, optimise_deltas, value_cache
 from kmec.errors import BackendError
@@ -64,6 +70,24 @@ class RomeParams(BaseModel):
     key_fit: Literal["contexts", "mean"] = "contexts"
     value: ValueParams = ValueParams()
     max_delta: float | None = None  # bound on ‖ΔW‖_F / ‖W‖_F per parameter (spec: max_delta)
+    locality_weight: float = 1.0  # ρ: weight of the declared locality set's keys (Step.protect)
+
+
+def protected_metric(c: torch.Tensor | None, protected: tuple[torch.Tensor, torch.Tensor] | None,
+                     rho: float, d: int, device: torch.device) -> torch.Tensor | None:
+    """The metric of the solve with the declared locality set kept in place.
+
+    ``C' = C + ρ · Σ_t w_t k_t k_tᵀ`` over the MLP keys ``k_t`` at every token of the
+    step's ``protect`` prompts (each prompt's tokens share weight 1): minimising
+    ``‖ΔW‖²_C' = ‖ΔW‖²_C + ρ Σ_t w_t ‖ΔW k_t‖²`` makes the update small where the
+    corpus keys live *and* on the prompts the spec says must not move (AlphaEdit's
+    protect term, generalised from earlier edits to declared prompts). None: C alone.
+    """
+    if protected is None or rho <= 0 or protected[0].shape[0] == 0:
+        return c
+    kp, w = protected[0].float().to(device), protected[1].float().to(device)
+    base = c.float().to(device) if c is not None else torch.eye(d, device=device)
+    return base + rho * (kp * w[:, None]).T @ kp
 
 
 def rank_one(k: torch.Tensor, delta: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +131,8 @@ def rank_one_contexts(keys: torch.Tensor, delta: torch.Tensor, c: torch.Tensor |
 
 INFO = BackendInfo(
     name="rome", changes="weights", needs_stats=True, layers="one", layer_role="rome",
-    batches=False, keyed=True, cost=locate_then_edit_cost)
+    batches=False, keyed=True, uses=frozenset({"scope", "preserve", "locality"}),
+    cost=locate_then_edit_cost)
 
 
 class Rome:
@@ -135,11 +160,19 @@ class Rome:
         prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len, seed=ctx.seed,
                                     cache_dir=ctx.cache_dir, fingerprint=ctx.facts.fingerprint)
         c = ctx.stats.second_moment(layer) if p.whiten == "C" else None
+        if step.protect and p.locality_weight > 0:
+            kp = prompt_keys(model, tok, adapter, [layer], step.protect)[layer]
+            c = protected_metric(c, kp, p.locality_weight, kp[0].shape[1], kp[0].device)
+            ctx.log.info("rome: %d declared prompt(s) kept in place (%d keys, ρ %g)",
+                         len(step.protect), kp[0].shape[0], p.locality_weight)
         payloads: list[Payload] = []
         with temporarily_added(model, adapter.weight_layout) as tmp:
             for i, edit in enumerate(step.edits):
-                k = compute_keys(model, tok, adapter, [layer], [edit], prefixes,
-                                 per_context=p.key_fit == "contexts")[layer][0]
+                if p.key_fit == "contexts":  # every declared prompt under every prefix
+                    k = context_keys(model, tok, adapter, [layer], [edit], prefixes,
+                                     p.value.scope_weight)[layer].keys
+                else:
+                    k = compute_keys(model, tok, adapter, [layer], [edit], prefixes)[layer][0]
                 # later edits of the step see the earlier ones added: no cache for them
                 cache = value_cache(ctx.cache_dir, ctx.weights) if i == 0 else None
                 delta, prob = optimise_deltas(model, tok, adapter, layer, [edit], prefixes,

@@ -15,27 +15,29 @@ handed to the backend's ``solve``; the factors are bounded by ``max_delta``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from kmec.artifacts.apply import temporarily_added
 from kmec.artifacts.payloads import LowRank, Payload
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import compute_keys, residual_at
+from kmec.backends.keys import compute_keys, context_keys, residual_at
 from kmec.backends.linalg import bound_relative_change
 from kmec.planner.model import EditRequest
 
-Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Solve = Callable[[int, Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def spread_over_layers(ctx: ExecContext, name: str, layers: Sequence[int],
                        edits: Sequence[EditRequest], prefixes: Sequence[str], z: torch.Tensor,
                        solve: Solve, max_delta: float | None, *,
-                       per_context: bool = False) -> list[Payload]:
+                       per_context: bool = False, scope_weight: float = 0.0) -> list[Payload]:
     """One ``LowRank`` per layer that together move each edit's top-layer state to ``z``.
 
-    ``solve`` gets the mean keys [n, d_mlp], or with ``per_context`` every
-    context's key [n, n_prefixes, d_mlp].
+    ``solve`` gets the mean keys [n, d_mlp], or with ``per_context`` a
+    :class:`~kmec.backends.keys.ContextKeys`: every context key of every declared
+    prompt (the edit's own, and its scope prompts when ``scope_weight > 0``).
     """
     model, tok, adapter = ctx.model, ctx.tok, ctx.adapter
     layers = sorted(layers)
@@ -43,8 +45,9 @@ def spread_over_layers(ctx: ExecContext, name: str, layers: Sequence[int],
     payloads: list[Payload] = []
     with temporarily_added(model, adapter.weight_layout) as tmp:
         for j, layer in enumerate(layers):
-            k = compute_keys(model, tok, adapter, [layer], edits, prefixes,
-                             per_context=per_context)[layer]
+            k = (context_keys(model, tok, adapter, [layer], edits, prefixes, scope_weight)[layer]
+                 if per_context else compute_keys(model, tok, adapter, [layer], edits,
+                                                  prefixes)[layer])
             cur = residual_at(model, tok, adapter, top, edits)
             u, v = solve(layer, k, (z - cur) / (len(layers) - j))
             param = f"{adapter.site('mlp_out', layer)}.weight"

@@ -10,9 +10,17 @@ For each edit, δ ∈ R^{d_model} is added to the output of ``mlp_out`` at
 ``layer`` at the subject's last token, under every context prefix, and found
 by minimising (ROME, Meng et al. 2022, eq. 4; MEMIT eq. 16)::
 
-    L(δ) = mean_prefixes −log P(target | prefix + prompt; δ)
+    L(δ) = [nll(prompt) + w · mean_s nll(scope_s)] / (1 + w)
            + kl_weight · KL(P₀(· | "{subject} is a") ‖ P(· | "{subject} is a"; δ))
            + weight_decay · ‖δ‖² / ‖v₀‖²
+    nll(p) = mean_prefixes −log P(target | prefix + p; δ)
+
+where the scope prompts are the edit's declared in-scope prompts (the
+relation's paraphrases and the edit's ``scope``), each with δ added at the
+subject's last token in *that* prompt (its last token for an edit without a
+subject), under the same prefixes, and ``w = scope_weight`` (0: the edit
+prompt alone, as in the papers; with no scope prompts the objective is the
+papers' exactly).
 
 with ``‖δ‖ ≤ clamp · ‖v₀‖`` enforced after every step, where v₀ is the MLP
 output at that position. The KL term on the "essence" prompt keeps what the
@@ -46,7 +54,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from kmec._version import __version__
-from kmec.backends.keys import build_batch
+from kmec.backends.keys import build_batch, declared_prompts
 from kmec.hashing import atomic_write_bytes, canonical_json, sha256_text
 from kmec.models.adapters import ArchAdapter
 from kmec.models.hooks import Trace, device_of, hidden_of, with_hidden
@@ -66,6 +74,7 @@ class ValueParams(BaseModel):
     stop_prob: float = 0.9
     essence: str = "{subject} is a"
     edit_batch: int = 16  # edits optimised together, on average (see chunk_bounds)
+    scope_weight: float = 1.0  # weight of the declared in-scope prompts against the edit prompt
 
 
 # Bump when the optimisation's arithmetic changes, so stale cached δ are not reused.
@@ -226,16 +235,24 @@ def optimise_deltas(
 def _optimise_chunk(model, tok, adapter, layer, edits, prefixes, params, seed, compact):
     device = device_of(model)
     torch.manual_seed(seed)
-    rw = build_batch(tok, edits, prefixes, with_targets=True, device=device)
+    prompts, owner_list, main_list = declared_prompts(edits, params.scope_weight)
+    rw = build_batch(tok, prompts, prefixes, with_targets=True, device=device)
     ess = build_batch(tok, _essence_edits(edits, params.essence), [""], with_targets=False,
                       device=device)
-    n = len(edits)
+    n, n_prompts = len(edits), len(prompts)
+    owner = torch.tensor(owner_list, device=device)  # request -> edit
+    main = torch.tensor(main_list, device=device)  # edit -> its own prompt's request
+    is_scope = torch.ones(n_prompts, dtype=torch.bool, device=device)
+    is_scope[main] = False
+    n_scope = torch.zeros(n, device=device).index_add_(0, owner, is_scope.float())
+    w_scope = torch.where(n_scope > 0, torch.full_like(n_scope, params.scope_weight),
+                          torch.zeros_like(n_scope))
     path = adapter.site("mlp_out", layer)
     head = model.get_output_embeddings()
     body = model.base_model
 
     # v₀: the MLP output at the lookup position of the bare prompt (first prefix is "").
-    first_rows = torch.tensor([i * len(prefixes) for i in range(n)], device=device)
+    first_rows = main * len(prefixes)
     with torch.no_grad(), Trace(model, path, retain_output=True) as tr:
         body(input_ids=rw.input_ids[first_rows], attention_mask=rw.attention_mask[first_rows])
     v0 = tr.output[torch.arange(n, device=device), rw.lookup[first_rows]].float()
@@ -245,7 +262,7 @@ def _optimise_chunk(model, tok, adapter, layer, edits, prefixes, params, seed, c
     delta = torch.zeros(n, d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=params.lr)
 
-    rows_all = torch.cat([rw.edit_index, ess.edit_index])
+    rows_all = torch.cat([owner[rw.edit_index], ess.edit_index])  # row -> edit
     look_all = torch.cat([rw.lookup, ess.lookup])
     width = max(rw.input_ids.shape[1], ess.input_ids.shape[1])
     ids = torch.cat([_pad(rw.input_ids, width, tok.pad_token_id or 0), _pad(ess.input_ids, width, tok.pad_token_id or 0)])
@@ -256,8 +273,10 @@ def _optimise_chunk(model, tok, adapter, layer, edits, prefixes, params, seed, c
     t_rows = torch.tensor([r for r, _, _ in rw.target_pos], device=device)
     t_pos = torch.tensor([p for _, p, _ in rw.target_pos], device=device)
     t_tok = torch.tensor([t for _, _, t in rw.target_pos], device=device)
-    t_edit = rw.edit_index[t_rows]
-    tokens_per_edit = torch.zeros(n, device=device).index_add_(0, t_edit, torch.ones_like(t_edit, dtype=torch.float))
+    t_req = rw.edit_index[t_rows]  # target token -> request
+    t_edit = owner[t_req]
+    tokens_per_req = torch.zeros(n_prompts, device=device).index_add_(
+        0, t_req, torch.ones_like(t_req, dtype=torch.float))
 
     # Finished edits leave the batch: their δ is frozen and their rows cannot
     # affect other edits' rows, so only the unfinished edits' rows are run
@@ -272,7 +291,7 @@ def _optimise_chunk(model, tok, adapter, layer, edits, prefixes, params, seed, c
         w = int(mask[keep].sum(1).max())
         cur.update(ids=ids[keep, :w], mask=mask[keep, :w], rows=torch.arange(keep.numel(), device=device),
                    look=look_all[keep], edit_of_row=rows_all[keep], t_rows=new_row[t_rows[t_keep]],
-                   t_pos=t_pos[t_keep], t_tok=t_tok[t_keep], t_edit=t_edit[t_keep],
+                   t_pos=t_pos[t_keep], t_tok=t_tok[t_keep], t_req=t_req[t_keep],
                    ess_rows=new_row[ess_rows[active]], ess_last=ess_last[active],
                    edits=active.nonzero()[:, 0])
 
@@ -294,9 +313,17 @@ def _optimise_chunk(model, tok, adapter, layer, edits, prefixes, params, seed, c
         edits_now = cur["edits"]
         logits_t = head(h[cur["t_rows"], cur["t_pos"]]).float().log_softmax(-1)
         logp = logits_t.gather(1, cur["t_tok"][:, None])[:, 0]
-        # mean over the edit's target tokens under every prefix
-        nll = torch.zeros(n, device=device).index_add_(0, cur["t_edit"], -logp)[edits_now] \
-            / tokens_per_edit[edits_now]
+        # per request: mean over its target tokens under every prefix; per edit: its own
+        # prompt's, averaged with its scope prompts' mean at weight w (none: its own alone)
+        per_req = torch.zeros(n_prompts, device=device).index_add_(0, cur["t_req"], -logp) \
+            / tokens_per_req.clamp_min(1)
+        nll = per_req[main][edits_now]
+        if bool(is_scope.any()):
+            scope_sum = torch.zeros(n, device=device).index_add_(
+                0, owner[is_scope], per_req[is_scope])
+            scope_mean = scope_sum / n_scope.clamp_min(1)
+            w = w_scope[edits_now]
+            nll = (nll + w * scope_mean[edits_now]) / (1 + w)
         ess_logp = head(h[cur["ess_rows"], cur["ess_last"]]).float().log_softmax(-1)
         if step == 0:
             kl_base = ess_logp.detach()

@@ -7,8 +7,9 @@ Contents:
 The planner sees a model only through :class:`~kmec.models.facts.ModelFacts`
 and backends only through the registry it is given: each entry's torch-free
 record (``info``, :class:`~kmec.planner.backend_info.BackendInfo`), its
-``Params`` and ``default_params``. It imports no backend and needs no weights. Same spec + same facts + same kmec version + same registry
-defaults give byte-identical ``plan.to_json()``.
+``Params`` and ``default_params``. It imports no backend and needs no
+weights. Same spec + same facts + same kmec version + same registry defaults
+give byte-identical ``plan.to_json()``.
 
 The pass order differs from the first sketch in STYLE.md in two places:
 ``choose_backend`` runs before ``group_edits`` (how edits are grouped depends on
@@ -29,6 +30,7 @@ from kmec.planner.passes import (
     choose_backend,
     choose_layers,
     choose_params,
+    declare_locality,
     estimate_cost,
     group_edits,
     pair_reversals,
@@ -44,6 +46,7 @@ PASSES: tuple[Pass, ...] = (
     group_edits,
     choose_layers,
     choose_params,
+    declare_locality,
     require_stats,
     estimate_cost,
 )

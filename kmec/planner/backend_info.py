@@ -41,7 +41,9 @@ class CostModel(Protocol):
     def __call__(self, step: Step, facts: ModelFacts, setup: bool) -> Work: ...
 
 
-Uses = Literal["scope", "preserve", "reversal"]
+# scope: trains on the declared in-scope prompts; preserve: uses the edits' preserve prompts
+# (anchors, negatives); locality: keeps the declared locality set (Step.protect) in place
+Uses = Literal["scope", "preserve", "locality", "reversal"]
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,8 @@ def example_spec() -> Spec:
         relations=(capital,),
         edits=(
             TripleEdit(name="kazakhstan", subject="Kazakhstan", relation="capital",
-                       old="Astana", new="Nur-Sultan", expect_reversal=True),
+                       old="Astana", new="Nur-Sultan", expect_reversal=True,
+                       preserve=("The capital of Russia is",)),
             PromptEdit(name="messi", prompt="The 2022 World Cup was won by", target="Argentina"),
         ),
     )
@@ -198,7 +199,7 @@ def example_backends() -> dict[str, Any]:
         BackendInfo(name="rome", changes="weights", needs_stats=True, layers="one",
                     layer_role="rome", batches=False, keyed=True),
         BackendInfo(name="memit", changes="weights", needs_stats=True, layer_role="memit",
-                    max_batch=10_000, keyed=True),
+                    max_batch=10_000, keyed=True, uses=frozenset({"scope", "preserve", "locality"})),
         BackendInfo(name="ft", changes="weights", layer_role="memit"),
         BackendInfo(name="memory", changes="memory", layers="one", layer_role="rome",
                     writes_site=None),

@@ -85,6 +85,11 @@ class Step(_Frozen):
     ``writes`` names every parameter the step may change (empty for the
     external memories, which change none): an artifact whose payloads touch
     any other parameter is refused (:func:`kmec.artifacts.check_against_plan`).
+    ``protect`` is the step's declared locality set: prompts whose outputs the
+    spec says must not move (its edits' ``preserve`` prompts and, for a
+    ``locality ... neighbours of R`` claim, R's prompt rendered with R's other
+    listed subjects). Backends that read it keep those prompts' MLP keys where
+    they were (:mod:`kmec.planner.passes.declare_locality`).
     """
 
     id: str
@@ -92,6 +97,7 @@ class Step(_Frozen):
     edits: tuple[EditRequest, ...]
     layers: tuple[int, ...] = ()
     writes: tuple[str, ...] = ()
+    protect: tuple[str, ...] = ()
     params: dict[str, Any] = Field(default_factory=dict)
     needs_stats: StatsRequest | None = None
     reasons: tuple[Reason, ...] = ()

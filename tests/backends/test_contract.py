@@ -151,3 +151,51 @@ def test_backend_contract(name, home, tmp_path_factory):
     with torch.no_grad():
         base_logits = model(torch.tensor([tok.encode(EDITS[0].prompt)])).logits
     assert not torch.equal(edited_logits, base_logits), f"{name}'s edit changed nothing"
+
+
+@pytest.mark.parametrize("name", ["rome", "memit", "alphaedit"])
+def test_nothing_declared_gives_the_papers_edit(name, home):
+    """With no scope prompts and no protected prompts the rank-one backends compute exactly
+    what they did before declared prompts entered the edit (#10): the golden entry
+    ``<name>:undeclared`` holds the hashes recorded before that change."""
+    model, tok, facts = _lm()
+    bare = tuple(e.model_copy(update={"scope": ()}) for e in EDITS)
+    step = _step(name, facts, {}).model_copy(update={"edits": bare})
+    adapter = adapter_for(facts.model_type)
+    ctx = ExecContext(model=model, tok=tok, adapter=adapter, facts=facts,
+                      stats=CorpusStats(model, adapter, step.layers), seed=0)
+    payloads = list(BACKENDS[name].execute(step, ctx))
+    art = build_artifact([(step.id, payloads)], base_model="tiny",
+                         base_fingerprint=facts.fingerprint, base_arch=facts.arch,
+                         weight_layout=adapter.weight_layout, plan_hash="h" * 64)
+    hashes = {k: sha256_tensor(v) for k, v in sorted(art.tensors.items())}
+    key = f"{name}:undeclared"
+    recorded = _recorded()
+    if UPDATE:
+        recorded[key] = {"tensors": hashes}
+        atomic_write_text(GOLDEN, canonical_json(recorded))
+    assert recorded.get(key) == {"tensors": hashes}
+
+
+def test_declared_scope_prompts_reach_the_edit(home):
+    """A declared scope prompt moves the rank-one edit: the payloads differ from the
+    undeclared edit's, and the scope prompt's target probability rises more."""
+    model, tok, facts = _lm()
+    adapter = adapter_for(facts.model_type)
+    probs = {}
+    for label, edits in (("declared", EDITS),
+                         ("bare", tuple(e.model_copy(update={"scope": ()}) for e in EDITS))):
+        step = _step("rome", facts, {"value": {"steps": 30}}).model_copy(update={"edits": edits})
+        ctx = ExecContext(model=model, tok=tok, adapter=adapter, facts=facts,
+                          stats=CorpusStats(model, adapter, step.layers), seed=0)
+        art = build_artifact([(step.id, list(BACKENDS["rome"].execute(step, ctx)))],
+                             base_model="tiny", base_fingerprint=facts.fingerprint,
+                             base_arch=facts.arch, weight_layout=adapter.weight_layout,
+                             plan_hash="h" * 64)
+        handle = apply(art, model)
+        with torch.no_grad():
+            ids = tok.encode(EDITS[0].scope[0] + " Q")
+            logits = model(torch.tensor([ids[:-1]])).logits[0, -1]
+            probs[label] = float(logits.softmax(-1)[ids[-1]])
+        handle.revert()
+    assert probs["declared"] > probs["bare"], probs

@@ -7,6 +7,7 @@ Contents (in the order :data:`PASSES` runs them):
     group_edits      split edits into steps with stable ids
     choose_layers    layers per step (spec, else the per-architecture table)
     choose_params    backend defaults merged with the spec's overrides
+    declare_locality the prompts each step must leave alone (preserve, declared neighbours)
     require_stats    second-moment statistics for ROME/MEMIT/AlphaEdit steps
     estimate_cost    rough seconds and peak memory per step
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 from kmec.planner.passes.choose_backend import choose_backend
 from kmec.planner.passes.choose_layers import choose_layers
 from kmec.planner.passes.choose_params import choose_params
+from kmec.planner.passes.declare_locality import declare_locality
 from kmec.planner.passes.estimate_cost import estimate_cost
 from kmec.planner.passes.group_edits import group_edits
 from kmec.planner.passes.pair_reversals import pair_reversals
@@ -23,6 +25,7 @@ from kmec.planner.passes.require_stats import require_stats
 from kmec.planner.passes.resolve import resolve
 
 __all__ = [
-    "choose_backend", "choose_layers", "choose_params", "estimate_cost", "group_edits",
+    "choose_backend", "choose_layers", "choose_params", "declare_locality", "estimate_cost",
+    "group_edits",
     "pair_reversals", "require_stats", "resolve",
 ]
