@@ -336,9 +336,7 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
     apply(inputs.artifact, edited, fingerprint=fp, tok=lm.tok)
     if progress:
         progress("loading model", 1, 1)
-    # subjects files are confined to --root, else to the repository of the spec given
-    # (--spec) or of the build folder: never to a root a build's own files could name
-    subjects_root = root if root is not None else find_root(spec_path or inputs.root)
+    subjects_root = root if root is not None else _subjects_root(spec_path, inputs)
     report = verify(inputs.spec, inputs.plan, lm.model, edited, lm.tok, seed=None,
                     max_examples=max_examples, root=subjects_root,
                     db_dir=db_dir if db_dir is not None else _default_db(inputs.root),
@@ -348,6 +346,20 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
     if report_dir is not None:
         write_reports(report, report_dir)
     return report
+
+
+def _subjects_root(spec_path: str | Path | None, inputs: Inputs) -> Path:
+    """Where verification may read ``subjects from`` files (no ``--root`` given): the
+    repository of ``--spec``; else of the spec file the build was compiled from, when that
+    file is still there as a regular ``.kmec`` file (the stale check has just read it);
+    else of the build folder. A build's own record alone never widens the root."""
+    if spec_path is not None:
+        return find_root(spec_path)
+    source = inputs.spec.source
+    if source and source.endswith(".kmec") and Path(source).is_file() \
+            and not Path(source).is_symlink():
+        return find_root(source)
+    return find_root(inputs.root)
 
 
 def _default_db(root: Path) -> Path | None:
