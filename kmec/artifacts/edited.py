@@ -44,7 +44,6 @@ fingerprint computed here is the one the artifact records.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -63,8 +62,8 @@ from kmec.artifacts.format import (
     Artifact,
     Manifest,
     check_base,
-    check_format,
     load_artifact,
+    read_json_record,
     save_artifact,
     select,
 )
@@ -242,19 +241,8 @@ def read_record(folder: str | Path) -> EditedRecord:
     if not path.exists():
         raise ArtifactError(f"{folder} is not a kmec-edited model (no {EDIT_RECORD})",
                             hint="kmec revert only undoes folders written by kmec apply")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON: {e}",
-                            hint="the edited folder is corrupt; re-run kmec apply") from None
-    check_format(raw, EDITED_FORMAT, path)
-    try:
-        record = EditedRecord.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ())) or "<root>"
-        raise ArtifactError(f"{path} is not a valid kmec edit record: {where}: {err['msg']}",
-                            hint="the edited folder is corrupt; re-run kmec apply") from None
+    record = read_json_record(path, EDITED_FORMAT, EditedRecord, "kmec edit record",
+                              "the edited folder is corrupt; re-run kmec apply")
     if set(record.base_params) != set(record.manifest.params):
         raise ArtifactError(f"{path} records originals for {sorted(record.base_params)} but the "
                             f"artifact edits {list(record.manifest.params)}",

@@ -27,7 +27,7 @@ import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -40,6 +40,7 @@ from kmec.errors import ArtifactError
 from kmec.hashing import atomic_dir, canonical_json, sha256_tensor, sha256_text
 from kmec.planner.model import Plan
 
+_Record = TypeVar("_Record", bound=BaseModel)
 FORMAT = "kmec-artifact/2"  # /2: the manifest carries its own sha256
 MANIFEST = "manifest.json"
 TENSORS = "payloads.safetensors"
@@ -251,17 +252,8 @@ def load_artifact(path: str | Path) -> Artifact:
     if not mpath.exists():
         raise ArtifactError(f"{path} is not a kmec artifact (no {MANIFEST})",
                             hint="pass the artifact folder or the build directory kmec compile wrote")
-    try:
-        raw = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{mpath} is not valid JSON: {e}",
-                            hint="the artifact is corrupt; recompile it") from None
-    check_format(raw, FORMAT, mpath)
-    try:
-        manifest = Manifest.model_validate(raw)
-    except ValidationError as e:
-        raise ArtifactError(f"{mpath} is not a valid manifest: {_first_error(e)}",
-                            hint="the artifact is corrupt; recompile it") from None
+    manifest = read_json_record(mpath, FORMAT, Manifest, "manifest",
+                                "the artifact is corrupt; recompile it")
     _check_sealed(manifest, mpath)
     tensors = _read_tensors(path / TENSORS) if manifest.payloads else {}
     named = {n for e in manifest.payloads for n in e.tensors}
@@ -313,6 +305,26 @@ def _check_shapes(entry: PayloadEntry, tensors: dict[str, torch.Tensor], where: 
         raise ArtifactError(f"payload {entry.id} in {where} records shape {entry.shape} "
                             f"(rank {entry.rank}), which its tensors do not have",
                             hint="the artifact was modified after compilation; recompile it")
+
+
+def read_json_record(path: Path, fmt: str, model: type[_Record], what: str, hint: str) -> _Record:
+    """Read a kmec JSON record (a manifest, an edit record): valid JSON, written in
+    format ``fmt``, and valid as ``model``.
+
+    Raises:
+        ArtifactError: unreadable, not JSON, another format, or invalid; ``hint`` says
+            what to do.
+    """
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}", hint=hint) from None
+    check_format(raw, fmt, path)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ArtifactError(f"{path} is not a valid {what}: {_first_error(e)}",
+                            hint=hint) from None
 
 
 def check_format(raw: Any, expected: str, where: Path) -> None:
