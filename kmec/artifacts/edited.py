@@ -116,11 +116,10 @@ class Written:
     tokenizer: str
 
 
-def load_weights(ref: str | ModelRef, *, safetensors_only: bool = True) -> tuple[Any, Any]:
+def load_weights(ref: str | ModelRef) -> tuple[Any, Any]:
     """Load a causal LM in float32 on CPU; return ``(model, tokenizer or None)``.
 
-    Weights are read from safetensors only (``safetensors_only`` is kept for
-    callers that still pass it; pickle files are never loaded).
+    Weights are read from safetensors only; pickle files are never loaded.
 
     Folders and aliases are loaded without a tokenizer (none is needed to
     apply or revert); hub ids go through :func:`kmec.models.load.load_model`,
@@ -315,7 +314,7 @@ def load_edited(folder: str | Path, *, tok: Any = None, dtype: str = "float32",
     if record.tokenizer == "none":
         from kmec.models.facts import facts_from_config
 
-        model, _ = load_weights(ref, safetensors_only=True)
+        model, _ = load_weights(ref)
         model.to(device=device, dtype=getattr(torch, dtype))
         facts = facts_from_config(model.config, name=str(folder), fingerprint=fingerprint_model(model),
                                   n_params=sum(p.numel() for p in model.parameters()), dtype=dtype)
@@ -361,8 +360,7 @@ def revert_folder(edited: str | Path, out: str | Path, *, force: bool = False) -
     check_output(out, "base-model", inputs=[edited], force=force)
     record = read_record(edited)
     originals = read_base_params(edited, record)
-    model, _ = load_weights(ModelRef(str(edited), "folder", edited.resolve()),
-                            safetensors_only=True)
+    model, _ = load_weights(ModelRef(str(edited), "folder", edited.resolve()))
     now = fingerprint_model(model)
     if now != record.edited_fingerprint:
         raise ArtifactError(

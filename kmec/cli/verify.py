@@ -118,10 +118,10 @@ def audit_cmd(
 
     artifact = load_checked(build)
     with console.status("loading models"):
-        base_model, _ = load_weights(base, safetensors_only=True)
+        base_model, _ = load_weights(base)
         # the wrong base would show every parameter as an "undeclared change": say so instead
         check_base(artifact.manifest, fingerprint_model(base_model), model=base)
-        edited_model, _ = load_weights(edited, safetensors_only=True)
+        edited_model, _ = load_weights(edited)
     result = audit(base_model, edited_model, artifact)
     table = Table("parameter", "status")
     for name in artifact.manifest.params:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kmec.errors import Diagnostic, Span, did_you_mean
-from kmec.grammar.files import MAX_SUBJECTS_BYTES, FileRefused, confine, find_root, read_text_file
+from kmec.grammar.files import FileRefused, find_root, read_subjects
 from kmec.grammar.templates import VARIABLES, inspect, is_template
 from kmec.spec import Claim, PromptEdit, Relation, Spec, TripleEdit
 
@@ -314,23 +314,10 @@ def check_files(spec: Spec, c: Ctx) -> Iterator[Diagnostic]:
         if rel.subjects_file is None or not rel.subjects_file.strip():
             continue
         at = c.at(rel, "subjects_file")
-        path = c.base_dir / rel.subjects_file
         try:
-            path = confine(c.base_dir, rel.subjects_file, root, "subjects file")
-            text = read_text_file(path, limit=MAX_SUBJECTS_BYTES, what="subjects file")
+            text = read_subjects(c.base_dir, rel.subjects_file, root)
         except FileRefused as e:
             yield _err(at, e.message, e.hint)
-            continue
-        except FileNotFoundError:
-            yield _err(at, f"subjects file {rel.subjects_file!r} not found",
-                       f"looked for {path}; paths are relative to the spec's folder")
-            continue
-        except UnicodeDecodeError as e:
-            yield _err(at, f"subjects file {rel.subjects_file!r} is not UTF-8 text "
-                       f"({e.reason} at byte {e.start})")
-            continue
-        except OSError as e:
-            yield _err(at, f"cannot read subjects file {rel.subjects_file!r}: {e.strerror or e}")
             continue
         if not any(line.strip() for line in text.splitlines()):
             yield _warn(at, f"subjects file {rel.subjects_file!r} is empty")

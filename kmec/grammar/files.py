@@ -6,6 +6,7 @@ Contents:
     find_root()        the confinement root of a spec: the repository it is in, else its folder
     confine()          a path a spec names (``include``, ``subjects from``) -> the file, if allowed
     read_text_file()   read a regular file under a size limit, as UTF-8 text
+    read_subjects()    a ``subjects from`` file's text, every failure one FileRefused
 
 Specs arrive in pull requests and run in CI jobs that hold secrets, so a spec
 must not be able to read (and print, or copy into a report) files outside
@@ -152,3 +153,25 @@ def read_text_file(path: str | os.PathLike[str], *, limit: int, what: str) -> st
         raise FileRefused(f"{what} {name} is over the limit of {limit:,} bytes")
     text = data.decode("utf-8").removeprefix("\ufeff")
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_subjects(base_dir: str | os.PathLike[str], name: str,
+                  root: str | os.PathLike[str]) -> str:
+    """The text of the ``subjects from`` file ``name`` (relative to ``base_dir``), read under
+    the rules above; every reason it cannot be read is one :class:`FileRefused`.
+
+    Raises:
+        FileRefused: refused, missing, not UTF-8, or unreadable (message and hint).
+    """
+    path = Path(base_dir) / name
+    try:
+        path = confine(base_dir, name, root, "subjects file")
+        return read_text_file(path, limit=MAX_SUBJECTS_BYTES, what="subjects file")
+    except FileNotFoundError:
+        raise FileRefused(f"subjects file {name!r} not found",
+                          f"looked for {path}; paths are relative to the spec's folder") from None
+    except UnicodeDecodeError as e:
+        raise FileRefused(f"subjects file {name!r} is not UTF-8 text ({e.reason} at byte "
+                          f"{e.start})") from None
+    except OSError as e:
+        raise FileRefused(f"cannot read subjects file {name!r}: {e.strerror or e}") from None

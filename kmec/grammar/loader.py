@@ -36,10 +36,10 @@ from kmec.grammar.assemble import Built, Key
 from kmec.grammar.check import check
 from kmec.grammar.files import (
     MAX_SPEC_BYTES,
-    MAX_SUBJECTS_BYTES,
     FileRefused,
     confine,
     find_root,
+    read_subjects,
     read_text_file,
 )
 from kmec.grammar.parser import build
@@ -429,20 +429,10 @@ def read_subjects_file(spec: Spec, relation: Relation, *,
     Raises:
         SpecError: refused, missing or unreadable.
     """
-    name = relation.subjects_file or ""
     base = Path(spec.source).parent if spec.source else Path(".")
     at = relation.span or Span(file=spec.source or "<string>")
-    hint = None
     try:
-        path = confine(base, name, _root(spec.source or "<string>", root), "subjects file")
-        return read_text_file(path, limit=MAX_SUBJECTS_BYTES, what="subjects file")
+        return read_subjects(base, relation.subjects_file or "",
+                             _root(spec.source or "<string>", root))
     except FileRefused as e:
-        message, hint = e.message, e.hint
-    except FileNotFoundError:
-        message = f"subjects file {name!r} not found"
-        hint = f"looked in {base}; paths are relative to the spec's folder"
-    except UnicodeDecodeError as e:
-        message = f"subjects file {name!r} is not UTF-8 text ({e.reason} at byte {e.start})"
-    except OSError as e:
-        message = f"cannot read subjects file {name!r}: {e.strerror or e}"
-    raise SpecError([Diagnostic(at, message, hint)])
+        raise SpecError([Diagnostic(at, e.message, e.hint)]) from None
