@@ -48,7 +48,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -57,7 +57,7 @@ from kmec._version import __version__
 from kmec.backends.keys import build_batch, declared_prompts
 from kmec.hashing import atomic_write_bytes, canonical_json, sha256_text
 from kmec.models.adapters import ArchAdapter
-from kmec.models.hooks import Trace, device_of, hidden_of, with_hidden
+from kmec.models.hooks import Trace, device_of, hidden_of, replay_below
 from kmec.planner.model import EditRequest
 
 
@@ -75,10 +75,16 @@ class ValueParams(BaseModel):
     essence: str = "{subject} is a"
     edit_batch: int = 16  # edits optimised together, on average (see chunk_bounds)
     scope_weight: float = 1.0  # weight of the declared in-scope prompts against the edit prompt
+    # precision of the blocks above the edited layer during the optimisation: "auto" is
+    # bfloat16 where the device computes it natively (CUDA; CPUs with AMX or AVX-512 bf16),
+    # else the model's own; δ, Adam's state and the loss stay in float32 either way. The
+    # default stays float32 until bf16's effect on the CounterFact tables is measured on a
+    # machine that has it (this project's CPUs lack AVX-512 bf16: bf16 ran 7x slower).
+    compute: Literal["auto", "float32", "bfloat16"] = "float32"
 
 
 # Bump when the optimisation's arithmetic changes, so stale cached δ are not reused.
-_ALGORITHM = 1
+_ALGORITHM = 2
 log = logging.getLogger("kmec")
 
 
@@ -97,11 +103,13 @@ class ValueCache:
     weights: str
 
     def key(self, device: torch.device, dtype: torch.dtype, site: str, edits: Sequence[EditRequest],
-            prefixes: Sequence[str], params: ValueParams, seed: int, compact: bool) -> str:
+            prefixes: Sequence[str], params: ValueParams, seed: int, compact: bool,
+            compute: torch.dtype | None = None) -> str:
         """Hash of everything one chunk's δ depends on (``edit_batch`` only shapes chunks)."""
         return sha256_text(canonical_json({
             "kmec": __version__, "algorithm": _ALGORITHM, "weights": self.weights,
-            "device": device.type, "dtype": str(dtype), "site": site, "seed": seed,
+            "device": device.type, "dtype": str(dtype), "compute": str(compute or dtype),
+            "site": site, "seed": seed,
             "compact": compact, "prefixes": list(prefixes),
             "params": params.model_dump(mode="json", exclude={"edit_batch"}),
             "edits": [[e.prompt, e.subject, e.target_new] for e in edits]}))
@@ -173,6 +181,38 @@ def chunk_bounds(edits: Sequence[EditRequest], size: int) -> list[slice]:
     return out
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively (CUDA with bf16
+    support; a CPU with AMX or AVX-512 bf16, read from ``/proc/cpuinfo``)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def compute_dtype(model: Any, compute: str) -> torch.dtype:
+    """The dtype ``compute`` ("auto", "float32", "bfloat16") resolves to for ``model``."""
+    own = next(model.parameters()).dtype
+    if compute == "auto":
+        return torch.bfloat16 if own == torch.float32 and native_bf16(device_of(model)) else own
+    return getattr(torch, compute)
+
+
+def compute_model(model: Any, dtype: torch.dtype) -> Any:
+    """``model`` itself when it already holds ``dtype``, else a copy in ``dtype`` (the
+    original is never cast)."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
 def _essence_edits(edits: Sequence[EditRequest], template: str) -> list[EditRequest]:
     out = []
     for e in edits:
@@ -207,20 +247,25 @@ def optimise_deltas(
     """
     param = next(model.parameters())
     site = adapter.site("mlp_out", layer)
+    cdtype = compute_dtype(model, params.compute)
+    run: list[Any] = []  # the model in cdtype, made when the first chunk must be optimised
     deltas, probs = [], []
     reused = 0
     for sl in chunk_bounds(edits, params.edit_batch):
         chunk = edits[sl]
         key = hit = None
         if cache is not None:
-            key = cache.key(param.device, param.dtype, site, chunk, prefixes, params, seed, compact)
+            key = cache.key(param.device, param.dtype, site, chunk, prefixes, params, seed, compact,
+                            cdtype)
             hit = cache.load(key, len(chunk))
         if hit is not None:
             d, p = (t.to(param.device) for t in hit)
             reused += len(chunk)
         else:
-            d, p = _optimise_chunk(model, tok, adapter, layer, chunk, prefixes, params, seed,
-                                   compact)
+            if not run:
+                run.append(compute_model(model, cdtype))
+            d, p = _optimise_chunk(model, run[0], cdtype, tok, adapter, layer, chunk, prefixes,
+                                   params, seed, compact)
             if cache is not None and key is not None:
                 cache.store(key, d, p)
         deltas.append(d)
@@ -232,7 +277,8 @@ def optimise_deltas(
     return torch.cat(deltas), torch.cat(probs)
 
 
-def _optimise_chunk(model, tok, adapter, layer, edits, prefixes, params, seed, compact):
+def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, params, seed,
+                    compact):
     device = device_of(model)
     torch.manual_seed(seed)
     prompts, owner_list, main_list = declared_prompts(edits, params.scope_weight)
@@ -247,29 +293,40 @@ def _optimise_chunk(model, tok, adapter, layer, edits, prefixes, params, seed, c
     n_scope = torch.zeros(n, device=device).index_add_(0, owner, is_scope.float())
     w_scope = torch.where(n_scope > 0, torch.full_like(n_scope, params.scope_weight),
                           torch.zeros_like(n_scope))
-    path = adapter.site("mlp_out", layer)
-    head = model.get_output_embeddings()
-    body = model.base_model
-
-    # v₀: the MLP output at the lookup position of the bare prompt (first prefix is "").
-    first_rows = main * len(prefixes)
-    with torch.no_grad(), Trace(model, path, retain_output=True) as tr:
-        body(input_ids=rw.input_ids[first_rows], attention_mask=rw.attention_mask[first_rows])
-    v0 = tr.output[torch.arange(n, device=device), rw.lookup[first_rows]].float()
-    v0_norm = v0.norm(dim=-1).clamp_min(1e-6)
-
-    d_model = v0.shape[-1]
-    delta = torch.zeros(n, d_model, device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=params.lr)
 
     rows_all = torch.cat([owner[rw.edit_index], ess.edit_index])  # row -> edit
     look_all = torch.cat([rw.lookup, ess.lookup])
     width = max(rw.input_ids.shape[1], ess.input_ids.shape[1])
-    ids = torch.cat([_pad(rw.input_ids, width, tok.pad_token_id or 0), _pad(ess.input_ids, width, tok.pad_token_id or 0)])
+    pad_id = tok.pad_token_id or 0
+    ids = torch.cat([_pad(rw.input_ids, width, pad_id), _pad(ess.input_ids, width, pad_id)])
     mask = torch.cat([_pad(rw.attention_mask, width, 0), _pad(ess.attention_mask, width, 0)])
     n_rw = rw.input_ids.shape[0]
     ess_rows = n_rw + torch.arange(n, device=device)
     ess_last = ess.attention_mask.sum(1) - 1
+
+    # One pass without gradients up to the edited layer, in the model's own precision:
+    # the layer's output at every row (the blocks below never see δ, so the steps run
+    # only the blocks above it, see replay_below) and v₀, the MLP output at the bare
+    # prompt's lookup position (the first prefix is "").
+    block: dict[str, Any] = {}
+
+    def keep_block(output: Any, _path: str) -> Any:
+        block["out"] = output
+        return output
+
+    with torch.no_grad(), Trace(model, adapter.site("mlp_out", layer), retain_output=True) as mt, \
+            Trace(model, adapter.site("layer", layer), edit_output=keep_block, stop=True):
+        model.base_model(input_ids=ids, attention_mask=mask)
+    first_rows = main * len(prefixes)
+    v0 = mt.output[first_rows, rw.lookup[first_rows]].float()
+    v0_norm = v0.norm(dim=-1).clamp_min(1e-6)
+    lower = hidden_of(block["out"]).detach().float()
+    template = block.pop("out")
+
+    body, head = run.base_model, run.get_output_embeddings()
+    delta = torch.zeros(n, v0.shape[-1], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=params.lr)
+
     t_rows = torch.tensor([r for r, _, _ in rw.target_pos], device=device)
     t_pos = torch.tensor([p for _, p, _ in rw.target_pos], device=device)
     t_tok = torch.tensor([t for _, _, t in rw.target_pos], device=device)
@@ -289,65 +346,70 @@ def _optimise_chunk(model, tok, adapter, layer, edits, prefixes, params, seed, c
         new_row[keep] = torch.arange(keep.numel(), device=device)
         t_keep = active[t_edit]
         w = int(mask[keep].sum(1).max())
-        cur.update(ids=ids[keep, :w], mask=mask[keep, :w], rows=torch.arange(keep.numel(), device=device),
+        cur.update(ids=ids[keep, :w], mask=mask[keep, :w], lower=lower[keep, :w],
+                   rows=torch.arange(keep.numel(), device=device),
                    look=look_all[keep], edit_of_row=rows_all[keep], t_rows=new_row[t_rows[t_keep]],
                    t_pos=t_pos[t_keep], t_tok=t_tok[t_keep], t_req=t_req[t_keep],
                    ess_rows=new_row[ess_rows[active]], ess_last=ess_last[active],
                    edits=active.nonzero()[:, 0])
 
-    def add_delta(output, _path):
-        out = hidden_of(output)
-        add = torch.zeros_like(out)
-        add[cur["rows"], cur["look"]] = delta[cur["edit_of_row"]].to(out.dtype)
-        return with_hidden(output, out + add)
+    def residual() -> torch.Tensor:
+        """The edited layer's output with δ added at the lookup positions (summed in fp32)."""
+        add = torch.zeros_like(cur["lower"])
+        add[cur["rows"], cur["look"]] = delta[cur["edit_of_row"]]
+        return (cur["lower"] + add).to(cdtype)
 
     kl_base = torch.zeros(n, 0, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     final_p = torch.zeros(n, device=device)
     active = torch.ones(n, dtype=torch.bool, device=device)
     select(active)
-    for step in range(params.steps):
-        opt.zero_grad()
-        with Trace(model, path, edit_output=add_delta):
+    stored: dict[str, torch.Tensor] = {}
+    with replay_below(run, adapter.layers, layer, template, lambda: stored["h"]):
+        for step in range(params.steps):
+            opt.zero_grad()
+            stored["h"] = residual()
             h = body(input_ids=cur["ids"], attention_mask=cur["mask"]).last_hidden_state
-        edits_now = cur["edits"]
-        logits_t = head(h[cur["t_rows"], cur["t_pos"]]).float().log_softmax(-1)
-        logp = logits_t.gather(1, cur["t_tok"][:, None])[:, 0]
-        # per request: mean over its target tokens under every prefix; per edit: its own
-        # prompt's, averaged with its scope prompts' mean at weight w (none: its own alone)
-        per_req = torch.zeros(n_prompts, device=device).index_add_(0, cur["t_req"], -logp) \
-            / tokens_per_req.clamp_min(1)
-        nll = per_req[main][edits_now]
-        if bool(is_scope.any()):
-            scope_sum = torch.zeros(n, device=device).index_add_(
-                0, owner[is_scope], per_req[is_scope])
-            scope_mean = scope_sum / n_scope.clamp_min(1)
-            w = w_scope[edits_now]
-            nll = (nll + w * scope_mean[edits_now]) / (1 + w)
-        ess_logp = head(h[cur["ess_rows"], cur["ess_last"]]).float().log_softmax(-1)
-        if step == 0:
-            kl_base = ess_logp.detach()
-        kl = torch.nn.functional.kl_div(ess_logp, kl_base[edits_now], log_target=True,
-                                        reduction="none").sum(-1)
-        decay = params.weight_decay * (delta[edits_now].norm(dim=-1) ** 2) / (v0_norm[edits_now] ** 2)
-        per_edit = nll + params.kl_weight * kl + decay
-        final_p[edits_now] = torch.exp(-nll.detach())
-        done = done | (final_p >= params.stop_prob)
-        if bool(done.all()) or step == params.steps - 1:
-            break
-        loss = (per_edit * (~done[edits_now]).float()).sum()
-        loss.backward()
-        frozen = delta.detach().clone()
-        opt.step()
-        with torch.no_grad():
-            delta[done] = frozen[done]  # Adam's momentum must not move finished edits
-            max_norm = params.clamp * v0_norm
-            norms = delta.norm(dim=-1)
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-            delta.mul_(scale[:, None])
-        if compact and bool((active & done).any()):
-            active = ~done
-            select(active)
+            edits_now = cur["edits"]
+            logits_t = head(h[cur["t_rows"], cur["t_pos"]]).float().log_softmax(-1)
+            logp = logits_t.gather(1, cur["t_tok"][:, None])[:, 0]
+            # per request: mean over its target tokens under every prefix; per edit: its own
+            # prompt's, averaged with its scope prompts' mean at weight w (none: its own alone)
+            per_req = torch.zeros(n_prompts, device=device).index_add_(0, cur["t_req"], -logp) \
+                / tokens_per_req.clamp_min(1)
+            nll = per_req[main][edits_now]
+            if bool(is_scope.any()):
+                scope_sum = torch.zeros(n, device=device).index_add_(
+                    0, owner[is_scope], per_req[is_scope])
+                scope_mean = scope_sum / n_scope.clamp_min(1)
+                w = w_scope[edits_now]
+                nll = (nll + w * scope_mean[edits_now]) / (1 + w)
+            ess_logp = head(h[cur["ess_rows"], cur["ess_last"]]).float().log_softmax(-1)
+            if step == 0:
+                kl_base = ess_logp.detach()
+            kl = torch.nn.functional.kl_div(ess_logp, kl_base[edits_now], log_target=True,
+                                            reduction="none").sum(-1)
+            decay = params.weight_decay * (delta[edits_now].norm(dim=-1) ** 2) \
+                / (v0_norm[edits_now] ** 2)
+            per_edit = nll + params.kl_weight * kl + decay
+            final_p[edits_now] = torch.exp(-nll.detach())
+            done = done | (final_p >= params.stop_prob)
+            if bool(done.all()) or step == params.steps - 1:
+                break
+            loss = (per_edit * (~done[edits_now]).float()).sum()
+            loss.backward()
+            frozen = delta.detach().clone()
+            opt.step()
+            with torch.no_grad():
+                delta[done] = frozen[done]  # Adam's momentum must not move finished edits
+                max_norm = params.clamp * v0_norm
+                norms = delta.norm(dim=-1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12),
+                                    torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+            if compact and bool((active & done).any()):
+                active = ~done
+                select(active)
     d = delta.detach()
     if not torch.isfinite(d).all():
         raise FloatingPointError("the value optimisation produced NaN/inf")

@@ -9,6 +9,7 @@ Contents:
     hidden_of()   the hidden states in a module's output (a tensor, or the first of a tuple)
     with_hidden() the output with its hidden states replaced (same structure)
     device_of()   the device a module's (first) parameters live on
+    replay_below() run a model from a stored block output: the blocks below are not computed
     get_module()  module by dotted path, with a clear error
 
 Hooks are always removed when the ``with`` block ends, even on error. No other
@@ -17,7 +18,8 @@ module in kmec calls ``register_forward_hook``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Self
 
 import torch
@@ -181,3 +183,51 @@ class TraceDict(dict[str, Trace]):
     def close(self) -> None:
         for t in self.values():
             t.close()
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: returns ``source()`` in the block's output structure.
+
+    Attributes the model reads off its blocks (e.g. ``attention_type`` in models
+    with sliding-window layers) are answered by the block it replaces.
+    """
+
+    def __init__(self, block: nn.Module, template: Any, source: Callable[[], torch.Tensor]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        self._template, self._source = template, source
+
+    def forward(self, *_args: Any, **_kwargs: Any) -> Any:
+        return with_hidden(self._template, self._source())
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
+@contextmanager
+def replay_below(model: nn.Module, layers_path: str, layer: int, template: Any,
+                 source: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Within the block, blocks ``0..layer`` of ``model`` are not computed: each returns
+    ``source()`` (a tensor shaped like block ``layer``'s hidden output) in the structure
+    of ``template`` (an output of that block), so a forward pass runs the embedding and
+    blocks ``layer+1..`` only. The token ids and attention mask passed to the model must
+    be those the stored output was computed from (positions and masks of the upper
+    blocks come from them). The blocks are put back when the block ends, even on error.
+
+    This is how an optimisation that only changes the residual stream at one layer
+    (the target value δ) avoids recomputing the layers below it on every step.
+    """
+    blocks = get_module(model, layers_path)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ModelError(f"{layers_path!r} is not a list of blocks")
+    saved = [blocks[i] for i in range(layer + 1)]
+    try:
+        for i, block in enumerate(saved):
+            blocks[i] = _Replay(block, template, source)
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            blocks[i] = block

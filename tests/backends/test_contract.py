@@ -157,7 +157,9 @@ def test_backend_contract(name, home, tmp_path_factory):
 def test_nothing_declared_gives_the_papers_edit(name, home):
     """With no scope prompts and no protected prompts the rank-one backends compute exactly
     what they did before declared prompts entered the edit (#10): the golden entry
-    ``<name>:undeclared`` holds the hashes recorded before that change."""
+    ``<name>:undeclared`` holds the hashes recorded before that change, re-recorded once
+    when the δ optimisation began replaying the layers below the edited one (#11; δ moved
+    by at most 4e-7 on the four tiny families, see tests/models/test_replay.py)."""
     model, tok, facts = _lm()
     bare = tuple(e.model_copy(update={"scope": ()}) for e in EDITS)
     step = _step(name, facts, {}).model_copy(update={"edits": bare})

@@ -42,9 +42,9 @@ class Counting:
         self.chunks: list[int] = []
         real = values._optimise_chunk
 
-        def spy(model, tok, adapter, layer, edits, *rest):
+        def spy(model, run, dtype, tok, adapter, layer, edits, *rest):
             self.chunks.append(len(edits))
-            return real(model, tok, adapter, layer, edits, *rest)
+            return real(model, run, dtype, tok, adapter, layer, edits, *rest)
 
         monkeypatch.setattr(values, "_optimise_chunk", spy)
 
