@@ -89,7 +89,7 @@ def test_bf16_compute_leaves_the_model_alone_and_keeps_delta_fp32(tiny_models):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     edits = [EditRequest(name="a", prompt="The key of abc is", subject="abc", target_new="Q")]
     base = ValueParams(steps=6, weight_decay=0.0, clamp=1e4)
-    d32, p32 = optimise_deltas(model, SpaceLetterTokenizer(), adapter, 1, edits, [""], base)
+    _, p32 = optimise_deltas(model, SpaceLetterTokenizer(), adapter, 1, edits, [""], base)
     d16, p16 = optimise_deltas(model, SpaceLetterTokenizer(), adapter, 1, edits, [""],
                                base.model_copy(update={"compute": "bfloat16"}))
     assert d16.dtype == torch.float32 and bool(torch.isfinite(d16).all())
