@@ -43,6 +43,7 @@ returns the bytes a recomputation would give on the same device.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -208,8 +209,6 @@ def compute_model(model: Any, dtype: torch.dtype) -> Any:
     original is never cast)."""
     if next(model.parameters()).dtype == dtype:
         return model
-    import copy
-
     return copy.deepcopy(model).to(dtype)
 
 
@@ -238,7 +237,9 @@ def optimise_deltas(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (δ [n, d_model], final target probability [n]) for ``edits``.
 
-    The model is not modified (δ enters through a temporary forward hook).
+    The model's weights are not modified: δ is added to the edited layer's stored
+    output while the blocks up to that layer are temporarily replaced by a replay of it
+    (:func:`~kmec.models.hooks.replay_below`; put back when the optimisation ends).
     ``compact=False`` keeps finished edits' rows in every forward pass (the
     same result, slower; the baseline of ``benchmarks/bench_values.py``).
     With ``cache``, chunks optimised before on the same weights are reused

@@ -96,4 +96,15 @@ def test_bf16_compute_leaves_the_model_alone_and_keeps_delta_fp32(tiny_models):
     assert abs(float(p16[0]) - float(p32[0])) < 0.05
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert compute_dtype(model, "float32") == torch.float32
-    assert compute_dtype(model, "auto") in (torch.float32, torch.bfloat16)
+
+
+def test_auto_compute_follows_the_device(tiny_models, monkeypatch):
+    from kmec.backends import values
+
+    model = tiny_models["llama"]
+    monkeypatch.setattr(values, "native_bf16", lambda _device: True)
+    assert values.compute_dtype(model, "auto") == torch.bfloat16
+    assert values.compute_model(model, torch.float32) is model
+    monkeypatch.setattr(values, "native_bf16", lambda _device: False)
+    assert values.compute_dtype(model, "auto") == torch.float32
+    assert values.compute_dtype(model, "bfloat16") == torch.bfloat16
