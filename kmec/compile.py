@@ -58,11 +58,14 @@ def stats_for_step(step: Step, lm: LoadedModel, progress: Progress | None = None
 
 
 def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
-            use_cache: bool = True) -> Artifact:
+            use_cache: bool = True, values_dir: Path | None = None) -> Artifact:
     """Run every step of ``plan`` on ``lm`` and return the artifact.
 
     The model is left exactly as it was (checked with its fingerprint). For
     ``order sequence`` each step sees the earlier steps' edits applied.
+    ``values_dir``: with ``use_cache=False``, the backends' cache folder for this
+    call's caller only (the repair loop of one compile reuses its own target
+    values without reading or writing ``$KMEC_HOME``).
 
     Raises:
         BackendError: a step failed (wrapping the cause) or mutated the model.
@@ -83,7 +86,7 @@ def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
                 weights = sha256_text(f"{lm.facts.fingerprint}+{history}") if history \
                     else lm.facts.fingerprint
                 payloads = _run_step(step, lm, adapter, plan.seed, progress,
-                                     weights=weights, use_cache=use_cache)
+                                     weights=weights, use_cache=use_cache, values_dir=values_dir)
                 if use_cache:
                     _store_step(cache_root / key, step, payloads, lm, adapter, plan)
             else:
@@ -104,13 +107,14 @@ def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
 
 
 def _run_step(step: Step, lm: LoadedModel, adapter: Any, seed: int,
-              progress: Progress | None, *, weights: str, use_cache: bool) -> list[Payload]:
+              progress: Progress | None, *, weights: str, use_cache: bool,
+              values_dir: Path | None = None) -> list[Payload]:
     backend = get_backend(step.backend)
     t0 = time.perf_counter()
     try:
         stats = stats_for_step(step, lm, progress)
         ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts, stats=stats,
-                          cache_dir=kmec_home() / "backends" if use_cache else None,
+                          cache_dir=kmec_home() / "backends" if use_cache else values_dir,
                           weights=weights, seed=seed, progress=progress)
         payloads = list(backend.execute(step, ctx))
     except KmecError as e:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from kmec.hashing import spec_hash
 from kmec.models.load import DEFAULT_MODEL, LoadedModel, ModelRef, resolve_ref
 from kmec.outputs import check_output, ensure_folder
 from kmec.planner.model import Plan
+from kmec.planner.repair import Miss
 from kmec.progress import Progress
 from kmec.spec import Spec
 
@@ -96,22 +98,75 @@ def start(spec_path: str | Path, *, model: str | None = None, root: str | Path |
 # ---------------------------------------------------------------- compile
 
 
+DEFAULT_BUDGET_S = 200.0  # seconds of compile, repairs included (the README demo's figure)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of a plan inside :func:`compile_spec` and how the claims scored on it."""
+
+    number: int
+    rung: str  # "planned" for the planner's own plan, else the repair rung
+    because: str
+    plan_hash: str
+    seconds: float  # executing the plan
+    verify_seconds: float
+    checks: int
+    failed: tuple[str, ...]  # the verifier's failure lines
+    misses: tuple[Miss, ...]
+    means: dict[str, float | None]
+
+    @property
+    def shortfall(self) -> float:
+        return round(sum(m.threshold - m.score for m in self.misses), 6)
+
+    def to_json(self) -> dict[str, object]:
+        return {"attempt": self.number, "rung": self.rung, "because": self.because,
+                "plan_hash": self.plan_hash, "execute_s": round(self.seconds, 1),
+                "verify_s": round(self.verify_seconds, 1), "checks": self.checks,
+                "failed": list(self.failed), "means": self.means,
+                "misses": [m.model_dump() for m in self.misses]}
+
+    def line(self) -> str:
+        state = (f"all {self.checks} checks hold" if not self.failed else
+                 f"{len(self.failed)} of {self.checks} checks fail")
+        means = ", ".join(f"{k} {v:.3f}" for k, v in self.means.items() if v is not None)
+        return (f"attempt {self.number} ({self.rung}, plan {self.plan_hash[:12]}): {state} "
+                f"[{means}] in {self.seconds:.1f} s + verify {self.verify_seconds:.1f} s")
+
+
 @dataclass
 class BuildResult:
-    """What :func:`compile_spec` produced."""
+    """What :func:`compile_spec` produced.
+
+    ``claims_ok`` is None when the claims were not scored (the spec declares none, or
+    the budget is 0), else whether every check held on the build that was written
+    (the best attempt). ``attempts`` lists every plan that ran, in order; ``verdict``
+    says which claims were out of reach and the trade-offs seen when some failed.
+    """
 
     out: Path
     plan: Plan
     artifact: Artifact
     seconds: float
     up_to_date: bool
+    claims_ok: bool | None = None
+    attempts: tuple[Attempt, ...] = ()
+    verdict: str = ""
 
 
 def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str | None = None,
                  progress: Progress | None = None, use_cache: bool = True,
                  editors: tuple[str, ...] | None = None, force: bool = False,
-                 root: str | Path | None = None) -> BuildResult:
-    """Parse, plan and execute a spec; write the build directory.
+                 root: str | Path | None = None, budget: float | None = None) -> BuildResult:
+    """Parse, plan and execute a spec, repair what fails its claims; write the build directory.
+
+    When the spec declares claims, the executed plan is scored with the verifier
+    (same scoring, same seed as ``kmec verify``); while checks fail and the
+    budget allows, the next rung of :mod:`kmec.planner.repair` runs. The build
+    holds the best attempt; ``build/plan.json`` is the plan that made it, with the
+    repairs among its steps' reasons; ``compile.log`` and ``repairs.json`` list
+    every attempt.
 
     Args:
         spec_path: the ``.kmec`` file.
@@ -125,12 +180,14 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
         force: replace ``out`` even if kmec did not write it.
         root: the folder the spec's includes and subjects files must lie under
             (default: its repository, see :mod:`kmec.grammar.files`).
+        budget: seconds the whole compile may take, repairs included (None: the
+            spec's ``budget``, else :data:`DEFAULT_BUDGET_S`; 0: do not score the
+            claims). A repair is started only when its estimated time fits.
 
     Raises:
         OutputError: ``out`` may not be written (checked before anything runs).
     """
     from kmec.backends import BACKENDS
-    from kmec.compile import execute
     from kmec.models.load import fingerprint_model
     from kmec.planner import plan as make_plan
 
@@ -143,21 +200,233 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
                                                        *([ref.path] if ref.path else [])])
 
     s = start(spec_path, model=model, root=root, editors=editors, before_load=inputs_are_safe)
-    plan = make_plan(s.spec, s.lm.facts, backends=BACKENDS, editors=s.editors)
+    planned = make_plan(s.spec, s.lm.facts, backends=BACKENDS, editors=s.editors)
     out = Path(out)
-    existing = up_to_date(out, plan)
+    if budget is None:
+        budget = s.spec.budget if s.spec.budget is not None else DEFAULT_BUDGET_S
+    scored = bool(s.spec.claims) and budget > 0
+    existing = up_to_date(out, planned, budget=budget if scored else 0.0)
     if existing is not None:
-        return BuildResult(out, plan, existing, time.perf_counter() - t0, True)
+        art, info = existing
+        final = read_build(out)[0]
+        ok = info.get("claims_ok")
+        return BuildResult(out, final, art, time.perf_counter() - t0, True,
+                           ok if isinstance(ok, bool) else None,
+                           verdict=str(info.get("verdict", "")))
     before = s.lm.facts.fingerprint
-    with _Collect() as messages:
-        artifact = execute(plan, s.lm, progress=progress, use_cache=use_cache)
+    subjects_root = Path(root) if root is not None else find_root(spec_path)
+    with _Collect() as messages, tempfile.TemporaryDirectory(prefix="kmec-values-") as scratch:
+        values = None if use_cache else Path(scratch)
+        loop = _Loop(s, planned, progress, use_cache, values, subjects_root, t0, budget)
+        if scored:
+            loop.run()
+        else:
+            loop.once()
     if fingerprint_model(s.lm.model) != before:
         raise BackendError("the model changed while compiling (a backend mutated it)",
                            step_id="compile")
     seconds = time.perf_counter() - t0
+    plan, artifact = loop.best_plan, loop.best_artifact
+    verdict = loop.verdict()
     write_build(out, plan=plan, spec=s.spec, artifact=artifact, spec_path=spec_path,
-                model=s.model, log=_compile_log(plan, artifact, seconds, messages.lines))
-    return BuildResult(out, plan, artifact, seconds, False)
+                model=s.model, log=_compile_log(plan, artifact, seconds, messages.lines,
+                                                loop.attempts, verdict),
+                planned=planned, budget=budget if scored else 0.0,
+                claims_ok=loop.claims_ok, verdict=verdict,
+                repairs=[a.to_json() for a in loop.attempts])
+    return BuildResult(out, plan, artifact, seconds, False, loop.claims_ok,
+                       tuple(loop.attempts), verdict)
+
+
+def _capability_miss(report: Report) -> tuple[Miss, ...]:
+    cap = report.capability
+    if not cap.ran or cap.ok:
+        return ()
+    score = cap.questions_survived if cap.questions_survived is not None else 0.0
+    return (Miss(metric="capability", claim="capability canaries", edit="",
+                 score=score, threshold=cap.questions_threshold or 0.0),)
+
+
+class _Loop:
+    """Execute, score, repair: the attempts of one compile and the best of them."""
+
+    def __init__(self, s: Start, planned: Plan, progress: Progress | None, use_cache: bool,
+                 values: Path | None, subjects_root: Path, t0: float, budget: float) -> None:
+        self.s, self.planned, self.progress = s, planned, progress
+        self.use_cache, self.values, self.root = use_cache, values, subjects_root
+        self.t0, self.budget = t0, budget
+        self.attempts: list[Attempt] = []
+        self.best: tuple[Attempt, Plan, Artifact] | None = None
+        self.claims_ok: bool | None = None
+        self.stopped = ""
+
+    @property
+    def best_plan(self) -> Plan:
+        assert self.best is not None
+        return self.best[1]
+
+    @property
+    def best_artifact(self) -> Artifact:
+        assert self.best is not None
+        return self.best[2]
+
+    def _execute(self, plan: Plan) -> tuple[Artifact, float]:
+        from kmec.compile import execute
+
+        t = time.perf_counter()
+        artifact = execute(plan, self.s.lm, progress=self.progress, use_cache=self.use_cache,
+                           values_dir=self.values)
+        return artifact, time.perf_counter() - t
+
+    def once(self) -> None:
+        artifact, _ = self._execute(self.planned)
+        self.best = (Attempt(1, "planned", "", self.planned.sha256, 0.0, 0.0, 0, (), (), {}),
+                     self.planned, artifact)
+
+    def _score(self, plan: Plan, artifact: Artifact) -> Report:
+        from kmec.verify import verify
+
+        lm = self.s.lm
+        edited = copy.deepcopy(lm.model)
+        apply(artifact, edited, fingerprint=lm.facts.fingerprint, tok=lm.tok)
+        try:
+            return verify(self.s.spec, plan, lm.model, edited, lm.tok, seed=None, root=self.root,
+                          artifact=artifact)
+        finally:
+            del edited
+
+    def run(self) -> None:
+        from kmec.planner.repair import next_repair
+
+        plan, rung, because = self.planned, "planned", "the planner's choices"
+        climbed: list[str] = []
+        while True:
+            artifact, took = self._execute(plan)
+            if self.progress:
+                self.progress("verifying the claims", 0, 1)
+            tv = time.perf_counter()
+            report = self._score(plan, artifact)
+            scored_s = time.perf_counter() - tv
+            if self.progress:
+                self.progress("verifying the claims", 1, 1)
+            misses = tuple(Miss(metric=r.metric, claim=r.claim, edit=r.edit, score=r.score,
+                                threshold=r.threshold) for r in report.claims
+                           if r.status == "fail" and r.score is not None
+                           and r.threshold is not None) + _capability_miss(report)
+            checks = sum(r.status != "n/a" for r in report.claims) + report.audit.ran \
+                + report.capability.ran
+            attempt = Attempt(len(self.attempts) + 1, rung, because, plan.sha256, took, scored_s,
+                              checks, tuple(report.failed), misses,
+                              {k: v for k, v in report.aggregate.means.items()})
+            self.attempts.append(attempt)
+            log.info("%s", attempt.line())
+            if self.best is None or (len(attempt.failed), attempt.shortfall) < \
+                    (len(self.best[0].failed), self.best[0].shortfall):
+                self.best = (attempt, plan, artifact)
+            if report.ok:
+                self.claims_ok = True
+                return
+            self.claims_ok = False
+            if not misses:
+                self.stopped = "the failing checks (audit, capability) have no repair"
+                return
+            skip: list[str] = []
+            while True:
+                repair = next_repair(plan, misses, (*climbed, *skip), spec=self.s.spec,
+                                     move=self._move)
+                if repair is None:
+                    if not self.stopped:
+                        self.stopped = "no repair is left on the ladder for these misses"
+                    return
+                # a costly rung re-optimises target values: the planner's estimate of the
+                # changed plan (the first attempt may have reused cached values)
+                planned_s = sum(st.cost.seconds for st in repair.plan.steps)
+                estimate = (max(self.attempts[0].seconds, took, planned_s) if repair.costly
+                            else took) + scored_s
+                left = self.budget - (time.perf_counter() - self.t0)
+                if estimate <= left:
+                    break
+                self.stopped = (f"the budget ({self.budget:g} s) left {max(left, 0):.0f} s, "
+                                f"too little for repair {repair.rung} (~{estimate:.0f} s); "
+                                "raise it with --budget or `budget` in the spec")
+                log.info("repair %s skipped: %s", repair.rung, self.stopped)
+                skip.append(repair.rung)
+            climbed.append(repair.rung)
+            log.info("repair %d (%s): %s", len(climbed), repair.rung, repair.because)
+            plan, rung, because = repair.plan, repair.rung, repair.because
+
+    def _move(self, plan: Plan, edits: Sequence[str], n: int) -> Plan | None:
+        """``plan`` with ``edits`` (and their inverse edits) taken out of their steps and
+        planned again as one ``retrieval`` step after them (None: nothing to move)."""
+        from kmec.backends import BACKENDS
+        from kmec.errors import PlanError
+        from kmec.planner import plan as make_plan
+        from kmec.planner.model import Reason
+
+        spec = self.s.spec
+        names = set(edits)
+        chosen = [e for e in spec.edits if e.name in names]
+        if not chosen or "retrieval" not in BACKENDS:
+            return None
+        sub = spec.model_copy(update={"edits": tuple(chosen), "method": spec.method.model_copy(
+            update={"method": "retrieval", "layers": None, "max_delta": None})})
+        try:
+            moved = make_plan(sub, self.s.lm.facts, backends=BACKENDS, editors=self.s.editors)
+        except PlanError as e:
+            log.info("repair move: retrieval cannot take %s (%s)", ", ".join(edits), e.message)
+            return None
+        because = (f"repair {n}: these edits still failed their claims after the repairs "
+                   "above; `method auto` lets an external memory hold them")
+        steps = []
+        for step in plan.steps:
+            kept = tuple(e for e in step.edits if e.name.split("~")[0] not in names)
+            if not kept:
+                continue
+            if len(kept) < len(step.edits):
+                step = step.model_copy(update={"edits": kept, "reasons": (*step.reasons, Reason(
+                    choice=f"repair {n}: {len(step.edits) - len(kept)} edit(s) moved to "
+                    "retrieval (move)", because=because))})
+            steps.append(step)
+        for i, step in enumerate(moved.steps):
+            steps.append(step.model_copy(update={
+                "id": f"s{len(steps) + 1:02d}-repair-{step.backend}",
+                "reasons": (*step.reasons, Reason(choice=f"repair {n}: move "
+                                                  f"{', '.join(edits)}", because=because))}))
+        return plan.model_copy(update={"steps": tuple(steps)})
+
+    def verdict(self) -> str:
+        """What a failing compile tells the user: the claims out of reach, the best scores
+        reached and the trade-offs seen (empty when the claims hold or were not scored)."""
+        if self.claims_ok is not False or self.best is None:
+            return ""
+        best = self.best[0]
+        lines = [f"the claims do not all hold after {len(self.attempts)} attempt(s); the build "
+                 f"holds attempt {best.number} ({best.rung}): {len(best.failed)} of "
+                 f"{best.checks} checks fail"]
+        by_claim: dict[str, list[Miss]] = {}
+        for m in best.misses:
+            by_claim.setdefault(m.claim, []).append(m)
+        for claim, ms in by_claim.items():
+            worst = min(ms, key=lambda m: m.score)
+            where = f" on {len(ms)} edit(s), e.g. {worst.edit}" if worst.edit else ""
+            text = f"out of reach: {claim}{where} {worst.score:.2f} < {worst.threshold:g}"
+            held = next((a for a in self.attempts if a.number != best.number
+                         and not any(m.claim == claim for m in a.misses)), None)
+            if held is not None:  # the trade-off: what failed when this claim held
+                cost = ", ".join(_mean_of(held, c) for c in dict.fromkeys(
+                    m.claim for m in held.misses)) or "nothing"
+                text += (f"; it held in attempt {held.number} ({held.rung}), where "
+                         f"{cost} failed instead")
+            lines.append(text)
+        if self.stopped:
+            lines.append(f"stopped: {self.stopped}")
+        return "\n".join(lines)
+
+
+def _mean_of(attempt: Attempt, claim: str) -> str:
+    """``claim`` with its mean score in ``attempt`` when the verifier gave one."""
+    mean = attempt.means.get(claim)
+    return claim if mean is None else f"{claim} (mean {mean:.2f})"
 
 
 class _Collect(logging.Handler):
@@ -184,9 +453,18 @@ class _Collect(logging.Handler):
 
 
 def _compile_log(plan: Plan, artifact: Artifact, seconds: float,
-                 messages: Sequence[str] = ()) -> str:
+                 messages: Sequence[str] = (), attempts: Sequence[Attempt] = (),
+                 verdict: str = "") -> str:
     lines = [f"kmec {__version__} compiled plan {plan.sha256[:16]} for {plan.model} "
              f"({plan.model_fingerprint[:12]}) in {seconds:.1f} s"]
+    if attempts and attempts[0].checks:
+        lines.append(f"{len(attempts)} attempt(s); the build holds plan {plan.sha256[:16]}")
+        for a in attempts:
+            lines.append(a.line())
+            if a.rung != "planned":
+                lines.append(f"  repair {a.rung}: {a.because}")
+            lines += [f"  fails: {f}" for f in a.failed]
+        lines += [f"verdict: {v}" for v in verdict.splitlines()]
     for step in plan.steps:
         lines.append(f"step {step.id}: {step.backend}, {len(step.edits)} edits, layers "
                      f"{list(step.layers)}")
@@ -377,5 +655,5 @@ def default_report_dir(target: str | Path) -> Path:
     return build_root(target) / "report"
 
 
-__all__ = ["BuildResult", "Inputs", "Start", "compile_spec", "default_report_dir",
+__all__ = ["DEFAULT_BUDGET_S", "Attempt", "BuildResult", "Inputs", "Start", "compile_spec", "default_report_dir",
            "load_inputs", "start", "verify_build"]

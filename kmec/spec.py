@@ -149,6 +149,10 @@ class Spec(Node):
         seed: seed for every random choice made while compiling/verifying.
         order: ``batch`` (edits applied together) or ``sequence`` (in order).
         method: method hint and budgets.
+        budget: seconds ``kmec compile`` may spend, repairs of failing claims included
+            (None: the default, ``kmec.pipeline.DEFAULT_BUDGET_S``; 0: claims are not
+            scored while compiling). Left out of the dump when unset, so specs
+            without it keep their hash.
         relations, edits, claims: the statements, in source order.
         includes: files included (resolved paths, for provenance).
         source: the file this spec was parsed from.
@@ -159,6 +163,7 @@ class Spec(Node):
     seed: int = 0
     order: Literal["batch", "sequence"] = "batch"
     method: MethodHint = MethodHint()
+    budget: float | None = Field(default=None, exclude_if=lambda v: v is None)
     relations: tuple[Relation, ...] = ()
     edits: tuple[Edit, ...] = ()
     claims: tuple[Claim, ...] = ()

@@ -3,7 +3,7 @@
 Contents:
     PLAN / SPEC / INFO / ARTIFACT / LOG   the file names of a build directory
     write_build()    plan, spec, artifact, provenance and log -> a build directory (atomic)
-    up_to_date()     the artifact of an existing build of the same plan, or None
+    up_to_date()     the artifact and info of an existing build planned the same way, or None
     read_build()     (plan, spec, build info, artifact), every part checked against the others
     load_checked()   the artifact of a build (checked against its plan) or of a bare folder
 
@@ -14,6 +14,7 @@ A build directory::
     build/build.json       spec path, model reference, plan hash, artifact sha256, kmec version
     build/artifact/        manifest.json + payloads.safetensors
     build/compile.log      what was done and why (the pipeline writes it)
+    build/repairs.json     every attempt of the compile-verify-repair loop (when claims were scored)
     build/.kmec-output     the marker that lets a later compile replace this folder
 
 It is written atomically (a reader sees the old build or the new one) and
@@ -37,18 +38,27 @@ from kmec.planner.model import Plan
 from kmec.spec import Spec
 
 PLAN, SPEC, INFO, ARTIFACT, LOG = "plan.json", "spec.json", "build.json", "artifact", "compile.log"
+REPAIRS = "repairs.json"
 
 
 def write_build(out: str | Path, *, plan: Plan, spec: Spec, artifact: Artifact,
-                spec_path: str | Path, model: str, log: str) -> Path:
+                spec_path: str | Path, model: str, log: str, planned: Plan | None = None,
+                budget: float = 0.0, claims_ok: bool | None = None, verdict: str = "",
+                repairs: list[dict[str, Any]] | None = None) -> Path:
     """Write a build directory atomically (the caller checked ``out`` may be written).
 
     Args:
         out: the build directory.
-        plan, spec, artifact: what was compiled.
+        plan, spec, artifact: what was compiled (``plan``: the plan that was executed).
         spec_path: the spec file (recorded resolved, for ``kmec verify``).
         model: the model reference as the user gave it.
         log: the text of ``compile.log``.
+        planned: the planner's plan, when repairs changed it (default ``plan``): a
+            later compile of the same spec finds this build up to date by its hash.
+        budget: the compile's time budget (0: the claims were not scored).
+        claims_ok: whether the claims held on this build (None: not scored).
+        verdict: what was out of reach, when they did not.
+        repairs: the attempts of the repair loop, written to ``repairs.json``.
     """
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -58,31 +68,47 @@ def write_build(out: str | Path, *, plan: Plan, spec: Spec, artifact: Artifact,
         (tmp / INFO).write_text(canonical_json({
             "spec_path": str(Path(spec_path).resolve()), "model": model,
             "plan_hash": plan.sha256, "base_fingerprint": plan.model_fingerprint,
+            "planned_hash": (planned or plan).sha256, "budget": budget,
+            "claims_ok": claims_ok, "verdict": verdict,
             "kmec_version": __version__, "artifact_sha256": artifact.manifest.sha256}))
         save_artifact(artifact, tmp / ARTIFACT)
         (tmp / LOG).write_text(log)
+        if repairs:
+            (tmp / REPAIRS).write_text(canonical_json(repairs))
     return out
 
 
-def up_to_date(out: str | Path, plan: Plan) -> Artifact | None:
-    """The artifact of an up-to-date build of ``plan`` at ``out`` (None: compile again).
+def up_to_date(out: str | Path, planned: Plan, *, budget: float = 0.0
+               ) -> tuple[Artifact, dict[str, Any]] | None:
+    """The artifact and ``build.json`` of an up-to-date build at ``out`` (None: compile again).
 
-    A build whose files were changed (a tampered manifest, payloads the plan
-    does not declare, a build.json for another plan) is not up to date.
+    Up to date: the build was compiled from a plan identical to ``planned`` (the
+    planner's plan, before any repair), its files agree with each other, and its
+    claims held — or were scored under the same ``budget`` (a larger budget may
+    repair what a smaller one could not). A build whose files were changed (a
+    tampered manifest, payloads the plan does not declare, a build.json for another
+    plan) is not up to date.
     """
     out = Path(out)
     try:
-        if (out / PLAN).read_text() != plan.to_json():
-            return None
+        text = (out / PLAN).read_text()
+        plan = Plan.model_validate_json(text)
         info = json.loads((out / INFO).read_text())
         art = load_artifact(out / ARTIFACT)
         check_against_plan(art.manifest, plan)
     except (OSError, ValueError, ArtifactError):
         return None
     if not isinstance(info, dict) or info.get("plan_hash") != plan.sha256 or \
-            info.get("artifact_sha256") != art.manifest.sha256:
+            info.get("artifact_sha256") != art.manifest.sha256 or plan.to_json() != text:
         return None
-    return art
+    if info.get("planned_hash", info.get("plan_hash")) != planned.sha256:
+        return None
+    if info.get("claims_ok") is False and info.get("budget") != budget:
+        return None
+    if float(info.get("budget") or 0.0) != float(budget) and info.get("claims_ok") is None \
+            and budget > 0:
+        return None  # compiled without scoring the claims; now they are to be scored
+    return art, info
 
 
 def read_build(build: str | Path) -> tuple[Plan, Spec, dict[str, Any], Artifact]:

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,6 +76,7 @@ from kmec.backends.base import ExecContext
 from kmec.backends.keys import (
     compute_keys,
     context_prefixes,
+    key_opening_scopes,
     locate_then_edit_cost,
     prompt_keys,
     residual_at,
@@ -125,6 +126,9 @@ class AlphaEditParams(BaseModel):
     max_delta: float | None = None  # bound on ‖ΔW‖_F / ‖W‖_F per parameter (spec: max_delta)
     protect: tuple[ProtectedKey, ...] = ()
     locality_weight: float = 1.0  # ρ: weight of the declared locality set's keys (Step.protect)
+    # a scope prompt the subject opens is keyed at the token after it (see
+    # keys.key_opening_scopes); "subject" keys it at the subject like the others
+    opening_scope: Literal["next", "subject"] = "next"
 
 
 def null_space(c: torch.Tensor, rel: float) -> tuple[torch.Tensor, float]:
@@ -205,6 +209,8 @@ class AlphaEdit:
         layers = sorted(step.layers)
         top = layers[-1]
         edits = list(step.edits)
+        if p.opening_scope == "next":
+            edits = key_opening_scopes(tok, edits)
         prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len, seed=ctx.seed,
                                     cache_dir=ctx.cache_dir, fingerprint=ctx.facts.fingerprint)
         protected = _protected_keys(ctx, layers, edits, p.protect, prefixes)

@@ -204,6 +204,57 @@ def declared_prompts(edits: Sequence[EditRequest], scope_weight: float
     return out, owner, main
 
 
+def key_opening_scopes(tok: Any, edits: Sequence[EditRequest]) -> list[EditRequest]:
+    """``edits`` with each scope prompt that the subject opens keyed at the next token.
+
+    When the subject's last token is a prompt's first token ("France's capital
+    city is"), keying it there is keying the model's first position, which every
+    later token attends to as a sink: its hidden state is several times the norm
+    of the others (≈ 8× at layer 6 of SmolLM2-135M) and nearly the same for any
+    word, so an update keyed there moves neither that prompt's answer nor
+    anything else. Such a scope prompt leaves its edit and becomes an edit of its
+    own (``<name>~opening<j>``, same targets) keyed at the token after the
+    subject ("'s"), the first position that has read the subject. Keying it at
+    the prompt's last token instead was measured worse on the README demo: the
+    last token's key is nearly the same for every country, so the edit moved the
+    declared neighbours ("Portugal's capital city is"; locality 0.93 -> 0.75).
+    The new edits follow the given ones, which keep their order and indices.
+
+    >>> class Tok:  # one token per word
+    ...     def __call__(self, text, **_):
+    ...         starts = [i for i, c in enumerate(text) if c != " " and (i == 0 or text[i - 1] == " ")]
+    ...         return {"offset_mapping": [(a, text.find(" ", a) % (len(text) + 1)) for a in starts]}
+    >>> e = EditRequest(name="fr", prompt="The capital of France is", subject="France",
+    ...                 target_new="Lyon", scope=("France capital city is", "Capital: France is"))
+    >>> out = key_opening_scopes(Tok(), [e])
+    >>> [(r.name, r.prompt, r.subject, r.scope) for r in out]  # doctest: +NORMALIZE_WHITESPACE
+    [('fr', 'The capital of France is', 'France', ('Capital: France is',)),
+     ('fr~opening1', 'France capital city is', 'France capital', ())]
+    """
+    kept: list[EditRequest] = []
+    moved: list[EditRequest] = []
+    for e in edits:
+        opening = [s for s in e.scope
+                   if e.subject and e.subject in s and subject_position(tok, s, e.subject) == 0]
+        if not opening:
+            kept.append(e)
+            continue
+        kept.append(e.model_copy(update={"scope": tuple(s for s in e.scope if s not in opening)}))
+        moved += [EditRequest(name=f"{e.name}~opening{j + 1}", prompt=s,
+                              subject=_through_next(tok, s),
+                              target_new=e.target_new, target_old=e.target_old, inverse=e.inverse)
+                  for j, s in enumerate(opening)]
+    return kept + moved
+
+
+def _through_next(tok: Any, text: str) -> str | None:
+    """``text`` up to the end of its second token (None: it has one token)."""
+    spans = tok(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    if len(spans) < 2:
+        return None
+    return text[:spans[1][1]]
+
+
 @dataclass
 class ContextKeys:
     """Every context key of every declared prompt of some edits, at one layer.

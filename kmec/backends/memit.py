@@ -48,6 +48,7 @@ from kmec.backends.base import ExecContext
 from kmec.backends.keys import (
     ContextKeys,
     context_prefixes,
+    key_opening_scopes,
     locate_then_edit_cost,
     prompt_keys,
     residual_at,
@@ -73,11 +74,18 @@ class MemitParams(BaseModel):
     value: ValueParams = ValueParams()
     max_delta: float | None = None  # bound on ‖ΔW‖_F / ‖W‖_F per parameter (spec: max_delta)
     locality_weight: float = 1.0  # ρ: weight of the declared locality set's keys (Step.protect)
+    # a scope prompt the subject opens is keyed at the token after it (see
+    # keys.key_opening_scopes); "subject" keys it at the subject like the others
+    opening_scope: Literal["next", "subject"] = "next"
+    # edit name -> weight of its keys in the least-squares fit (1 when absent); compile's
+    # repair raises it for edits whose claims fail (kmec.planner.repair, rung "weigh")
+    fit_weight: dict[str, float] = {}
 
 
 def declared_update(ck: ContextKeys, resid: torch.Tensor, c: torch.Tensor, lam: float,
                     protected: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    rho: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    rho: float = 0.0, edit_weight: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u, v) of the batched update fitted on every declared prompt, with the
     declared locality set kept in place::
 
@@ -88,9 +96,12 @@ def declared_update(ck: ContextKeys, resid: torch.Tensor, c: torch.Tensor, lam: 
     prefix, weights summing to 1 per edit: :class:`~kmec.backends.keys.ContextKeys`)
     and the keys k_t at every token of the step's ``protect`` prompts. With one
     prompt per edit and nothing protected it is :func:`batch_update` exactly.
+    ``edit_weight`` [n] multiplies each edit's weights (its share of the fit).
     """
     n = resid.shape[0]
     counts = torch.bincount(ck.owner, minlength=n)
+    if edit_weight is not None:
+        ck = ContextKeys(ck.keys, ck.owner, ck.weight * edit_weight.to(ck.weight)[ck.owner])
     uniform = bool((counts == counts[0]).all()) and bool(
         torch.allclose(ck.weight, torch.full_like(ck.weight, 1.0 / int(counts[0]))))
     plain = protected is None or rho <= 0 or protected[0].shape[0] == 0
@@ -165,6 +176,8 @@ class Memit:
         layers = sorted(step.layers)
         top = layers[-1]
         edits = list(step.edits)
+        if p.opening_scope == "next":
+            edits = key_opening_scopes(tok, edits)
         prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len, seed=ctx.seed,
                                     cache_dir=ctx.cache_dir, fingerprint=ctx.facts.fingerprint)
         done = [0]
@@ -186,10 +199,15 @@ class Memit:
             ctx.log.info("memit: %d declared prompt(s) kept in place (ρ %g)", len(step.protect),
                          p.locality_weight)
 
+        weight = None
+        if p.fit_weight:
+            weight = torch.tensor([p.fit_weight.get(e.name.split("~")[0], 1.0) for e in edits])
+
         def solve(layer: int, k: Any, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             c = ctx.stats.second_moment(layer)
             if isinstance(k, ContextKeys):
-                return declared_update(k, resid, c, lam, protected.get(layer), p.locality_weight)
+                return declared_update(k, resid, c, lam, protected.get(layer), p.locality_weight,
+                                       weight)
             return batch_update(k, resid, c, lam)
 
         return spread_over_layers(ctx, "memit", layers, edits, prefixes, z, solve, p.max_delta,

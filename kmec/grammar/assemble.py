@@ -135,7 +135,7 @@ def assemble_edit(b: Recorder, name: str, name_span: Span, items: list[Stmt],
     return node
 
 
-_SETTINGS = ("model", "seed", "order", "method", "weights")
+_SETTINGS = ("model", "seed", "order", "method", "weights", "budget")
 
 
 def _method_hint(b: Recorder, method: Stmt | None, frozen: bool) -> MethodHint:
@@ -177,6 +177,9 @@ def assemble_spec(b: Recorder, stmts: list[Stmt], span: Span) -> Built:
         kw["model"] = settings["model"].vals[0].value
     if "seed" in settings:
         kw["seed"] = settings["seed"].vals[0].value
+    budget = settings.get("budget")
+    if budget is not None and budget.vals[0] is not None and budget.vals[0].value is not None:
+        kw["budget"] = float(budget.vals[0].value)
     order = settings.get("order")
     if order is not None and order.vals[0] is not None:
         kw["order"] = order.vals[0].value

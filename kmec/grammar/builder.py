@@ -143,6 +143,16 @@ class SpecBuilder(Transformer):
     def max_delta(self, meta: Any, c: list) -> Stmt:
         return Stmt("max_delta", self._span(meta), (self._num(c[0]),))
 
+    def budget(self, meta: Any, c: list) -> Stmt:
+        val = self._num(c[0])
+        unit = str(c[1]) if len(c) > 1 else "s"
+        if unit not in ("s", "min"):
+            self.error(self._tspan(c[1]), f"unknown time unit {unit!r}",
+                       "write the budget in seconds (`budget 300`) or minutes (`budget 5 min`)")
+        elif val.value is not None and unit == "min":
+            val = Val(val.value * 60, val.span)
+        return Stmt("budget", self._span(meta), (val,))
+
     def weights(self, meta: Any, c: list) -> Stmt:
         return Stmt("weights", self._span(meta), (self._name(c[0], "weights mode", ("frozen",)),))
 

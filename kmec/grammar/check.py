@@ -243,6 +243,9 @@ def check_method(spec: Spec, c: Ctx) -> Iterator[Diagnostic]:
     hint = spec.method
     if spec.seed < 0:
         yield _err(c.at(spec, "seed"), f"seed {spec.seed} must not be negative")
+    if spec.budget is not None and spec.budget < 0:
+        yield _err(c.at(spec, "budget"), f"budget {spec.budget:g} s must not be negative",
+                   "0 compiles without scoring the claims; a positive budget is seconds")
     if hint.layers is not None:
         at = c.at(hint, "layers")
         layers = hint.layers

@@ -24,7 +24,8 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from kmec.errors import Diagnostic, Span, did_you_mean
 
-TOP = ("model", "seed", "order", "method", "weights", "include", "relation", "edit", "claim")
+TOP = ("model", "seed", "order", "method", "weights", "budget", "include", "relation", "edit",
+       "claim")
 IN_RELATION = ("prompt", "paraphrase", "reverse", "subjects")
 IN_EDIT = ("subject", "prompt", "old", "scope", "preserve", "portability", "expect")
 OPTIONS = ("layers", "max_delta", "from", "relation", "sample", "neighbours", "neighbors",

@@ -123,6 +123,9 @@ def _settings(spec: Spec, out: _Out) -> None:
         out.emit(spec, "method", [method])
     if spec.method.frozen:
         out.emit(spec, "weights", ["weights frozen"])
+    if spec.budget is not None:
+        b = spec.budget
+        out.emit(spec, "budget", [f"budget {int(b) if b.is_integer() else format_number(b)}"])
 
 
 def _relation(rel: Relation, out: _Out) -> None:

@@ -243,11 +243,18 @@ def _capability(run: _Run) -> CapabilitySection:
         return CapabilitySection(ran=False)
     t0 = time.perf_counter()
     ppl = perplexity([run.base, run.edited], run.tok, canaries.CORPUS_SLICE)
-    section = capability((ppl[0], ppl[1]), PPL_TOLERANCE, canaries.GENERAL_QUESTIONS,
+    section = capability((ppl[0], ppl[1]), PPL_TOLERANCE, general_questions(run.cases),
                          max(c.threshold for c in loc), run.cache, run.dec)
     run.progress("canaries", 1, 1)
     run.timed("canaries_s", t0)
     return section
+
+
+def general_questions(cases: tuple[Case, ...]) -> tuple[str, ...]:
+    """The general-question canaries that no edit declares in scope: a spec that moves
+    the capital of Japan is meant to change what "The capital of Japan is" answers."""
+    scope = in_scope(cases)
+    return tuple(q for q in canaries.GENERAL_QUESTIONS if q not in scope)
 
 
 def _failures(results: list[ClaimResult], audit: AuditSection, cap: CapabilitySection) -> list[str]:

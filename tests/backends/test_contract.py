@@ -201,3 +201,42 @@ def test_declared_scope_prompts_reach_the_edit(home):
             probs[label] = float(logits.softmax(-1)[ids[-1]])
         handle.revert()
     assert probs["declared"] > probs["bare"], probs
+
+
+def test_a_scope_prompt_the_subject_opens_becomes_an_edit_keyed_after_the_subject(home):
+    """"Q key": the subject's last token is the prompt's first (the model's attention sink),
+    so MEMIT keys that scope prompt at the next token, as one more column of its solve;
+    ``opening_scope = "subject"`` keeps the old keying (one column per edit)."""
+    from kmec.backends.keys import key_opening_scopes
+
+    model, tok, facts = _lm()
+    edits = (EditRequest(name="q", prompt="Key of Q", subject="Q", target_new="R",
+                         scope=("Q key", "Key of Q again")),)
+    moved = key_opening_scopes(tok, edits)
+    assert [(e.name, e.prompt, e.subject, e.scope) for e in moved] == [
+        ("q", "Key of Q", "Q", ("Key of Q again",)), ("q~opening1", "Q key", "Q ", ())]
+    assert key_opening_scopes(tok, EDITS) == list(EDITS)  # "abc key": "c" is the 3rd token
+    adapter = adapter_for(facts.model_type)
+    ranks = {}
+    for mode in ("next", "subject"):
+        step = _step("memit", facts, {"opening_scope": mode}).model_copy(update={"edits": edits})
+        ctx = ExecContext(model=model, tok=tok, adapter=adapter, facts=facts,
+                          stats=CorpusStats(model, adapter, step.layers), seed=0)
+        payloads = list(BACKENDS["memit"].execute(step, ctx))
+        ranks[mode] = payloads[0].u.shape[1]
+    assert ranks == {"next": 2, "subject": 1}
+
+
+def test_fit_weight_changes_only_the_weighted_edits_share(home):
+    """MEMIT's ``fit_weight`` (the repair rung "weigh"): weighting one edit changes the
+    solve, and weight 1 for every edit is the unweighted solve exactly."""
+    model, tok, facts = _lm()
+    adapter = adapter_for(facts.model_type)
+    out = {}
+    for label, weights in (("none", {}), ("ones", {"e1": 1.0, "e2": 1.0}), ("e1", {"e1": 4.0})):
+        step = _step("memit", facts, {"fit_weight": weights})
+        ctx = ExecContext(model=model, tok=tok, adapter=adapter, facts=facts,
+                          stats=CorpusStats(model, adapter, step.layers), seed=0)
+        out[label] = [p.u @ p.v.T for p in BACKENDS["memit"].execute(step, ctx)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out["none"], out["ones"]))
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out["none"], out["e1"]))

@@ -73,7 +73,7 @@ def test_plan_and_build_record_must_agree(build, tiny_loader, capsys):
 
 def test_a_tampered_build_is_not_up_to_date(build):
     plan = read_build(build)[0]
-    assert up_to_date(build, plan) is not None
+    assert up_to_date(build, plan) is not None  # (artifact, build.json)
     edit_manifest(build, scale)
     assert up_to_date(build, plan) is None
 

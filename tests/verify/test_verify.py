@@ -10,7 +10,7 @@ import torch
 from kmec.artifacts.payloads import LowRank
 from kmec.planner.model import EditRequest, Plan, Step
 from kmec.spec import Claim, TripleEdit
-from kmec.verify import verify
+from kmec.verify import canaries, verify
 from kmec.verify.render import to_json
 from tests.verify.conftest import (
     PARAM,
@@ -180,3 +180,16 @@ def test_sequence_retention_is_scored_after_all_edits(setup, good):
     assert by[("retention", "peru")].status == "n/a"
     assert report.aggregate.retention == 1.0 and report.aggregate.relative_retention == 1.0
     assert any("after all edits" in n for n in report.notes)
+
+
+def test_a_general_question_an_edit_declares_in_scope_is_not_a_canary():
+    """The README demo moves "The capital of Japan is", which is also a general-question
+    canary: that question is meant to change, so capability does not count it."""
+    from kmec.verify.claims import Case, Check
+    from kmec.verify.runner import general_questions
+
+    case = Case(name="japan", kind="triple", subject="Japan", relation="capital",
+                efficacy=Check(prompt="The capital of Japan is", target="Osaka", old="Tokyo"))
+    kept = general_questions((case,))
+    assert "The capital of Japan is" not in kept
+    assert len(kept) == len(canaries.GENERAL_QUESTIONS) - 1

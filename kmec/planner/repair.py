@@ -1,0 +1,240 @@
+"""Repair: the ladder of plan changes compile climbs when a declared claim fails.
+
+Contents:
+    Miss          one failing check: metric, edit, score, threshold
+    Repair        a rung's changed plan, its name and why it was taken
+    RUNGS         the ladder, in order
+    next_repair() the first rung not yet climbed that answers one of the misses
+    costly()      whether a rung re-optimises target values (minutes, not seconds)
+
+After a plan runs, :func:`kmec.pipeline.compile_spec` scores the spec's claims with
+the verifier and, while some fail, asks :func:`next_repair` for the next plan. The
+ladder is fixed and deterministic: the same misses on the same plan give the same
+next plan, so a spec still compiles to the same plan bytes (unless the time budget
+cuts the ladder short, which the build log then says). Each rung changes only what
+the misses point at, and says so in a :class:`~kmec.planner.model.Reason` on every
+step it changes, so ``kmec plan --explain build/plan.json`` shows the repairs:
+
+1. ``realise`` (efficacy, generality, portability, reversal misses): λ, the weight
+   of the key statistics in MEMIT's solve, divided by 5 (not below
+   :data:`MIN_LAMBDA_REL`). A smaller λ lets each layer's update realise more of
+   the target value it was given; the δ themselves are unchanged, so the rung
+   costs a solve, not an optimisation.
+2. ``weigh`` (the same misses): the edits that fail get 4× the weight of the
+   others in MEMIT's least-squares fit (their keys' share of the solve).
+3. ``protect`` (locality misses, or the verifier's capability canaries): the
+   weight ρ of the declared locality set's keys in the solve times 4.
+4. ``weigh-again``, ``realise-again``: rungs 2 and 1 once more, for what still fails.
+5. ``optimise`` (efficacy, generality misses): twice the δ optimisation steps and a
+   stricter early stop (0.97): the target values are re-optimised (costly).
+6. ``move`` (any miss on an edit, ``method auto`` only): the edits that still
+   fail leave their step for a ``retrieval`` step, which changes no weights. With
+   ``method X`` in the spec the user's choice is respected and the ladder ends.
+
+Rungs 1–4 reuse the cached target values and cost a solve and a verification
+(~20 s for the README demo); 5 and 6 re-optimise target values (minutes).
+
+The planner is pure: the caller passes the plan of the attempt that failed and the
+names of the rungs already climbed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from kmec.planner.model import Plan, Reason, Step
+from kmec.spec import Spec
+
+MIN_LAMBDA_REL = 0.01  # below this the solve ignores the key statistics almost entirely
+REALISE_FACTOR = 5.0
+WEIGH_FACTOR = 4.0
+PROTECT_FACTOR = 4.0
+OPTIMISE_STOP = 0.97
+TARGET_METRICS = frozenset({"efficacy", "generality", "portability", "reversal"})
+
+
+class Miss(BaseModel):
+    """One failing check of one claim on one edit (``score < threshold``); the verifier's
+    capability canaries miss as metric ``capability`` on no edit (``edit == ""``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metric: str
+    claim: str
+    edit: str
+    score: float
+    threshold: float
+
+    def describe(self) -> str:
+        where = f" on {self.edit}" if self.edit else ""
+        return f"{self.claim}{where} ({self.score:.2f} < {self.threshold:g})"
+
+
+class Repair(BaseModel):
+    """A rung taken: its name, the plan it gives and why."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rung: str
+    plan: Plan
+    because: str
+    costly: bool = False
+
+
+def _trigger(misses: Sequence[Miss], metrics: Collection[str], limit: int = 3) -> str:
+    hit = [m for m in misses if m.metric in metrics]
+    text = "; ".join(m.describe() for m in hit[:limit])
+    return text + (f" and {len(hit) - limit} more" if len(hit) > limit else "")
+
+
+def _with_reason(step: Step, params: dict[str, Any], choice: str, because: str) -> Step:
+    return step.model_copy(update={"params": params,
+                                   "reasons": (*step.reasons, Reason(choice=choice,
+                                                                     because=because))})
+
+
+def _realise(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
+    why = _trigger(misses, TARGET_METRICS)
+    if not why:
+        return None
+    steps, changed = [], []
+    for step in plan.steps:
+        lam = step.params.get("lambda_rel")
+        if not isinstance(lam, (int, float)) or lam <= MIN_LAMBDA_REL:
+            steps.append(step)
+            continue
+        new = max(round(lam / REALISE_FACTOR, 6), MIN_LAMBDA_REL)
+        because = (f"{why}: a smaller λ (the weight of the key statistics in the solve) lets "
+                   "the update realise more of each edit's target value")
+        steps.append(_with_reason(step, {**step.params, "lambda_rel": new},
+                                  f"repair {n}: λ {lam:g} -> {new:g} (realise)", because))
+        changed.append(f"{step.id} λ {lam:g} -> {new:g}")
+    if not changed:
+        return None
+    return plan.model_copy(update={"steps": tuple(steps)}), ", ".join(changed) + f" because {why}"
+
+
+def _weigh(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
+    why = _trigger(misses, TARGET_METRICS)
+    failing = sorted({m.edit for m in misses if m.metric in TARGET_METRICS})
+    if not why or not failing:
+        return None
+    steps, changed = [], []
+    for step in plan.steps:
+        weights = step.params.get("fit_weight")
+        names = {e.name.split("~")[0] for e in step.edits}
+        here = [e for e in failing if e in names]
+        if not isinstance(weights, dict) or not here:
+            steps.append(step)
+            continue
+        new = {**weights, **{e: float(weights.get(e, 1.0)) * WEIGH_FACTOR for e in here}}
+        shown = ", ".join(f"{e} {new[e]:g}" for e in here)
+        because = (f"{why}: these edits get more weight than the others in the "
+                   "least-squares fit of the solve")
+        steps.append(_with_reason(step, {**step.params, "fit_weight": dict(sorted(new.items()))},
+                                  f"repair {n}: fit weight {shown} (weigh)", because))
+        changed.append(f"{step.id} fit weight {shown}")
+    if not changed:
+        return None
+    return plan.model_copy(update={"steps": tuple(steps)}), ", ".join(changed) + f" because {why}"
+
+
+def _protect(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
+    why = _trigger(misses, {"locality", "capability"})
+    if not why:
+        return None
+    steps, changed = [], []
+    for step in plan.steps:
+        rho = step.params.get("locality_weight")
+        if not step.protect or not isinstance(rho, (int, float)) or rho <= 0:
+            steps.append(step)
+            continue
+        new = rho * PROTECT_FACTOR
+        because = (f"{why}: more weight on keeping the declared locality set's keys where "
+                   "they were")
+        steps.append(_with_reason(step, {**step.params, "locality_weight": new},
+                                  f"repair {n}: ρ {rho:g} -> {new:g} (protect)", because))
+        changed.append(f"{step.id} ρ {rho:g} -> {new:g}")
+    if not changed:
+        return None
+    return plan.model_copy(update={"steps": tuple(steps)}), ", ".join(changed) + f" because {why}"
+
+
+def _optimise(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
+    why = _trigger(misses, TARGET_METRICS)
+    if not why:
+        return None
+    failing = {m.edit for m in misses if m.metric in TARGET_METRICS}
+    steps, changed = [], []
+    for step in plan.steps:
+        value = step.params.get("value")
+        names = {e.name.split("~")[0] for e in step.edits}
+        if not isinstance(value, dict) or "steps" not in value or not names & failing:
+            steps.append(step)
+            continue
+        new = {**value, "steps": int(value["steps"]) * 2,
+               "stop_prob": max(float(value.get("stop_prob", 0.0)), OPTIMISE_STOP)}
+        because = (f"{why}: the target values are optimised twice as long, to a target "
+                   f"probability of {OPTIMISE_STOP:g}")
+        steps.append(_with_reason(step, {**step.params, "value": new},
+                                  f"repair {n}: {new['steps']} optimisation steps (optimise)",
+                                  because))
+        changed.append(f"{step.id} {value['steps']} -> {new['steps']} steps")
+    if not changed:
+        return None
+    return plan.model_copy(update={"steps": tuple(steps)}), ", ".join(changed) + f" because {why}"
+
+
+Rung = Callable[[Plan, Sequence[Miss], int], "tuple[Plan, str] | None"]
+
+RUNGS: tuple[tuple[str, Rung], ...] = (
+    ("realise", _realise),
+    ("weigh", _weigh),
+    ("protect", _protect),
+    ("weigh-again", _weigh),
+    ("realise-again", _realise),
+    ("optimise", _optimise),
+)
+COSTLY = frozenset({"optimise", "move"})
+
+
+def costly(rung: str) -> bool:
+    """Whether ``rung`` re-optimises target values or runs a new step (slow)."""
+    return rung in COSTLY
+
+
+def next_repair(plan: Plan, misses: Sequence[Miss], climbed: Collection[str], *, spec: Spec,
+                move: Callable[[Plan, Sequence[str], int], Plan | None] | None = None,
+                skip: Collection[str] = ()) -> Repair | None:
+    """The first rung not in ``climbed`` or ``skip`` that changes ``plan`` for ``misses``.
+
+    ``move(plan, edits, n)`` builds the plan with ``edits`` moved to another method (the
+    caller plans that step, since it needs the full planner); it is only asked when the
+    spec leaves the method to the planner.
+    """
+    if not misses:
+        return None
+    n = len(climbed) + 1
+    for name, rung in RUNGS:
+        if name in climbed or name in skip:
+            continue
+        got = rung(plan, misses, n)
+        if got is not None:
+            return Repair(rung=name, plan=got[0], because=got[1], costly=costly(name))
+    if "move" in climbed or "move" in skip or move is None or spec.method.method != "auto":
+        return None
+    edits = tuple(dict.fromkeys(m.edit for m in misses if m.edit))
+    if not edits:
+        return None
+    moved = move(plan, edits, n)
+    if moved is None:
+        return None
+    return Repair(rung="move", plan=moved, costly=True,
+                  because=f"{', '.join(edits)} moved to an external memory because "
+                  f"{_trigger(misses, {m.metric for m in misses})}")
+
+
+__all__ = ["COSTLY", "MIN_LAMBDA_REL", "RUNGS", "Miss", "Repair", "costly", "next_repair"]

@@ -1,0 +1,108 @@
+"""compile scores the claims with the verifier and repairs what fails (kmec.pipeline._Loop).
+
+The planner and the executor are replaced by stand-ins whose result depends on the plan
+(a payload that makes the edit only once λ was lowered), so the loop's mechanics are
+tested on the tiny model with the real verifier: attempts, the plan written, the log,
+repairs.json, the up-to-date check, the verdict and the exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kmec.artifacts import build_artifact
+from kmec.artifacts.payloads import LowRank
+from kmec.grammar import format_spec
+from tests.verify.conftest import CLAIMS, PARAM, cli, make_plan, make_spec
+
+
+@pytest.fixture()
+def loop_env(setup, tmp_path, tiny_loader, good, monkeypatch):
+    spec = make_spec(setup.old, setup.new, CLAIMS)
+    path = tmp_path / "spec.kmec"
+    path.write_text(format_spec(spec))
+    nothing = LowRank(PARAM, torch.zeros(32, 1), torch.zeros(2048, 1))
+    calls: list[float] = []
+
+    def fake_plan(spec, facts, **_):
+        p = make_plan(spec, setup.fingerprint)
+        step = p.steps[0].model_copy(update={"params": {
+            "lambda_rel": 0.5, "locality_weight": 1.0, "fit_weight": {}, "value": {"steps": 4}}})
+        return p.model_copy(update={"steps": (step,)})
+
+    def fake_execute(plan, lm, **_):
+        lam = plan.steps[0].params["lambda_rel"]
+        calls.append(lam)
+        payload = good if lam < env["needs"] else nothing
+        return build_artifact([(plan.steps[0].id, [payload])], base_model="tiny",
+                              base_fingerprint=setup.fingerprint, base_arch="LlamaForCausalLM",
+                              weight_layout="out_in", plan_hash=plan.sha256)
+
+    from kmec.models.load import ModelRef
+
+    monkeypatch.setattr("kmec.pipeline.resolve_ref", lambda ref: ModelRef(ref, "folder", None))
+    monkeypatch.setattr("kmec.planner.plan", fake_plan)
+    monkeypatch.setattr("kmec.compile.execute", fake_execute)
+    env = {"spec": path, "calls": calls, "needs": 0.5, "out": tmp_path / "build"}
+    return env
+
+
+def test_a_failing_claim_is_repaired_and_every_attempt_recorded(loop_env):
+    from kmec.pipeline import compile_spec
+
+    r = compile_spec(loop_env["spec"], out=loop_env["out"], budget=600)
+    assert r.claims_ok is True and not r.up_to_date
+    assert [a.rung for a in r.attempts] == ["planned", "realise"]
+    assert r.attempts[0].failed and r.attempts[0].misses[0].metric == "efficacy"
+    assert not r.attempts[1].failed
+    out = loop_env["out"]
+    executed = json.loads((out / "plan.json").read_text())
+    assert executed["steps"][0]["params"]["lambda_rel"] == 0.1
+    assert any(x["choice"] == "repair 1: λ 0.5 -> 0.1 (realise)"
+               for x in executed["steps"][0]["reasons"])
+    info = json.loads((out / "build.json").read_text())
+    assert info["plan_hash"] == r.plan.sha256 != info["planned_hash"]
+    assert info["claims_ok"] is True
+    repairs = json.loads((out / "repairs.json").read_text())
+    assert [a["rung"] for a in repairs] == ["planned", "realise"]
+    log = (out / "compile.log").read_text()
+    assert "attempt 1 (planned" in log and "attempt 2 (realise" in log and "fails: efficacy" in log
+    # the same spec again: up to date by the planner's plan, nothing runs
+    calls = len(loop_env["calls"])
+    again = compile_spec(loop_env["spec"], out=out, budget=600)
+    assert again.up_to_date and again.claims_ok is True and len(loop_env["calls"]) == calls
+    assert again.plan.sha256 == r.plan.sha256
+    # and kmec verify agrees with the loop
+    assert cli("verify", str(out), "--max-examples", "20") == 0
+
+
+def test_claims_out_of_reach_exit_1_with_the_best_build_and_a_verdict(loop_env, capsys):
+    loop_env["needs"] = 0.0  # no rung makes the edit
+    code = cli("compile", str(loop_env["spec"]), "-o", str(loop_env["out"]), "--budget", "600")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "claims FAIL" in err and "out of reach: efficacy" in err
+    info = json.loads((loop_env["out"] / "build.json").read_text())
+    assert info["claims_ok"] is False and "out of reach" in info["verdict"]
+    rungs = [a["rung"] for a in json.loads((loop_env["out"] / "repairs.json").read_text())]
+    assert rungs[0] == "planned" and "realise" in rungs and len(rungs) == len(set(rungs))
+
+
+def test_budget_zero_compiles_without_scoring(loop_env):
+    from kmec.pipeline import compile_spec
+
+    r = compile_spec(loop_env["spec"], out=loop_env["out"], budget=0)
+    assert r.claims_ok is None and loop_env["calls"] == [0.5]
+    assert not (loop_env["out"] / "repairs.json").exists()
+
+
+def test_a_small_budget_stops_the_ladder_and_says_so(loop_env):
+    from kmec.pipeline import compile_spec
+
+    loop_env["needs"] = 0.0
+    r = compile_spec(loop_env["spec"], out=loop_env["out"], budget=0.01)
+    assert r.claims_ok is False and len(r.attempts) == 1
+    assert "budget" in r.verdict and "--budget" in r.verdict
