@@ -179,17 +179,34 @@ def edit_row(case: Case, cache: ScoreCache, dec: Decoder, greedy: tuple[str, str
                    metrics=row_metrics)
 
 
+# A general question counts only when the base model answers it: its second answer has
+# less than this share of the first's probability. SmolLM2-135M gives "Two plus two
+# equals" ' five' 0.137 / ' four' 0.127 and "The color of the sky on a clear day is"
+# ' a' 0.118 / ' ' 0.114: which of two near-equal tokens comes first is not knowledge
+# an edit keeps or loses (and any edit tips it either way).
+NEAR_TIE = 0.9
+
+
+def decided(score: ItemScore) -> bool:
+    """Whether the base model's top answer is clear (not a near tie, see NEAR_TIE)."""
+    p = score.top_probs
+    return len(p) < 2 or p[1] < NEAR_TIE * p[0]
+
+
 def capability(ppl: tuple[float, float], tolerance: float, questions: Sequence[str],
                threshold: float, cache: ScoreCache, dec: Decoder) -> CapabilitySection:
     """Perplexity ratio within ``1 + tolerance`` and general questions whose
-    top-1 answer survives at a rate of at least ``threshold``."""
+    top-1 answer survives at a rate of at least ``threshold`` (over the questions
+    the base model answers clearly: :func:`decided`)."""
     ratio = metrics.perplexity_ratio(*ppl)
     rows = []
     for q in questions:
         b, e = cache.get(Item(q))
         rows.append(QuestionResult(prompt=q, base_answer=dec(b.top1), edited_answer=dec(e.top1),
-                                   kl=round(e.kl, 6), survived=b.top1 == e.top1))
-    survived = sum(r.survived for r in rows) / len(rows) if rows else 1.0
+                                   kl=round(e.kl, 6), survived=b.top1 == e.top1,
+                                   counted=decided(b)))
+    counted = [r for r in rows if r.counted]
+    survived = sum(r.survived for r in counted) / len(counted) if counted else 1.0
     ok = ratio <= 1 + tolerance + EPS and survived + EPS >= threshold
     return CapabilitySection(ran=True, ok=ok, ppl_base=round(ppl[0], 4), ppl_edited=round(ppl[1], 4),
                              ppl_ratio=round(ratio, 6), ppl_tolerance=tolerance,

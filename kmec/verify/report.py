@@ -134,11 +134,15 @@ class AuditSection(_Frozen):
 
 
 class QuestionResult(_Frozen):
+    """One general question: ``counted`` is False when the base model's answer is a
+    near tie (:data:`kmec.verify.evaluate.NEAR_TIE`), which no edit can be said to keep."""
+
     prompt: str
     base_answer: str
     edited_answer: str
     kl: float
     survived: bool
+    counted: bool = True
 
 
 class CapabilitySection(_Frozen):

@@ -79,6 +79,16 @@ def test_a_failing_claim_is_repaired_and_every_attempt_recorded(loop_env):
     assert cli("verify", str(out), "--max-examples", "20") == 0
 
 
+def test_plan_explain_shows_the_repairs_of_a_build(loop_env, capsys):
+    from kmec.pipeline import compile_spec
+
+    compile_spec(loop_env["spec"], out=loop_env["out"], budget=600)
+    capsys.readouterr()
+    assert cli("plan", "--explain", str(loop_env["out"])) == 0
+    assert "repair 1: λ 0.5 -> 0.1 (realise)" in capsys.readouterr().out
+    assert cli("plan", str(loop_env["out"].parent)) == 2  # a folder without plan.json
+
+
 def test_claims_out_of_reach_exit_1_with_the_best_build_and_a_verdict(loop_env, capsys):
     loop_env["needs"] = 0.0  # no rung makes the edit
     code = cli("compile", str(loop_env["spec"]), "-o", str(loop_env["out"]), "--budget", "600")

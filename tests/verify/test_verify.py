@@ -193,3 +193,16 @@ def test_a_general_question_an_edit_declares_in_scope_is_not_a_canary():
     kept = general_questions((case,))
     assert "The capital of Japan is" not in kept
     assert len(kept) == len(canaries.GENERAL_QUESTIONS) - 1
+
+
+def test_a_general_question_the_base_model_cannot_decide_is_not_counted():
+    """A base answer that is a near tie (second answer >= 0.9 of the first) is not
+    knowledge to keep: the question is reported but not counted."""
+    from kmec.verify.evaluate import NEAR_TIE, decided
+    from kmec.verify.scoring import ItemScore
+
+    def score(p1, p2):
+        return ItemScore((), (), (), (1, 2), (p1, p2))
+
+    assert decided(score(0.70, 0.05)) and decided(score(0.2, NEAR_TIE * 0.2 - 1e-6))
+    assert not decided(score(0.118, 0.114))
