@@ -113,7 +113,10 @@ class ValueCache:
             "site": site, "seed": seed,
             "compact": compact, "prefixes": list(prefixes),
             "params": params.model_dump(mode="json", exclude={"edit_batch"}),
-            "edits": [[e.prompt, e.subject, e.target_new] for e in edits]}))
+            # the scope prompts are in the objective: a chunk whose edits declare other
+            # scope prompts must not reuse δ (they were left out of the key until 0.x)
+            "edits": [[e.prompt, e.subject, e.target_new, *(["scope", *e.scope] if e.scope
+                                                            else [])] for e in edits]}))
 
     def _path(self, key: str) -> Path:
         return Path(self.root) / "values" / f"{key}.safetensors"

@@ -76,7 +76,7 @@ def test_appending_edits_reoptimises_only_the_new_ones(setup, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize(("change", "redone"), [("weights", 2), ("layer", 2), ("params", 2),
-                                                ("prefixes", 2), ("edit", 1)])
+                                                ("prefixes", 2), ("edit", 1), ("scope", 1)])
 def test_any_input_change_misses(setup, tmp_path, monkeypatch, change, redone):
     model, tok, adapter = setup
     run(setup, EDITS[:2], ValueCache(tmp_path, "w0"))
@@ -90,6 +90,8 @@ def test_any_input_change_misses(setup, tmp_path, monkeypatch, change, redone):
         params = PARAMS.model_copy(update={"kl_weight": 0.5})
     elif change == "edit":  # edits are chunks of one here: the other edit is reused
         edits = [EDITS[0], EDITS[1].model_copy(update={"target_new": "RT"})]
+    elif change == "scope":  # a declared scope prompt is in the δ objective
+        edits = [EDITS[0], EDITS[1].model_copy(update={"scope": ("xyz door",)})]
     else:
         prefixes = ("", "Three. ")
     optimise_deltas(model, tok, adapter, layer, edits, prefixes, params, cache=cache)
