@@ -23,7 +23,7 @@ def compile_cmd(
                              "folder]."),
     budget: float = typer.Option(None, "--budget", min=0, help="Seconds the compile may take, "
                                  "repairs of failing claims included [default: the spec's "
-                                 "`budget`, else 200]; 0 skips scoring the claims."),
+                                 "`budget`, else 300]; 0 skips scoring the claims."),
 ) -> None:
     """Compile a spec into an artifact (build/plan.json, build/artifact/, ...).
 
