@@ -42,6 +42,7 @@ from kmec.spec import Spec
 
 if TYPE_CHECKING:
     from kmec.verify.report import Report
+    from kmec.verify.runner import VerifyMemo
 
 log = logging.getLogger("kmec")
 
@@ -265,6 +266,7 @@ class _Loop:
         self.best: tuple[Attempt, Plan, Artifact] | None = None
         self.claims_ok: bool | None = None
         self.stopped = ""
+        self.memo: VerifyMemo | None = None  # the base side of the scoring, shared
 
     @property
     def best_plan(self) -> Plan:
@@ -291,13 +293,16 @@ class _Loop:
 
     def _score(self, plan: Plan, artifact: Artifact) -> Report:
         from kmec.verify import verify
+        from kmec.verify.runner import VerifyMemo
 
+        if self.memo is None:
+            self.memo = VerifyMemo()
         lm = self.s.lm
         edited = copy.deepcopy(lm.model)
         apply(artifact, edited, fingerprint=lm.facts.fingerprint, tok=lm.tok)
         try:
             return verify(self.s.spec, plan, lm.model, edited, lm.tok, seed=None, root=self.root,
-                          artifact=artifact)
+                          artifact=artifact, memo=self.memo)
         finally:
             del edited
 

@@ -61,7 +61,7 @@ from kmec.verify.report import (
     Counterexample,
     Report,
 )
-from kmec.verify.scoring import Item, ScoreCache
+from kmec.verify.scoring import BaseMemo, Item, ScoreCache
 from kmec.verify.strategies import (
     Draw,
     NeighbourSpace,
@@ -76,6 +76,18 @@ log = logging.getLogger("kmec")
 PPL_TOLERANCE = 0.05  # edited/base perplexity of the corpus slice may be at most 1.05
 DEFAULT_SAMPLE = 50  # locality draws per edit when a claim gives no `sample`
 GREEDY_TOKENS = 8  # at most; the longest new target + 3 tokens suffices to show it
+
+
+@dataclass
+class VerifyMemo:
+    """What verifications of several edited models against one base model, spec, plan
+    edits and seed share (compile's repair loop passes one to each attempt): the
+    base model's scores, the sampled neighbourhoods and the base perplexity. A
+    verification with a memo gives the report it would give without one."""
+
+    base: BaseMemo = field(default_factory=BaseMemo)
+    draws: dict[str, list[Draw]] = field(default_factory=dict)
+    base_ppl: float | None = None
 
 
 def _seed_for(seed: int, *parts: str) -> int:
@@ -102,12 +114,14 @@ class _Run:
 
     def __init__(self, spec: Spec, plan: Plan | None, base: Any, edited: Any, tok: Any, seed: int,
                  max_examples: int | None, db: ExampleDatabase | None,
-                 progress: Progress | None, root: str | Path | None = None) -> None:
+                 progress: Progress | None, root: str | Path | None = None,
+                 memo: VerifyMemo | None = None) -> None:
         self.root = root
         self.spec, self.plan, self.base, self.edited, self.tok = spec, plan, base, edited, tok
         self.seed, self.max_examples, self.db = seed, max_examples, db
         self.progress = progress or (lambda _s, _d, _t: None)
-        self.cache = ScoreCache([base, edited], tok)
+        self.memo = memo
+        self.cache = ScoreCache([base, edited], tok, memo=memo.base if memo else None)
         self.dec = Decoder(tok)
         self.cases: tuple[Case, ...] = build_cases(spec, plan)
         if not self.cases:
@@ -135,7 +149,11 @@ class _Run:
                 job = _Job(ci, claim, declared, case, space, key=f"{case.name}|{label}|{space.digest}",
                            seed_value=_seed_for(self.seed, case.name, label),
                            n=self.max_examples or claim.sample or DEFAULT_SAMPLE)
-                job.draws = sample(space, job.n, key=job.key, seed_value=job.seed_value)
+                memo = self.memo.draws if self.memo is not None else {}
+                key = f"{job.key}|{job.n}|{job.seed_value}"
+                if key not in memo:
+                    memo[key] = sample(space, job.n, key=job.key, seed_value=job.seed_value)
+                job.draws = list(memo[key])
                 stored = replay(space, self.db, key=job.key, seed_value=job.seed_value)
                 self.replayed += len(stored)
                 job.draws += stored
@@ -242,7 +260,12 @@ def _capability(run: _Run) -> CapabilitySection:
     if not loc:
         return CapabilitySection(ran=False)
     t0 = time.perf_counter()
-    ppl = perplexity([run.base, run.edited], run.tok, canaries.CORPUS_SLICE)
+    if run.memo is not None and run.memo.base_ppl is not None:
+        ppl = (run.memo.base_ppl, perplexity([run.edited], run.tok, canaries.CORPUS_SLICE)[0])
+    else:
+        ppl = perplexity([run.base, run.edited], run.tok, canaries.CORPUS_SLICE)
+        if run.memo is not None:
+            run.memo.base_ppl = ppl[0]
     section = capability((ppl[0], ppl[1]), PPL_TOLERANCE, general_questions(run.cases),
                          max(c.threshold for c in loc), run.cache, run.dec)
     run.progress("canaries", 1, 1)
@@ -271,7 +294,8 @@ def _failures(results: list[ClaimResult], audit: AuditSection, cap: CapabilitySe
 def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, tok: Any, *,
            seed: int | None = None, max_examples: int | None = None,
            db_dir: str | Path | None = None, progress: Progress | None = None,
-           artifact: Artifact | None = None, root: str | Path | None = None) -> Report:
+           artifact: Artifact | None = None, root: str | Path | None = None,
+           memo: VerifyMemo | None = None) -> Report:
     """Check every claim of ``spec`` on ``edited_model`` against ``base_model``.
 
     Args:
@@ -287,6 +311,8 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
             relative scalability.
         root: the folder ``subjects from`` files must lie under (default: the
             spec's repository, see :mod:`kmec.grammar.files`).
+        memo: shared with earlier verifications against the same base, spec and seed
+            (:class:`VerifyMemo`): the base side is not recomputed.
 
     Returns:
         The :class:`Report`; ``report.exit_code`` is 0 when every claim holds, else 1.
@@ -297,7 +323,7 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
     t_start = time.perf_counter()
     db = DirectoryBasedExampleDatabase(str(db_dir)) if db_dir is not None else None
     run = _Run(spec, plan, base_model, edited_model, tok, spec.seed if seed is None else seed,
-               max_examples, db, progress, root)
+               max_examples, db, progress, root, memo)
     jobs = run.locality_jobs()
     t0 = time.perf_counter()
     items = run.probe_items() + [Item(d.prompt) for j in jobs for d in j.draws]

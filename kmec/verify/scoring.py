@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -258,11 +258,17 @@ def _pad(rows: Sequence[_Row], pad_id: int, device: torch.device) -> tuple[torch
 
 
 def _score_batch(models: Sequence[Any], rows: Sequence[_Row], pad_id: int,
-                 topk: int) -> dict[int, tuple[ItemScore, ...]]:
-    """Run ``rows`` through every model; score each read (KL against model 0)."""
-    refs: dict[int, torch.Tensor] = {}
+                 topk: int, refs: dict[int, torch.Tensor] | None = None,
+                 given: bool = False) -> dict[int, tuple[ItemScore, ...]]:
+    """Run ``rows`` through every model; score each read (KL against model 0).
+
+    ``refs``: the reference distributions (model 0's first row per item), written
+    to it; with ``given`` they are read from it instead and model 0 is not run
+    (``models`` are the others).
+    """
+    refs = {} if refs is None else refs
     per_item: dict[int, list[ItemScore]] = {}
-    for mi, model in enumerate(models):
+    for mi, model in enumerate(models, start=1 if given else 0):
         ids, mask = _pad(rows, pad_id, device_of(model))
         with torch.no_grad():
             hidden, head = _hidden(model, ids, mask)
@@ -277,7 +283,7 @@ def _score_batch(models: Sequence[Any], rows: Sequence[_Row], pad_id: int,
                         start = at[(r, first)]
                         mine = lp[start: start + max(len(target), 1)]
                         if mi == 0:
-                            refs[item] = mine[0]
+                            refs[item] = mine[0].clone()  # not a view of the whole block
                         per_item.setdefault(item, []).append(
                             score_logprobs(mine, target, refs[item] if mi else None, topk))
     return {i: tuple(s) for i, s in per_item.items()}
@@ -328,11 +334,17 @@ def pad_id_of(tok: Any) -> int:
 
 def score_encoded(models: Sequence[Any], encoded: Sequence[Encoded], *, pad_id: int = 0,
                   max_batch_tokens: int = 2048, topk: int = 5,
-                  progress: Progress | None = None) -> list[tuple[ItemScore, ...]]:
-    """Score already-encoded items on every model (see :func:`score_items`)."""
+                  progress: Progress | None = None,
+                  refs: dict[int, torch.Tensor] | None = None) -> list[tuple[ItemScore, ...]]:
+    """Score already-encoded items on every model (see :func:`score_items`).
+
+    ``refs`` (item index -> model 0's distribution after the prompt): an empty dict
+    is filled; a full one stands for model 0, which ``models`` then leave out.
+    """
     out: dict[int, tuple[ItemScore, ...]] = {}
+    given = refs is not None and len(refs) == len(encoded) > 0
     for batch in _batches(_rows(encoded), max_batch_tokens):
-        out.update(_score_batch(models, batch, pad_id, topk))
+        out.update(_score_batch(models, batch, pad_id, topk, refs, given))
         if progress is not None:
             progress("scoring", len(out), len(encoded))
     return [out[i] for i in range(len(encoded))]
@@ -359,20 +371,33 @@ def score_items(models: Sequence[Any], tok: Any, items: Sequence[Item], *,
                          max_batch_tokens=max_batch_tokens, topk=topk, progress=progress)
 
 
+@dataclass
+class BaseMemo:
+    """The base model's side of scored items, kept across scorings of several edited
+    models against the same base (compile's repair loop): each item's base score and
+    its distribution after the prompt (the KL reference). About vocab × 4 bytes per
+    item (~200 KB for SmolLM2)."""
+
+    scores: dict[Item, tuple[ItemScore, torch.Tensor]] = field(default_factory=dict)
+
+
 class ScoreCache:
     """Scores of items on fixed models, computed once per item.
 
     ``prefetch`` scores every missing item in batches; ``get`` scores a
     missing item alone (hypothesis's shrinker asks for prompts nobody
     predicted). ``items_scored`` counts items actually run through the models.
+    With a :class:`BaseMemo` (two models, the first the base) an item the memo
+    knows runs through the edited model only.
     """
 
     def __init__(self, models: Sequence[Any], tok: Any, *, max_batch_tokens: int = 2048,
-                 topk: int = 5) -> None:
+                 topk: int = 5, memo: BaseMemo | None = None) -> None:
         self.models = tuple(models)
         self.tok = tok
         self.max_batch_tokens = max_batch_tokens
         self.topk = topk
+        self.memo = memo if len(self.models) == 2 else None
         self._store: dict[Item, tuple[ItemScore, ...]] = {}
         self.items_scored = 0
         self.lookups = 0
@@ -385,10 +410,32 @@ class ScoreCache:
         missing = [it for it in dict.fromkeys(items) if it not in self._store]
         if not missing:
             return
-        scores = score_items(self.models, self.tok, missing, max_batch_tokens=self.max_batch_tokens,
-                             topk=self.topk, progress=progress)
-        self._store.update(zip(missing, scores))
         self.items_scored += len(missing)
+        if self.memo is None:
+            scores = score_items(self.models, self.tok, missing,
+                                 max_batch_tokens=self.max_batch_tokens, topk=self.topk,
+                                 progress=progress)
+            self._store.update(zip(missing, scores))
+            return
+        memo = self.memo.scores
+        known = [it for it in missing if it in memo]
+        new = [it for it in missing if it not in memo]
+        pad = pad_id_of(self.tok)
+        if new:
+            refs: dict[int, torch.Tensor] = {}
+            scores = score_encoded(self.models, [encode_item(self.tok, it) for it in new],
+                                   pad_id=pad, max_batch_tokens=self.max_batch_tokens,
+                                   topk=self.topk, progress=progress, refs=refs)
+            for i, (it, sc) in enumerate(zip(new, scores)):
+                memo[it] = (sc[0], refs[i])
+                self._store[it] = sc
+        if known:
+            refs = {i: memo[it][1] for i, it in enumerate(known)}
+            scores = score_encoded(self.models[1:], [encode_item(self.tok, it) for it in known],
+                                   pad_id=pad, max_batch_tokens=self.max_batch_tokens,
+                                   topk=self.topk, progress=progress, refs=refs)
+            for it, sc in zip(known, scores):
+                self._store[it] = (memo[it][0], *sc)
 
     def get(self, item: Item) -> tuple[ItemScore, ...]:
         """The scores of ``item`` on each model (scored now if not cached)."""

@@ -206,3 +206,20 @@ def test_a_general_question_the_base_model_cannot_decide_is_not_counted():
 
     assert decided(score(0.70, 0.05)) and decided(score(0.2, NEAR_TIE * 0.2 - 1e-6))
     assert not decided(score(0.118, 0.114))
+
+
+def test_a_shared_memo_gives_the_reports_a_fresh_verification_gives(setup, good):
+    """compile's repair loop verifies several edited models against one base with a
+    VerifyMemo: the base side is reused, the reports are those of fresh verifications."""
+    from kmec.verify.runner import VerifyMemo
+
+    nothing = LowRank(PARAM, torch.zeros(32, 1), torch.zeros(2048, 1))
+    memo = VerifyMemo()
+    for payloads in ([nothing], [good], [nothing]):
+        fresh = run_verify(setup, payloads, CLAIMS, max_examples=20)
+        shared = run_verify(setup, payloads, CLAIMS, max_examples=20, memo=memo)
+        a, b = (json.loads(to_json(r)) for r in (fresh, shared))
+        for r in (a, b):
+            r.pop("timing")
+        assert a == b
+    assert memo.base.scores and memo.draws and memo.base_ppl is not None
