@@ -5,8 +5,8 @@ Contents:
     stats_for_step() the statistics provider a step asks for (or None)
 
 Steps are cached by content (``$KMEC_HOME/steps/<hash>``: the step, the base
-fingerprint, the kmec version and, for ``order sequence``, the steps before
-it), so rerunning an unchanged spec in CI recompiles nothing; a cached step is
+fingerprint, the plan's seed, the kmec version and, for ``order sequence``, the
+steps before it), so rerunning an unchanged spec in CI recompiles nothing; a cached step is
 used only if its artifact is intact and its payloads are what the step
 declares. Inside a step that must run, the rank-one backends reuse the target
 values (δ) of edit chunks optimised before on the same weights
@@ -41,9 +41,11 @@ from kmec.progress import Progress
 log = logging.getLogger("kmec")
 
 
-def _step_key(step: Step, fingerprint: str, previous: str) -> str:
+def _step_key(step: Step, fingerprint: str, previous: str, seed: int) -> str:
+    # the plan's seed reaches the backend (context prefixes, initialisations): a step
+    # compiled under another seed is another result
     return sha256_text(canonical_json({"step": step.model_dump(mode="json"), "base": fingerprint,
-                                       "kmec": __version__, "previous": previous}))
+                                       "kmec": __version__, "previous": previous, "seed": seed}))
 
 
 def stats_for_step(step: Step, lm: LoadedModel, progress: Progress | None = None
@@ -78,7 +80,7 @@ def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
     try:
         for step in plan.steps:
             history = previous if plan.order == "sequence" else ""
-            key = _step_key(step, lm.facts.fingerprint, history)
+            key = _step_key(step, lm.facts.fingerprint, history, plan.seed)
             previous = key
             payloads = _cached_step(cache_root / key, step) if use_cache else None
             if payloads is None:

@@ -60,9 +60,16 @@ def test_compile_then_verify_on_the_real_model(real_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_new_layer_range_reuses_the_target_values(real_model, tmp_path):
+def test_a_new_layer_range_reuses_the_target_values(real_model, kmec_home, tmp_path,
+                                                   monkeypatch):
     """Same top layer, other range: the δ optimisation is not run again, and the
     weights equal those of a compile that recomputes everything."""
+    home = tmp_path / "home"  # empty step and value caches; the installed model and its stats
+    home.mkdir()
+    for part in ("models", "stats"):
+        if (kmec_home / part).exists():
+            (home / part).symlink_to(kmec_home / part)
+    monkeypatch.setenv("KMEC_HOME", str(home))
     (tmp_path / "a.kmec").write_text(SPEC)
     (tmp_path / "b.kmec").write_text(SPEC.replace("seed 0\n", "seed 0\nmethod memit layers 5..8\n"))
     assert kmec("compile", "a.kmec", "-o", "a", cwd=tmp_path).returncode == 0
