@@ -116,3 +116,31 @@ def test_a_small_budget_stops_the_ladder_and_says_so(loop_env):
     r = compile_spec(loop_env["spec"], out=loop_env["out"], budget=0.01)
     assert r.claims_ok is False and len(r.attempts) == 1
     assert "budget" in r.verdict and "--budget" in r.verdict
+
+
+def test_move_takes_the_failing_edits_out_of_their_step_into_a_retrieval_step(setup):
+    """The last rung (`method auto` only): the edits that still fail leave their step (with
+    their inverse edits) for a retrieval step planned by the planner, its reasons saying why."""
+    from pathlib import Path
+
+    from kmec.backends import BACKENDS
+    from kmec.models.load import LoadedModel, ModelRef
+    from kmec.pipeline import Start, _Loop
+    from kmec.planner import plan as make_plan
+    from kmec.spec import TripleEdit
+
+    spec = make_spec(setup.old, setup.new, CLAIMS)
+    second = TripleEdit(name="spain", subject="Spain", relation="capital", old="Madrid",
+                        new="Seville", expect_reversal=True)
+    spec = spec.model_copy(update={"edits": (*spec.edits, second)})
+    lm = LoadedModel(model=setup.model, tok=setup.tok, facts=setup.facts,
+                     ref=ModelRef("tiny", "folder", None))
+    planned = make_plan(spec, setup.facts, backends=BACKENDS)
+    loop = _Loop(Start(spec, "tiny", lm, ()), planned, None, True, None, Path("."), 0.0, 600)
+    moved = loop._move(planned, ["spain"], 3)
+    assert moved is not None
+    names = [[e.name for e in s.edits] for s in moved.steps]
+    assert names[-1] == ["spain", "spain~reverse"] and moved.steps[-1].backend == "retrieval"
+    assert all("spain" not in n for n in names[:-1]) and ["france"] in names
+    assert moved.steps[-1].id.endswith("-repair-retrieval")
+    assert any(r.choice == "repair 3: move spain" for r in moved.steps[-1].reasons)
