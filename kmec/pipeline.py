@@ -99,9 +99,9 @@ def start(spec_path: str | Path, *, model: str | None = None, root: str | Path |
 # ---------------------------------------------------------------- compile
 
 
-# seconds of compile, repairs included: the README demo needs ~230 s on a 2-core CPU whose
-# cache holds nothing but the model (statistics ~55 s, target values ~105 s, three
-# verifications ~16 s each, two re-solves ~8 s each)
+# seconds of compile, repairs included: the README demo needs ~205 s on a 2-core CPU whose
+# cache holds nothing but the model (statistics and target values ~157 s, three scorings
+# 15 + 7 + 7 s, two re-solves ~7 s each)
 DEFAULT_BUDGET_S = 300.0
 # a rung that reuses the cached target values costs about this share of an attempt that
 # optimised them (README demo: 7.5 s of 105 s)
