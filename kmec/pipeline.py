@@ -343,8 +343,8 @@ class _Loop:
                 return
             skip: list[str] = []
             while True:
-                repair = next_repair(plan, misses, (*climbed, *skip), spec=self.s.spec,
-                                     move=self._move)
+                repair = next_repair(plan, misses, climbed, spec=self.s.spec,
+                                     move=self._move, skip=skip)
                 if repair is None:
                     if not self.stopped:
                         self.stopped = "no repair is left on the ladder for these misses"
