@@ -421,7 +421,9 @@ class _Loop:
         for claim, ms in by_claim.items():
             worst = min(ms, key=lambda m: m.score)
             where = f" on {len(ms)} edit(s), e.g. {worst.edit}" if worst.edit else ""
-            text = f"out of reach: {claim}{where} {worst.score:.2f} < {worst.threshold:g}"
+            # "out of reach" only when the ladder ran out; a budget stop leaves rungs untried
+            label = "not met" if self.stopped.startswith("the budget") else "out of reach"
+            text = f"{label}: {claim}{where} {worst.score:.2f} < {worst.threshold:g}"
             held = next((a for a in self.attempts if a.number != best.number
                          and not any(m.claim == claim for m in a.misses)), None)
             if held is not None:  # the trade-off: what failed when this claim held

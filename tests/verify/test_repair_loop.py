@@ -116,6 +116,7 @@ def test_a_small_budget_stops_the_ladder_and_says_so(loop_env):
     r = compile_spec(loop_env["spec"], out=loop_env["out"], budget=0.01)
     assert r.claims_ok is False and len(r.attempts) == 1
     assert "budget" in r.verdict and "--budget" in r.verdict
+    assert "not met: efficacy" in r.verdict and "out of reach" not in r.verdict
 
 
 def test_move_takes_the_failing_edits_out_of_their_step_into_a_retrieval_step(setup):
