@@ -103,11 +103,8 @@ def up_to_date(out: str | Path, planned: Plan, *, budget: float = 0.0
         return None
     if info.get("planned_hash", info.get("plan_hash")) != planned.sha256:
         return None
-    if info.get("claims_ok") is False and info.get("budget") != budget:
-        return None
-    if float(info.get("budget") or 0.0) != float(budget) and info.get("claims_ok") is None \
-            and budget > 0:
-        return None  # compiled without scoring the claims; now they are to be scored
+    if info.get("claims_ok") is not True and info.get("budget", 0.0) != budget:
+        return None  # claims that failed, or were not scored, may fare otherwise now
     return art, info
 
 

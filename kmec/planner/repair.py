@@ -96,96 +96,95 @@ def _with_reason(step: Step, params: dict[str, Any], choice: str, because: str) 
                                                                      because=because))})
 
 
-def _realise(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
-    why = _trigger(misses, TARGET_METRICS)
-    if not why:
-        return None
+StepChange = Callable[[Step], "tuple[str, Any, str, str] | None"]
+
+
+def _each_step(plan: Plan, why: str, n: int, change: StepChange, because: str
+               ) -> tuple[Plan, str] | None:
+    """Apply ``change`` to every step it concerns: ``change(step)`` gives (param, new value,
+    the choice shown in the plan, a summary for the log) or None to leave the step."""
     steps, changed = [], []
     for step in plan.steps:
-        lam = step.params.get("lambda_rel")
-        if not isinstance(lam, (int, float)) or lam <= MIN_LAMBDA_REL:
+        got = change(step)
+        if got is None:
             steps.append(step)
             continue
-        new = max(round(lam / REALISE_FACTOR, 6), MIN_LAMBDA_REL)
-        because = (f"{why}: a smaller λ (the weight of the key statistics in the solve) lets "
-                   "the update realise more of each edit's target value")
-        steps.append(_with_reason(step, {**step.params, "lambda_rel": new},
-                                  f"repair {n}: λ {lam:g} -> {new:g} (realise)", because))
-        changed.append(f"{step.id} λ {lam:g} -> {new:g}")
+        param, value, choice, summary = got
+        steps.append(_with_reason(step, {**step.params, param: value},
+                                  f"repair {n}: {choice}", f"{why}: {because}"))
+        changed.append(f"{step.id} {summary}")
     if not changed:
         return None
     return plan.model_copy(update={"steps": tuple(steps)}), ", ".join(changed) + f" because {why}"
+
+
+def _owners(step: Step) -> set[str]:
+    """The spec edits a step carries (``kz~reverse``, ``kz~opening1`` belong to ``kz``)."""
+    return {e.name.split("~")[0] for e in step.edits}
+
+
+def _realise(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
+    why = _trigger(misses, TARGET_METRICS)
+
+    def change(step: Step) -> tuple[str, Any, str, str] | None:
+        lam = step.params.get("lambda_rel")
+        if not isinstance(lam, (int, float)) or lam <= MIN_LAMBDA_REL:
+            return None
+        new = max(round(lam / REALISE_FACTOR, 6), MIN_LAMBDA_REL)
+        return "lambda_rel", new, f"λ {lam:g} -> {new:g} (realise)", f"λ {lam:g} -> {new:g}"
+
+    return _each_step(plan, why, n, change, "a smaller λ (the weight of the key statistics in "
+                      "the solve) lets the update realise more of each edit's target value"
+                      ) if why else None
 
 
 def _weigh(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
     why = _trigger(misses, TARGET_METRICS)
-    failing = sorted({m.edit for m in misses if m.metric in TARGET_METRICS})
-    if not why or not failing:
-        return None
-    steps, changed = [], []
-    for step in plan.steps:
+    failing = sorted({m.edit for m in misses if m.metric in TARGET_METRICS and m.edit})
+
+    def change(step: Step) -> tuple[str, Any, str, str] | None:
         weights = step.params.get("fit_weight")
-        names = {e.name.split("~")[0] for e in step.edits}
-        here = [e for e in failing if e in names]
+        here = [e for e in failing if e in _owners(step)]
         if not isinstance(weights, dict) or not here:
-            steps.append(step)
-            continue
+            return None
         new = {**weights, **{e: float(weights.get(e, 1.0)) * WEIGH_FACTOR for e in here}}
         shown = ", ".join(f"{e} {new[e]:g}" for e in here)
-        because = (f"{why}: these edits get more weight than the others in the "
-                   "least-squares fit of the solve")
-        steps.append(_with_reason(step, {**step.params, "fit_weight": dict(sorted(new.items()))},
-                                  f"repair {n}: fit weight {shown} (weigh)", because))
-        changed.append(f"{step.id} fit weight {shown}")
-    if not changed:
-        return None
-    return plan.model_copy(update={"steps": tuple(steps)}), ", ".join(changed) + f" because {why}"
+        return "fit_weight", dict(sorted(new.items())), f"fit weight {shown} (weigh)", \
+            f"fit weight {shown}"
+
+    return _each_step(plan, why, n, change, "these edits get more weight than the others in "
+                      "the least-squares fit of the solve") if why and failing else None
 
 
 def _protect(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
     why = _trigger(misses, {"locality", "capability"})
-    if not why:
-        return None
-    steps, changed = [], []
-    for step in plan.steps:
+
+    def change(step: Step) -> tuple[str, Any, str, str] | None:
         rho = step.params.get("locality_weight")
         if not step.protect or not isinstance(rho, (int, float)) or rho <= 0:
-            steps.append(step)
-            continue
+            return None
         new = rho * PROTECT_FACTOR
-        because = (f"{why}: more weight on keeping the declared locality set's keys where "
-                   "they were")
-        steps.append(_with_reason(step, {**step.params, "locality_weight": new},
-                                  f"repair {n}: ρ {rho:g} -> {new:g} (protect)", because))
-        changed.append(f"{step.id} ρ {rho:g} -> {new:g}")
-    if not changed:
-        return None
-    return plan.model_copy(update={"steps": tuple(steps)}), ", ".join(changed) + f" because {why}"
+        return "locality_weight", new, f"ρ {rho:g} -> {new:g} (protect)", f"ρ {rho:g} -> {new:g}"
+
+    return _each_step(plan, why, n, change, "more weight on keeping the declared locality "
+                      "set's keys where they were") if why else None
 
 
 def _optimise(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
     why = _trigger(misses, TARGET_METRICS)
-    if not why:
-        return None
     failing = {m.edit for m in misses if m.metric in TARGET_METRICS}
-    steps, changed = [], []
-    for step in plan.steps:
+
+    def change(step: Step) -> tuple[str, Any, str, str] | None:
         value = step.params.get("value")
-        names = {e.name.split("~")[0] for e in step.edits}
-        if not isinstance(value, dict) or "steps" not in value or not names & failing:
-            steps.append(step)
-            continue
+        if not isinstance(value, dict) or "steps" not in value or not _owners(step) & failing:
+            return None
         new = {**value, "steps": int(value["steps"]) * 2,
                "stop_prob": max(float(value.get("stop_prob", 0.0)), OPTIMISE_STOP)}
-        because = (f"{why}: the target values are optimised twice as long, to a target "
-                   f"probability of {OPTIMISE_STOP:g}")
-        steps.append(_with_reason(step, {**step.params, "value": new},
-                                  f"repair {n}: {new['steps']} optimisation steps (optimise)",
-                                  because))
-        changed.append(f"{step.id} {value['steps']} -> {new['steps']} steps")
-    if not changed:
-        return None
-    return plan.model_copy(update={"steps": tuple(steps)}), ", ".join(changed) + f" because {why}"
+        return "value", new, f"{new['steps']} optimisation steps (optimise)", \
+            f"{value['steps']} -> {new['steps']} steps"
+
+    return _each_step(plan, why, n, change, "the target values are optimised twice as long, "
+                      f"to a target probability of {OPTIMISE_STOP:g}") if why else None
 
 
 Rung = Callable[[Plan, Sequence[Miss], int], "tuple[Plan, str] | None"]

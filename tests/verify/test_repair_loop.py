@@ -107,6 +107,10 @@ def test_budget_zero_compiles_without_scoring(loop_env):
     r = compile_spec(loop_env["spec"], out=loop_env["out"], budget=0)
     assert r.claims_ok is None and loop_env["calls"] == [0.5]
     assert not (loop_env["out"] / "repairs.json").exists()
+    # the same spec with scoring on is not up to date: its claims were never scored
+    again = compile_spec(loop_env["spec"], out=loop_env["out"], budget=600)
+    assert not again.up_to_date and again.claims_ok is True
+    assert compile_spec(loop_env["spec"], out=loop_env["out"], budget=0).up_to_date
 
 
 def test_a_small_budget_stops_the_ladder_and_says_so(loop_env):
