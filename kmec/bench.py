@@ -17,6 +17,18 @@ off (a cached step would time nothing). Per method:
 * ``single``: each edit alone on the unedited model (a spec holding just
   that edit), verified, then reverted; scores are means over the edits.
 
+What the compiler is shown. By default (``prompts="held out"``) each method
+compiles a *compile view* of the spec (:func:`compile_view`) that keeps
+every prompt bench scores out of compilation: the relations' paraphrases,
+the edits' ``scope`` and ``preserve`` prompts, the neighbours of locality
+claims (no protected keys) and the reverse questions (no inverse edits). The
+full spec is then verified, so generality, locality and reversal are scored
+on prompts the method never saw — the protocol of the research benchmarks,
+and the only fair one across methods that can and cannot use declared
+prompts. ``prompts="declared"`` compiles the spec as written (what ``kmec
+compile`` does: the scores then show that the contract holds). Either way
+the result and its table say which it was.
+
 Scores are the verifier's claim scores (:mod:`kmec.verify`), grouped by
 metric (efficacy, generality, locality, portability, reversal, retention)
 and averaged over the edits that have the claim; ``pass`` counts claims that
@@ -43,6 +55,7 @@ from kmec.errors import KmecError, PlanError, did_you_mean
 from kmec.progress import Progress
 
 Mode = Literal["single", "batch", "sequence"]
+Prompts = Literal["held out", "declared"]
 MODES: tuple[Mode, ...] = ("single", "batch", "sequence")
 METRICS = ("efficacy", "generality", "locality", "portability", "reversal", "retention")
 
@@ -77,6 +90,18 @@ class BenchResult(BaseModel):
     edits: int
     stats_s: float
     rows: tuple[BenchRow, ...]
+    prompts: Prompts = "declared"
+
+    @property
+    def prompts_note(self) -> str:
+        """One sentence on what the compiler was shown (printed under every table)."""
+        if self.prompts == "held out":
+            return ("scored prompts were kept out of compilation: each method saw only the edit "
+                    "prompts, never the paraphrases, scope, preserve, neighbour or reverse "
+                    "prompts it is scored on")
+        return ("the spec was compiled as written: its declared paraphrases, scope, preserve "
+                "and neighbour prompts were shown to the compiler, so their scores show the "
+                "contract holds, not generalisation")
 
 
 class _PeakRss:
@@ -139,6 +164,18 @@ def parse_methods(text: str, known: Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise PlanError(f"a method is listed twice in {text!r}")
     return tuple(names)
+
+
+def compile_view(spec: Any) -> Any:
+    """``spec`` without the prompts bench scores: no relation paraphrases, no edit
+    ``scope``/``preserve``, no ``expect reversal`` (no inverse edit), no locality claims
+    (no protected neighbours). The edits themselves (subject, relation, prompt, targets)
+    are unchanged, so the full spec verifies the compiled plan."""
+    return spec.model_copy(update={
+        "relations": tuple(r.model_copy(update={"paraphrases": ()}) for r in spec.relations),
+        "edits": tuple(e.model_copy(update={"scope": (), "preserve": (),
+                                            "expect_reversal": False}) for e in spec.edits),
+        "claims": tuple(c for c in spec.claims if c.metric != "locality")})
 
 
 def _with_method(spec: Any, method: str, order: str) -> Any:
@@ -231,7 +268,7 @@ def _cuda_peak_mb() -> float:
 def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = None,
           model: str | None = None, limit: int | None = None, max_examples: int | None = None,
           editors: Sequence[str] | None = None, progress: Progress | None = None,
-          root: str | Path | None = None) -> BenchResult:
+          root: str | Path | None = None, prompts: Prompts = "held out") -> BenchResult:
     """Compile and verify ``spec_path`` with each of ``methods``; one row per method.
 
     Args:
@@ -247,6 +284,8 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
         progress: ``progress(message, done, total)``.
         root: the folder the spec's includes and subjects files must lie under
             (default: its repository, see :mod:`kmec.grammar.files`).
+        prompts: ``held out`` (compile :func:`compile_view`, score the full spec) or
+            ``declared`` (compile the spec as written).
 
     Raises:
         KmecError: a bad spec, model or method (a method that fails part way
@@ -275,11 +314,15 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
             return [base]
         return [base.model_copy(update={"edits": (e,)}) for e in spec.edits]
 
+    def compiled(s: Any) -> Any:
+        return compile_view(s) if prompts == "held out" else s
+
     plans: dict[str, list[tuple[Any, Any]]] = {}
     errors: dict[str, str] = {}
     for method in methods:
         try:
-            plans[method] = [(s, make_plan(s, lm.facts, backends=BACKENDS, editors=editors))
+            plans[method] = [(s, make_plan(compiled(s), lm.facts, backends=BACKENDS,
+                                           editors=editors))
                              for s in specs_for(method)]
         except KmecError as e:
             errors[method] = str(e)
@@ -293,7 +336,7 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
         rows.append(_bench_method(runner, method, plans[method], progress))
     return BenchResult(kmec_version=__version__, spec=str(spec_path), model=lm.facts.name,
                        fingerprint=lm.facts.fingerprint, mode=mode, edits=len(spec.edits),
-                       stats_s=round(stats_s, 2), rows=tuple(rows))
+                       stats_s=round(stats_s, 2), rows=tuple(rows), prompts=prompts)
 
 
 def _error_row(method: str, error: str) -> BenchRow:
@@ -348,4 +391,5 @@ def render_markdown(result: BenchResult) -> str:
         cells = ["–" if r.scores.get(m) is None else f"{r.scores[m]:.3f}" for m in cols]
         lines.append(f"| {r.method} | " + " | ".join(cells)
                      + f" | {r.passed}/{r.checks} | {r.s_per_edit:.2f} | {r.peak_mb:.0f} |")
+    lines += ["", f"Prompts: {result.prompts} — {result.prompts_note}."]
     return "\n".join(lines) + "\n"

@@ -302,7 +302,7 @@ class _Loop:
         apply(artifact, edited, fingerprint=lm.facts.fingerprint, tok=lm.tok)
         try:
             return verify(self.s.spec, plan, lm.model, edited, lm.tok, seed=None, root=self.root,
-                          artifact=artifact, memo=self.memo)
+                          artifact=artifact, memo=self.memo, heldout_draw="compile")
         finally:
             del edited
 

@@ -120,6 +120,9 @@ class Claim(Node):
         kl: per-prompt KL budget (nats) for locality.
         protocol: scoring protocol (probability comparison, token accuracy,
             greedy exact match).
+        heldout: score only prompts the compiler was not shown (generality and
+            reversal: drawn variants of the in-scope prompts; locality: neighbours
+            outside the declared locality set).
     """
 
     kind: Literal["claim"] = "claim"
@@ -129,6 +132,7 @@ class Claim(Node):
     neighbours_of: str | None = None
     kl: float | None = None
     protocol: Literal["prob", "token", "greedy"] = "prob"
+    heldout: bool = Field(default=False, exclude_if=lambda v: not v)
 
 
 class MethodHint(Node):

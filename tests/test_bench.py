@@ -103,3 +103,37 @@ def test_bench_compares_methods_on_the_real_model(real_model, tmp_path):
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)["rows"][0]
     assert row["edits"] == 2 and row["scores"]["retention"] is not None
+
+
+def test_bench_compiles_without_the_prompts_it_scores_and_says_so():
+    """The default compile view shows the compiler only the edit prompts; the full spec
+    is verified, so every paraphrase, preserve, neighbour and reverse prompt is held out."""
+    from kmec.backends import BACKENDS
+    from kmec.grammar import parse
+    from kmec.planner import plan as make_plan
+    from kmec.planner.draft import example_facts
+    from kmec.verify.claims import build_cases, compiled_prompts
+
+    spec = parse(SPEC.replace('preserve "Mount Fuji is located in"',
+                                   'preserve "Mount Fuji is located in"\n  expect reversal')
+                      .replace('paraphrase "{{ subject }}\'s capital city is"',
+                               'paraphrase "{{ subject }}\'s capital city is"\n'
+                               '  reverse "{{ object }} is the capital of"'))
+    spec = spec.model_copy(update={"method": spec.method.model_copy(update={"method": "memit"})})
+    view = bench_module.compile_view(spec)
+    plan = make_plan(view, example_facts(), backends=BACKENDS)
+    assert all(not s.protect and all(not r.scope and not r.preserve and not r.inverse
+                                     for r in s.edits) for s in plan.steps)
+    seen = compiled_prompts(plan, spec)
+    assert seen == {"The capital of Germany is", "The capital of Japan is"}
+    germany = build_cases(spec, plan)[0]  # the full spec's probes on the view's plan
+    assert [p.prompt for p in germany.generality] == ["Germany's capital city is"]
+    assert germany.reversal[0].prompt == "Munich is the capital of"
+    declared = make_plan(spec, example_facts(), backends=BACKENDS)
+    assert "Germany's capital city is" in compiled_prompts(declared, spec)
+
+    result = BenchResult(kmec_version="0", spec="s.kmec", model="m", fingerprint="ab" * 32,
+                         mode="batch", edits=2, stats_s=1.0, rows=(), prompts="held out")
+    assert "kept out of compilation" in render_markdown(result)
+    assert "compiled as written" in render_markdown(result.model_copy(update={"prompts":
+                                                                               "declared"}))

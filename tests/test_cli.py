@@ -46,3 +46,16 @@ def test_model_info_real(real_model):
     r = run("model", "info", "smollm2-135m")
     assert r.returncode == 0, r.stderr
     assert "LlamaForCausalLM" in r.stdout and "30" in r.stdout and "Paris" in r.stdout
+
+
+def test_tables_are_not_cut_off_a_terminal(monkeypatch):
+    """Piped output (a CI log) gets a width no kmec table reaches; COLUMNS still rules."""
+    import io
+
+    from kmec.cli._console import PIPE_WIDTH, out_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert out_console().width == PIPE_WIDTH
+    monkeypatch.setenv("COLUMNS", "100")
+    assert out_console().width == 100

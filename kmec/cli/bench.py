@@ -1,6 +1,6 @@
 """``kmec bench SPEC --methods rome,memit``: one comparison table over methods.
 
-    kmec bench SPEC --methods rome,memit [--single|--batch|--sequence]
+    kmec bench SPEC --methods rome,memit [--single|--batch|--sequence] [--declared]
                     [--limit N] [--max-examples N] [--json] [--md FILE]
 
 Each method compiles (step cache off) and verifies the spec on the same
@@ -20,8 +20,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
+from kmec.cli._console import out_console as _out_console
+
 console = Console(highlight=False, stderr=True)
-out_console = Console(highlight=False)
+out_console = _out_console(highlight=False)
 
 
 def _table(result: Any) -> Table:
@@ -60,6 +62,10 @@ def bench_cmd(
     root: str = typer.Option(None, "--root", help="Folder the spec's includes and subjects "
                              "files must lie under [default: the spec's repository, else its "
                              "folder]."),
+    declared: bool = typer.Option(False, "--declared", help="Compile the spec as written (its "
+                                  "paraphrases, scope, preserve and neighbour prompts shown to "
+                                  "the compiler). Default: keep every scored prompt out of "
+                                  "compilation."),
 ) -> None:
     """Compile and verify SPEC with each method; print efficacy, generality, locality, ... per method."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -87,7 +93,8 @@ def bench_cmd(
             bar.update(tasks[key], description=message, completed=done, total=total)
 
         result = bench(spec, methods.split(","), mode=chosen[0] if chosen else None, model=model,
-                       limit=limit, max_examples=max_examples, progress=progress, root=root)
+                       limit=limit, max_examples=max_examples, progress=progress, root=root,
+                       prompts="declared" if declared else "held out")
     if md:
         from kmec.hashing import atomic_write_text
         from kmec.outputs import BENCH_TABLE_HEAD
@@ -105,6 +112,8 @@ def bench_cmd(
                 out_console.print(f"{r.method}: {escape(r.error)}", style="red", soft_wrap=True)
         out_console.print(f"statistics: {result.stats_s:.1f} s (computed or loaded once, not in "
                           "s/edit)", markup=False)
+        out_console.print(f"prompts: {result.prompts} — {result.prompts_note}", markup=False,
+                          soft_wrap=True)
     if any(r.error for r in result.rows):
         raise typer.Exit(2)
 

@@ -20,8 +20,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kmec.cli._console import out_console as _out_console
+
 console = Console(highlight=False, stderr=True)
-out_console = Console(highlight=False)
+out_console = _out_console(highlight=False)
 
 
 def _passive_omp() -> None:
@@ -35,28 +37,36 @@ def _passive_omp() -> None:
 
 
 def _summary_table(report: Any) -> Table:
-    table = Table("claim", "protocol", "threshold", "pass", "fail", "n/a", "mean", "failing edits",
-                  title=f"kmec verify: {'PASS' if report.ok else 'FAIL'}")
+    table = Table("claim", "protocol", "threshold", "pass", "fail", "n/a", "mean", "declared",
+                  "held out", "failing edits", title=f"kmec verify: {'PASS' if report.ok else 'FAIL'}",
+                  caption="declared: prompts the compiler was shown; held out: prompts it never saw")
     labels = list(dict.fromkeys(r.claim for r in report.claims))
     for label in labels:
         rows = [r for r in report.claims if r.claim == label]
         failing = [r.edit for r in rows if r.status == "fail"]
         mean = report.aggregate.means.get(label)
+        split = report.aggregate.split.get(label)
         table.add_row(escape(label), rows[0].protocol, f"{rows[0].threshold:g}",
                       str(sum(r.status == "pass" for r in rows)), str(len(failing)),
                       str(sum(r.status == "n/a" for r in rows)),
                       "–" if mean is None else f"{mean:.3f}",
+                      _part(split.declared if split else None), _part(split.heldout if split else None),
                       escape(", ".join(failing[:6]) + (" …" if len(failing) > 6 else "")),
                       style=None if not failing else "red")
     a, c = report.audit, report.capability
     table.add_row("audit", "weights", "", "1" if a.ran and a.ok else "0",
-                  "1" if not a.ok else "0", "0" if a.ran else "1", "", ", ".join(a.undeclared[:4]),
+                  "1" if not a.ok else "0", "0" if a.ran else "1", "", "", "",
+                  ", ".join(a.undeclared[:4]),
                   style=None if a.ok else "red")
     if c.ran:
         table.add_row("capability", "ppl+questions", "", "1" if c.ok else "0",
-                      "0" if c.ok else "1", "0", f"{c.ppl_ratio:.4f}", "",
+                      "0" if c.ok else "1", "0", f"{c.ppl_ratio:.4f}", "", "", "",
                       style=None if c.ok else "red")
     return table
+
+
+def _part(score: float | None) -> str:
+    return "–" if score is None else f"{score:.3f}"
 
 
 def verify_cmd(

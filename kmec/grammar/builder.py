@@ -291,6 +291,9 @@ class SpecBuilder(Transformer):
     def claim_protocol(self, meta: Any, c: list) -> Stmt:
         return Stmt("protocol", self._span(meta), (self._name(c[0], "protocol", PROTOCOLS),))
 
+    def claim_heldout(self, meta: Any, c: list) -> Stmt:
+        return Stmt("heldout", self._span(meta), (Val(True, self._span(meta)),))
+
     def claim(self, meta: Any, c: list) -> Stmt | None:
         span = self._span(meta)
         metric = self._name(c[0], "metric", METRICS)
@@ -303,7 +306,7 @@ class SpecBuilder(Transformer):
         if metric is None or threshold.value is None:
             return None
         names = {"sample": "sample", "neighbours of": "neighbours_of", "kl": "kl",
-                 "protocol": "protocol"}
+                 "protocol": "protocol", "heldout": "heldout"}
         claim = Claim(metric=metric.value, threshold=threshold.value, span=span,
                       **{names[k]: v.value for k, v in fields.items()})
         self.note(claim, "metric", metric.span)

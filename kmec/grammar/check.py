@@ -216,6 +216,9 @@ def check_claims(spec: Spec, c: Ctx) -> Iterator[Diagnostic]:
                             "direction is compiled (a paired inverse edit) but never verified")
 
 
+HELDOUT_METRICS = ("generality", "locality", "reversal")
+
+
 def _claim_scope(spec: Spec, c: Ctx, claim: Claim, relations: list[str]) -> Iterator[Diagnostic]:
     if claim.neighbours_of is not None:
         rel = spec.relation(claim.neighbours_of)
@@ -228,6 +231,11 @@ def _claim_scope(spec: Spec, c: Ctx, claim: Claim, relations: list[str]) -> Iter
             yield _warn(c.at(claim, "neighbours_of"),
                         f"relation `{rel.name}` lists no subjects to sample neighbours from",
                         'add subjects "..." or subjects from "file.txt" to it')
+    if claim.heldout and claim.metric not in HELDOUT_METRICS:
+        yield _err(c.at(claim, "heldout"),
+                   f"`heldout` does not apply to {claim.metric} claims",
+                   "held-out scores exist for generality, locality and reversal (the "
+                   f"{claim.metric} probes are the ones the spec declares); drop `heldout`")
     for option, value in (("neighbours of", claim.neighbours_of), ("kl", claim.kl)):
         if value is not None and claim.metric != "locality":
             field = "neighbours_of" if option == "neighbours of" else option

@@ -29,7 +29,7 @@ TOP = ("model", "seed", "order", "method", "weights", "budget", "include", "rela
 IN_RELATION = ("prompt", "paraphrase", "reverse", "subjects")
 IN_EDIT = ("subject", "prompt", "old", "scope", "preserve", "portability", "expect")
 OPTIONS = ("layers", "max_delta", "from", "relation", "sample", "neighbours", "neighbors",
-           "of", "kl", "protocol")
+           "of", "kl", "protocol", "heldout")
 STATEMENTS = frozenset(TOP + IN_RELATION + IN_EDIT)
 KEYWORDS = STATEMENTS | frozenset(OPTIONS)
 

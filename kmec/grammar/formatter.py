@@ -181,6 +181,8 @@ def _claim(claim: Claim) -> str:
         parts.append(f"kl {format_number(claim.kl)}")
     if "protocol" in claim.model_fields_set or claim.protocol != "prob":
         parts.append(f"protocol {claim.protocol}")
+    if claim.heldout:
+        parts.append("heldout")
     return " ".join(parts)
 
 

@@ -8,10 +8,15 @@ Contents:
     not_applicable()  why a claim says nothing about an edit (None if it applies)
     claim_label()     a short, stable name for a claim ("locality[kl<=0.1]")
     in_scope()        prompts some edit declares in scope (never locality probes)
+    compiled_prompts() every prompt the compiler was shown (declared, not held out)
 
-The plan is the authority on what was compiled (its rendered prompts are what
-the backends saw); the spec supplies what the plan does not carry: preserve
-prompts, portability probes and the reverse template. Paired inverse edits
+The spec being verified supplies every probe (rendered as the planner renders
+it); the plan says which step made each edit and which prompts the compiler
+was shown (:func:`compiled_prompts`). The two may differ: ``kmec verify BUILD
+--spec TWIN.kmec`` scores the compiled edits on a twin spec's prompts (same
+edits, other paraphrases and neighbours), which is how held-out
+generalisation is measured. Its edits must be the plan's (same prompt and
+targets). Paired inverse edits
 (``name~reverse``) are how reversal is implemented, not user edits: their
 effect is checked by the reversal claim of the edit they belong to.
 """
@@ -23,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from kmec.errors import VerifyError
+from kmec.errors import KmecError, VerifyError
 from kmec.grammar.templates import render
 from kmec.planner.model import EditRequest, Plan
 from kmec.spec import Claim, PromptEdit, Spec, TripleEdit
@@ -137,18 +142,58 @@ def _case(spec: Spec, req: EditRequest, step: str | None, index: int) -> Case:
 def build_cases(spec: Spec, plan: Plan | None = None) -> tuple[Case, ...]:
     """One :class:`Case` per user edit: in plan order, or spec order without a plan.
 
+    The probes come from ``spec``; the plan gives the order and the steps.
+
     Raises:
-        VerifyError: the plan names an edit the spec lacks, or a template fails.
+        VerifyError: the plan names an edit the spec lacks, the spec's edit is not the
+            one compiled (another prompt or target), or a template fails.
     """
     if plan is None:
         return tuple(_case(spec, _request_from_spec(spec, e), None, i)
                      for i, e in enumerate(spec.edits))
     cases = []
     for i, step in enumerate(plan.steps):
-        for req in step.edits:
-            if not req.inverse:
-                cases.append(_case(spec, req, step.id, i))
+        for compiled in step.edits:
+            if compiled.inverse:
+                continue
+            req = _request_from_spec(spec, _edit_of(spec, compiled.name))
+            if (req.prompt, req.target_new) != (compiled.prompt, compiled.target_new):
+                raise VerifyError(
+                    f"edit {req.name!r} of the spec asks {req.prompt!r} -> {req.target_new!r}, "
+                    f"but the build compiled {compiled.prompt!r} -> {compiled.target_new!r}",
+                    hint="a spec given with --spec must declare the same edits as the build's "
+                    "(it may change their scope, preserve prompts and claims); else recompile")
+            cases.append(_case(spec, req, step.id, i))
     return tuple(cases)
+
+
+def compiled_prompts(plan: Plan | None, spec: Spec) -> frozenset[str]:
+    """Every prompt the compiler was shown: the plan's edit prompts, scope, preserve and
+    protected prompts (inverse edits included). A score on these shows that the contract
+    holds; only prompts outside this set measure generalisation. Without a plan, the
+    prompts ``spec`` declares (edit prompts, scope, preserve, reverse and portability
+    questions, the neighbours its locality claims list): the compiler may have used any
+    of them."""
+    from kmec.planner.passes.declare_locality import neighbour_prompts
+
+    out: set[str] = set()
+    if plan is not None:
+        for step in plan.steps:
+            out.update(step.protect)
+            for r in step.edits:
+                out.add(r.prompt)
+                out.update(r.scope)
+                out.update(r.preserve)
+        return frozenset(out)
+    cases = build_cases(spec, None)
+    out.update(in_scope(cases))
+    for c in cases:
+        out.update(c.preserve)
+    try:
+        out.update(neighbour_prompts(spec))
+    except KmecError:  # an unreadable subjects file: the verifier reports it where it reads it
+        pass
+    return frozenset(out)
 
 
 def claims_of(spec: Spec) -> tuple[tuple[Claim, bool], ...]:
@@ -184,6 +229,8 @@ def claim_label(claim: Claim) -> str:
     'locality[kl<=0.1]'
     >>> claim_label(Claim(metric="efficacy", threshold=1.0, protocol="token"))
     'efficacy[token]'
+    >>> claim_label(Claim(metric="generality", threshold=0.8, heldout=True))
+    'generality[heldout]'
     """
     parts = []
     if claim.protocol != "prob":
@@ -192,6 +239,8 @@ def claim_label(claim: Claim) -> str:
         parts.append(f"of={claim.neighbours_of}")
     if claim.kl is not None:
         parts.append(f"kl<={claim.kl:g}")
+    if claim.heldout:
+        parts.append("heldout")
     return claim.metric + (f"[{','.join(parts)}]" if parts else "")
 
 

@@ -74,7 +74,7 @@ def _status(score: float, threshold: float) -> str:
 
 
 def _probe(p: Check, kind: str, protocol: str, threshold: float, cache: ScoreCache,
-           dec: Decoder) -> tuple[ProbeResult, float]:
+           dec: Decoder, heldout: bool = False) -> tuple[ProbeResult, float]:
     b_new, e_new = cache.get(Item(p.prompt, p.target))
     b_old, e_old = cache.get(Item(p.prompt, p.old)) if p.old is not None else (None, None)
     value = metrics.probe_value(e_new, e_old, protocol)
@@ -82,7 +82,8 @@ def _probe(p: Check, kind: str, protocol: str, threshold: float, cache: ScoreCac
                          value=round(value, 6),
                          base_value=round(metrics.probe_value(b_new, b_old, protocol), 6),
                          ok=value + EPS >= threshold if protocol == "token" else value == 1.0,
-                         base=side(b_new, dec, b_old), edited=side(e_new, dec, e_old, kl=True))
+                         base=side(b_new, dec, b_old), edited=side(e_new, dec, e_old, kl=True),
+                         heldout=heldout)
     return result, metrics.magnitude(e_new, e_old)
 
 
@@ -100,22 +101,51 @@ def probes_of(claim: Claim, case: Case) -> tuple[Check, ...]:
             "reversal": case.reversal}[m]
 
 
+def _part(results: Sequence[ProbeResult], fn: Any) -> tuple[float | None, int]:
+    """The metric over some probes (None when there are none) and how many."""
+    return (round(fn([r.value for r in results]), 6) if results else None), len(results)
+
+
 def probe_claim(claim: Claim, declared: bool, case: Case, cache: ScoreCache, dec: Decoder,
-                note: str = "") -> ClaimResult:
-    """Evaluate an efficacy, generality, portability, reversal or retention claim."""
+                note: str = "", *, compiled: frozenset[str] | None = None,
+                variants: Sequence[tuple[str, Check]] = ()) -> ClaimResult:
+    """Evaluate an efficacy, generality, portability, reversal or retention claim.
+
+    ``compiled``: the prompts the compiler was shown (None: all of them, nothing is
+    held out); ``variants``: drawn held-out variants ``(source, check)`` of the
+    claim's prompts (generality, reversal), scored on the held-out side and, for a
+    ``heldout`` claim, the probes that decide it.
+    """
     kind = claim.metric
-    results, values, mags = [], [], []
+    fn = _METRIC_FN[kind]
+    own, mags = [], []
     for p in probes_of(claim, case):
-        r, mag = _probe(p, kind, claim.protocol, claim.threshold, cache, dec)
-        results.append(r)
-        values.append(r.value)
-        mags.append(mag)
-    score = _METRIC_FN[kind](values)
-    return ClaimResult(claim=claim_label(claim), metric=kind, protocol=claim.protocol,
-                       threshold=claim.threshold, declared=declared, edit=case.name,
-                       status=_status(score, claim.threshold), score=round(score, 6),
+        r, mag = _probe(p, kind, claim.protocol, claim.threshold, cache, dec,
+                        heldout=compiled is not None and p.prompt not in compiled)
+        own.append((r, mag))
+    drawn = [_probe(c, src, claim.protocol, claim.threshold, cache, dec, heldout=True)
+             for src, c in variants]
+    seen = [r for r, _ in own if not r.heldout]
+    unseen = [r for r, _ in own if r.heldout] + [r for r, _ in drawn]
+    scored = ([x for x in own if x[0].heldout] + drawn) if claim.heldout else own
+    extra = () if claim.heldout else tuple(r for r, _ in drawn)
+    results = [r for r, _ in scored]
+    mags = [m for _, m in scored]
+    d_score, d_n = _part(seen, fn)
+    h_score, h_n = _part(unseen, fn)
+    common: dict[str, Any] = {
+        "claim": claim_label(claim), "metric": kind, "protocol": claim.protocol,
+        "threshold": claim.threshold, "declared": declared, "edit": case.name,
+        "heldout": claim.heldout, "declared_score": d_score, "declared_n": d_n,
+        "heldout_score": h_score, "heldout_n": h_n, "heldout_probes": extra}
+    if not results:
+        return ClaimResult(**common, note=note or "no held-out prompt could be drawn",
+                           status="n/a")
+    score = fn([r.value for r in results])
+    return ClaimResult(**common, note=note, status=_status(score, claim.threshold),
+                       score=round(score, 6),
                        n=len(results), magnitude=round(sum(mags) / len(mags), 6),
-                       note=note, probes=tuple(results))
+                       probes=tuple(results))
 
 
 def counterexample(draw: Draw, cache: ScoreCache, dec: Decoder, kl_budget: float | None) -> Counterexample:
@@ -132,8 +162,13 @@ def counterexample(draw: Draw, cache: ScoreCache, dec: Decoder, kl_budget: float
 
 def locality_claim(claim: Claim, declared: bool, case: Case, draws: Sequence[Draw],
                    cache: ScoreCache, dec: Decoder, found: Counterexample | None,
-                   note: str = "") -> ClaimResult:
-    """Locality on ``case``: declared preserve prompts plus the drawn neighbourhood."""
+                   note: str = "", *, compiled: frozenset[str] | None = None) -> ClaimResult:
+    """Locality on ``case``: declared preserve prompts plus the drawn neighbourhood.
+
+    ``compiled``: the prompts the compiler was shown (None: all). A ``heldout`` claim
+    leaves those out (its draws come from a space without them); every claim reports
+    the agreement on each side.
+    """
     probes = [Draw("preserve", p) for p in case.preserve]
     seen = set(case.preserve)
     for d in draws:
@@ -142,20 +177,28 @@ def locality_claim(claim: Claim, declared: bool, case: Case, draws: Sequence[Dra
             probes.append(d)
     results, flags = [], []
     for d in probes:
+        unseen = compiled is not None and d.prompt not in compiled
+        if claim.heldout and not unseen:
+            continue
         b, e = cache.get(Item(d.prompt))
         ok = metrics.agrees(b, e, claim.kl)
         flags.append(ok)
         results.append(ProbeResult(kind=d.source, prompt=d.prompt, value=1.0 if ok else 0.0, ok=ok,
                                    base=side(b, dec, k=LOCALITY_TOP, with_target=False),
-                                   edited=side(e, dec, k=LOCALITY_TOP, with_target=False, kl=True)))
+                                   edited=side(e, dec, k=LOCALITY_TOP, with_target=False, kl=True),
+                                   heldout=unseen))
     score = metrics.locality(flags)
+    d_score, d_n = _part([r for r in results if not r.heldout], metrics.locality)
+    h_score, h_n = _part([r for r in results if r.heldout], metrics.locality)
     return ClaimResult(claim=claim_label(claim), metric="locality", protocol="top1+kl"
                        if claim.kl is not None else "top1", threshold=claim.threshold,
                        declared=declared, edit=case.name,
                        status=_status(score, claim.threshold) if results else "n/a",
                        score=round(score, 6) if results else None, n=len(results),
                        kl_budget=claim.kl, note=note or ("" if results else "no out-of-scope prompt could be drawn"),
-                       probes=tuple(results), counterexample=found)
+                       probes=tuple(results), counterexample=found, heldout=claim.heldout,
+                       declared_score=d_score, declared_n=d_n, heldout_score=h_score,
+                       heldout_n=h_n)
 
 
 def edit_row(case: Case, cache: ScoreCache, dec: Decoder, greedy: tuple[str, str],

@@ -10,7 +10,8 @@ Contents:
     AuditSection      the weight-diff audit
     CapabilitySection perplexity and general questions (general-capability canaries)
     PlusRow           CounterFact+-style neighbourhood KL with the edit prepended
-    Aggregate         survey-style aggregates (means over edits, Sca, Ret)
+    Split             a claim's metric on declared and on held-out prompts, over all edits
+    Aggregate         survey-style aggregates (means over edits, Sca, Ret, the split)
     Report            everything above plus the spec, plan and hashes
 
 A report is deterministic: the same inputs give the same JSON, except the
@@ -61,8 +62,10 @@ class ProbeResult(_Frozen):
 
     ``kind`` is the probe's origin: efficacy, generality, portability,
     reversal, retention, preserve, or a neighbourhood source (neighbour,
-    subject, question, corpus). ``value`` is the probe's success in [0, 1]
-    under the claim's protocol (locality: 1 if base and edited agree).
+    subject, question, corpus, neighbour+context; held-out variants: context,
+    framing). ``value`` is the probe's success in [0, 1] under the claim's
+    protocol (locality: 1 if base and edited agree). ``heldout``: the compiler
+    was not shown this prompt (:func:`kmec.verify.claims.compiled_prompts`).
     """
 
     kind: str
@@ -74,6 +77,7 @@ class ProbeResult(_Frozen):
     ok: bool
     base: Side
     edited: Side
+    heldout: bool = False
 
 
 class Counterexample(_Frozen):
@@ -88,7 +92,14 @@ class Counterexample(_Frozen):
 
 
 class ClaimResult(_Frozen):
-    """One claim evaluated on one edit."""
+    """One claim evaluated on one edit.
+
+    ``score`` (over ``probes``) decides the status. Beside it, the same metric on the
+    prompts the compiler was shown (``declared_*``: the contract holds) and on prompts
+    it never saw (``heldout_*``: the edit generalises). For generality and reversal the
+    held-out side also counts drawn variants (``heldout_probes``), which gate only a
+    ``heldout`` claim (whose ``probes`` they then are).
+    """
 
     claim: str
     metric: str
@@ -104,6 +115,12 @@ class ClaimResult(_Frozen):
     note: str = ""
     probes: tuple[ProbeResult, ...] = ()
     counterexample: Counterexample | None = None
+    heldout: bool = False
+    declared_score: float | None = None
+    declared_n: int = 0
+    heldout_score: float | None = None
+    heldout_n: int = 0
+    heldout_probes: tuple[ProbeResult, ...] = ()
 
 
 class EditRow(_Frozen):
@@ -171,10 +188,22 @@ class PlusRow(_Frozen):
     example: str
 
 
+class Split(_Frozen):
+    """One claim's metric over all edits on the prompts the compiler was shown (declared:
+    the contract holds) and on those it never saw (held out: the edit generalises).
+    Means over the edits that have such prompts; ``*_n``: prompts in all."""
+
+    declared: float | None = None
+    declared_n: int = 0
+    heldout: float | None = None
+    heldout_n: int = 0
+
+
 class Aggregate(_Frozen):
     """Means over edits (the survey's expectations) and the batch/sequence metrics."""
 
     means: dict[str, float | None] = Field(default_factory=dict)
+    split: dict[str, Split] = Field(default_factory=dict)
     scalability: float | None = None
     relative_scalability: float | None = None
     retention: float | None = None

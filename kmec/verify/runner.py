@@ -42,7 +42,16 @@ from kmec.planner.model import Plan
 from kmec.progress import Progress
 from kmec.spec import Claim, Spec
 from kmec.verify import canaries, metrics
-from kmec.verify.claims import Case, build_cases, claim_label, claims_of, in_scope, not_applicable
+from kmec.verify.claims import (
+    Case,
+    Check,
+    build_cases,
+    claim_label,
+    claims_of,
+    compiled_prompts,
+    in_scope,
+    not_applicable,
+)
 from kmec.verify.decode import greedy_continuations, perplexity
 from kmec.verify.evaluate import (
     Decoder,
@@ -60,6 +69,7 @@ from kmec.verify.report import (
     ClaimResult,
     Counterexample,
     Report,
+    Split,
 )
 from kmec.verify.scoring import BaseMemo, Item, ScoreCache
 from kmec.verify.strategies import (
@@ -70,6 +80,7 @@ from kmec.verify.strategies import (
     replay,
     sample,
 )
+from kmec.verify.variants import HELDOUT_SAMPLE, heldout_checks
 
 log = logging.getLogger("kmec")
 
@@ -115,7 +126,7 @@ class _Run:
     def __init__(self, spec: Spec, plan: Plan | None, base: Any, edited: Any, tok: Any, seed: int,
                  max_examples: int | None, db: ExampleDatabase | None,
                  progress: Progress | None, root: str | Path | None = None,
-                 memo: VerifyMemo | None = None) -> None:
+                 memo: VerifyMemo | None = None, heldout_draw: str = "verify") -> None:
         self.root = root
         self.spec, self.plan, self.base, self.edited, self.tok = spec, plan, base, edited, tok
         self.seed, self.max_examples, self.db = seed, max_examples, db
@@ -127,6 +138,9 @@ class _Run:
         if not self.cases:
             raise VerifyError("the spec declares no edits: there is nothing to verify")
         self.claims = claims_of(spec)
+        self.compiled = compiled_prompts(plan, spec)
+        self.heldout_draw = heldout_draw
+        self.variants: dict[tuple[str, str], tuple[tuple[str, Check], ...]] = {}
         self.timing: dict[str, float] = {}
         self.replayed = 0
         self.last_step = max(c.step_index for c in self.cases)
@@ -143,8 +157,9 @@ class _Run:
         loc = [(i, c, d) for i, (c, d) in enumerate(self.claims) if c.metric == "locality"]
         for n_done, (ci, claim, declared) in enumerate(loc):
             for case in self.cases:
-                space = neighbour_space(self.spec, case, claim, self.cases, excluded,
-                                        root=self.root)
+                space = neighbour_space(self.spec, case, claim, self.cases,
+                                        excluded | self.compiled if claim.heldout else excluded,
+                                        root=self.root, context=claim.heldout)
                 label = f"{ci}:{claim_label(claim)}"
                 job = _Job(ci, claim, declared, case, space, key=f"{case.name}|{label}|{space.digest}",
                            seed_value=_seed_for(self.seed, case.name, label),
@@ -162,14 +177,33 @@ class _Run:
         self.timed("sampling_s", t0)
         return jobs
 
+    def draw_variants(self) -> None:
+        """Held-out variants of each edit's in-scope prompts (generality: the edit prompt
+        and its declared paraphrases; reversal: the reverse question), drawn once."""
+        t0 = time.perf_counter()
+        n = {m: max([c.sample for c, _ in self.claims if c.metric == m and c.heldout
+                     and c.sample] or [HELDOUT_SAMPLE]) for m in ("generality", "reversal")}
+        for case in self.cases:
+            for family, checks in (("generality", (case.efficacy, *case.generality)),
+                                   ("reversal", case.reversal)):
+                self.variants[(case.name, family)] = heldout_checks(
+                    case.name, family, checks, n[family], seed=self.seed,
+                    draw=self.heldout_draw, exclude=self.compiled | in_scope(self.cases))
+        self.timed("sampling_s", t0)
+
     def probe_items(self) -> list[Item]:
         items: list[Item] = []
+        drawn = [c for v in self.variants.values() for _, c in v]
         for case in self.cases:
             for p in (case.efficacy, *case.generality, *case.portability, *case.reversal):
                 items.append(Item(p.prompt, p.target))
                 if p.old is not None:
                     items.append(Item(p.prompt, p.old))
             items += [Item(p) for p in case.preserve]
+        for p in drawn:
+            items.append(Item(p.prompt, p.target))
+            if p.old is not None:
+                items.append(Item(p.prompt, p.old))
         return items
 
     # -------------------------------------------------------------- claims
@@ -204,11 +238,14 @@ class _Run:
                     job = by_claim[(ci, case.name)]
                     found = self.shrink(job)
                     out.append(locality_claim(claim, declared, case, job.draws, self.cache,
-                                              self.dec, found))
+                                              self.dec, found, compiled=self.compiled))
                 else:
                     note = ("scored on the model after all edits of the sequence"
                             if claim.metric == "retention" else "")
-                    out.append(probe_claim(claim, declared, case, self.cache, self.dec, note))
+                    out.append(probe_claim(claim, declared, case, self.cache, self.dec, note,
+                                           compiled=self.compiled,
+                                           variants=self.variants.get((case.name, claim.metric),
+                                                                      ())))
         self.timed("claims_s", t0)
         return out
 
@@ -218,6 +255,8 @@ def _aggregate(run: _Run, results: list[ClaimResult], artifact: Artifact | None)
     for label in dict.fromkeys(r.claim for r in results):
         scores = [r.score for r in results if r.claim == label and r.score is not None]
         means[label] = round(sum(scores) / len(scores), 6) if scores else None
+    split = {label: _split([r for r in results if r.claim == label and r.status != "n/a"])
+             for label in dict.fromkeys(r.claim for r in results)}
     efficacy = [metrics.probe_value(*(s[1] for s in _new_old(run, c)), "prob") for c in run.cases]
     notes: list[str] = []
     agg: dict[str, float | None] = {}
@@ -245,7 +284,22 @@ def _aggregate(run: _Run, results: list[ClaimResult], artifact: Artifact | None)
                 agg["relative_retention"] = None if rel is None else round(rel, 6)
         notes.append("retention: earlier edits scored on the model after all edits (efficacy, "
                      "prob protocol); relative to each edit's score right after its own step")
-    return Aggregate(means=means, notes=tuple(notes), **agg)
+    return Aggregate(means=means, split={k: v for k, v in split.items() if v is not None},
+                     notes=tuple(notes), **agg)
+
+
+def _split(rows: list[ClaimResult]) -> Split | None:
+    """The declared / held-out means of one claim over its edits (None: not applicable)."""
+    if not rows:
+        return None
+
+    def mean(values: list[float]) -> float | None:
+        return round(sum(values) / len(values), 6) if values else None
+
+    return Split(declared=mean([r.declared_score for r in rows if r.declared_score is not None]),
+                 declared_n=sum(r.declared_n for r in rows),
+                 heldout=mean([r.heldout_score for r in rows if r.heldout_score is not None]),
+                 heldout_n=sum(r.heldout_n for r in rows))
 
 
 def _new_old(run: _Run, case: Case) -> tuple:
@@ -295,7 +349,7 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
            seed: int | None = None, max_examples: int | None = None,
            db_dir: str | Path | None = None, progress: Progress | None = None,
            artifact: Artifact | None = None, root: str | Path | None = None,
-           memo: VerifyMemo | None = None) -> Report:
+           memo: VerifyMemo | None = None, heldout_draw: str = "verify") -> Report:
     """Check every claim of ``spec`` on ``edited_model`` against ``base_model``.
 
     Args:
@@ -313,6 +367,8 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
             spec's repository, see :mod:`kmec.grammar.files`).
         memo: shared with earlier verifications against the same base, spec and seed
             (:class:`VerifyMemo`): the base side is not recomputed.
+        heldout_draw: ``verify``, or ``compile`` for compile's repair loop: the held-out
+            variants are drawn with another seed there (:mod:`kmec.verify.variants`).
 
     Returns:
         The :class:`Report`; ``report.exit_code`` is 0 when every claim holds, else 1.
@@ -323,8 +379,9 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
     t_start = time.perf_counter()
     db = DirectoryBasedExampleDatabase(str(db_dir)) if db_dir is not None else None
     run = _Run(spec, plan, base_model, edited_model, tok, spec.seed if seed is None else seed,
-               max_examples, db, progress, root, memo)
+               max_examples, db, progress, root, memo, heldout_draw)
     jobs = run.locality_jobs()
+    run.draw_variants()
     t0 = time.perf_counter()
     items = run.probe_items() + [Item(d.prompt) for j in jobs for d in j.draws]
     if jobs:

@@ -6,6 +6,7 @@ Contents:
     neighbour_space() build the space for an edit and a locality claim
     neighbourhood()   the hypothesis strategy over a space
     sample()          draw n prompts (generation only; no database)
+    draw_from()       the same for any strategy of draws (held-out variants)
     replay()          the prompts stored in the example database for this property
     minimal_failure() hypothesis search + shrinking for the simplest violating prompt
 
@@ -17,7 +18,10 @@ shrinker prefers):
 * ``subject``: the edited subject under another relation ("The currency of
   France is");
 * ``question``: a general-knowledge question (:mod:`kmec.verify.canaries`);
-* ``corpus``: the first k words of a sentence of the held-out text slice.
+* ``corpus``: the first k words of a sentence of the held-out text slice;
+* ``neighbour+context`` (held-out locality only, ``context=True``): a
+  neighbour prompt after the first k words of such a sentence — the compiler
+  is shown neighbour prompts bare, never in this context.
 
 Each is drawn as indices (template, subject, sentence, k), so a failure
 shrinks to the first template, the first subject and the shortest prefix
@@ -43,7 +47,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase, ReadOnlyDatabase
 from hypothesis.errors import HypothesisException
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from kmec.errors import VerifyError
 from kmec.grammar import subjects_of
@@ -76,6 +80,8 @@ class NeighbourSpace(BaseModel):
     questions: tuple[str, ...] = ()
     sentences: tuple[str, ...] = ()
     exclude: frozenset[str] = frozenset()
+    # held-out locality: neighbour prompts also drawn after a sentence of the text slice
+    context: bool = Field(default=False, exclude_if=lambda v: not v)
 
     @property
     def digest(self) -> str:
@@ -95,7 +101,8 @@ def _forward_only(templates: Sequence[str]) -> tuple[str, ...]:
 
 
 def neighbour_space(spec: Spec, case: Case, claim: Claim, cases: Sequence[Case],
-                    excluded: frozenset[str], *, root: str | Path | None = None) -> NeighbourSpace:
+                    excluded: frozenset[str], *, root: str | Path | None = None,
+                    context: bool = False) -> NeighbourSpace:
     """The neighbourhood of ``case`` for a locality ``claim``.
 
     The relation is ``claim.neighbours_of`` or the edit's own; its subjects
@@ -128,7 +135,7 @@ def neighbour_space(spec: Spec, case: Case, claim: Claim, cases: Sequence[Case],
             and "object" not in inspect_template(r.prompt).variables)
     return NeighbourSpace(templates=templates, subjects=subjects, subject_prompts=subject_prompts,
                           questions=canaries.GENERAL_QUESTIONS, sentences=canaries.sentences(),
-                          exclude=excluded)
+                          exclude=excluded, context=context)
 
 
 def _neighbour(template: str, subject: str) -> Draw:
@@ -137,9 +144,25 @@ def _neighbour(template: str, subject: str) -> Draw:
 
 @st.composite
 def _prefix(draw: st.DrawFn, sentences: tuple[str, ...]) -> Draw:
-    words = draw(st.sampled_from(sentences)).split()
-    k = draw(st.integers(min(MIN_PREFIX_WORDS, len(words)), len(words)))
-    return Draw("corpus", " ".join(words[:k]))
+    return Draw("corpus", draw(context_prefix(sentences)))
+
+
+def context_prefix(sentences: tuple[str, ...]) -> st.SearchStrategy[str]:
+    """The first k words (k >= MIN_PREFIX_WORDS, or the whole sentence) of one of
+    ``sentences``; shrinks to the first sentence and the shortest prefix."""
+    @st.composite
+    def prefix(draw: st.DrawFn) -> str:
+        words = draw(st.sampled_from(sentences)).split()
+        k = draw(st.integers(min(MIN_PREFIX_WORDS, len(words)), len(words)))
+        return " ".join(words[:k])
+
+    return prefix()
+
+
+def in_context(prefix: str, prompt: str) -> str:
+    """``prompt`` after a context sentence: "<prefix>. <prompt>" (trailing punctuation of
+    the prefix is dropped first)."""
+    return f"{prefix.rstrip(' .,;:!?')}. {prompt}"
 
 
 def neighbourhood(space: NeighbourSpace) -> st.SearchStrategy[Draw]:
@@ -158,6 +181,11 @@ def neighbourhood(space: NeighbourSpace) -> st.SearchStrategy[Draw]:
         parts.append(st.sampled_from(space.questions).map(lambda p: Draw("question", p)))
     if space.sentences:
         parts.append(_prefix(space.sentences))
+    if space.context and space.sentences and space.templates and space.subjects:
+        parts.append(st.builds(lambda pre, d: Draw("neighbour+context", in_context(pre, d.prompt)),
+                               context_prefix(space.sentences),
+                               st.builds(_neighbour, st.sampled_from(space.templates),
+                                         st.sampled_from(space.subjects))))
     if not parts:
         raise VerifyError("no out-of-scope prompts to draw a locality neighbourhood from")
     exclude = space.exclude
@@ -191,17 +219,19 @@ def _fixed_constants() -> Iterator[None]:
         providers.CONSTANTS_CACHE.cache.clear()
 
 
-def _run(space: NeighbourSpace, fn: Callable[[Draw], None], *, key: str, seed_value: int,
-         max_examples: int, database: ExampleDatabase | None, phases: tuple[Phase, ...]) -> None:
+def _run(space: NeighbourSpace | st.SearchStrategy[Draw], fn: Callable[[Draw], None], *,
+         key: str, seed_value: int, max_examples: int, database: ExampleDatabase | None,
+         phases: tuple[Phase, ...]) -> None:
     def locality_property(draw: Draw) -> None:
         fn(draw)
 
+    strategy = neighbourhood(space) if isinstance(space, NeighbourSpace) else space
     # Distinguishes the example-database entry of each (edit, claim, space).
     locality_property._hypothesis_internal_add_digest = key.encode()  # type: ignore[attr-defined]
     # ``@seed`` fixes the random stream but also switches the database off;
     # applying ``@settings`` after it switches the database back on (a seeded
     # run that still saves and replays its failures).
-    test = seed(seed_value)(given(neighbourhood(space))(locality_property))
+    test = seed(seed_value)(given(strategy)(locality_property))
     test = settings(max_examples=max(1, max_examples), database=database, phases=phases,
                     deadline=None, derandomize=False, report_multiple_bugs=False,
                     print_blob=False, verbosity=Verbosity.quiet,
@@ -212,12 +242,20 @@ def _run(space: NeighbourSpace, fn: Callable[[Draw], None], *, key: str, seed_va
 
 def sample(space: NeighbourSpace, n: int, *, key: str, seed_value: int) -> list[Draw]:
     """Draw (up to) ``n`` prompts from ``space``, deterministically for a seed."""
-    draws: list[Draw] = []
     if space.empty or n <= 0:
+        return []
+    return draw_from(neighbourhood(space), n, key=key, seed_value=seed_value)
+
+
+def draw_from(strategy: st.SearchStrategy[Draw], n: int, *, key: str,
+              seed_value: int) -> list[Draw]:
+    """Draw (up to) ``n`` values of ``strategy``, deterministically for a seed (no database)."""
+    draws: list[Draw] = []
+    if n <= 0:
         return draws
     try:
-        _run(space, draws.append, key=key, seed_value=seed_value, max_examples=n, database=None,
-             phases=(Phase.generate,))
+        _run(strategy, draws.append, key=key, seed_value=seed_value, max_examples=n,
+             database=None, phases=(Phase.generate,))
     except HypothesisException:  # e.g. Unsatisfiable: every candidate is in scope
         pass
     return draws

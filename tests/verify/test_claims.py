@@ -12,6 +12,7 @@ from kmec.verify.claims import (
     build_cases,
     claim_label,
     claims_of,
+    compiled_prompts,
     in_scope,
     not_applicable,
 )
@@ -99,3 +100,32 @@ def test_portability_prompts_are_used_as_written():
     spec = SPEC.model_copy(update={"edits": (odd, *EDITS[1:])})
     kz = build_cases(spec, None)[0]
     assert kz.portability[0].prompt == "{{ range(5)|list }} {{ lipsum() }}"
+
+
+def test_a_twin_spec_supplies_the_probes_the_plan_the_steps():
+    """`kmec verify BUILD --spec TWIN`: the twin's paraphrases are scored, not the plan's."""
+    twin_edit = EDITS[0].model_copy(update={"scope": ("Kazakhstan has its government in",),
+                                            "preserve": ("The capital of Peru is",)})
+    twin = SPEC.model_copy(update={
+        "relations": (REL.model_copy(update={"paraphrases": ()}),),
+        "edits": (twin_edit, EDITS[1].model_copy(update={"scope": ("The winner in 2022 was",)}))})
+    kz, cup = build_cases(twin, _plan())
+    assert (kz.step, cup.step) == ("s0", "s2")
+    assert [p.prompt for p in kz.generality] == ["Kazakhstan has its government in"]
+    assert [p.prompt for p in cup.generality] == ["The winner in 2022 was"]
+    assert kz.preserve == ("The capital of Peru is",)
+    seen = compiled_prompts(_plan(), twin)
+    assert "Kazakhstan's capital city is" in seen and "Almaty is the capital of" in seen
+    assert "Kazakhstan has its government in" not in seen
+
+
+def test_a_twin_spec_must_declare_the_compiled_edits():
+    other = EDITS[0].model_copy(update={"new": "Shymkent"})
+    with pytest.raises(VerifyError, match="the build compiled"):
+        build_cases(SPEC.model_copy(update={"edits": (other, EDITS[1])}), _plan())
+
+
+def test_compiled_prompts_without_a_plan_are_everything_the_spec_declares():
+    seen = compiled_prompts(None, SPEC)
+    assert {"The capital of Kazakhstan is", "Kazakhstan's capital city is",
+            "The capital of Russia is", "Who won the 2022 World Cup?"} <= seen

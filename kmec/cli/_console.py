@@ -1,0 +1,25 @@
+"""Consoles for the CLI's tables: full width in CI logs.
+
+Off a terminal (a pipe, a file, a CI log) rich assumes 80 columns and cuts
+table cells short ("locality[…"). :func:`out_console` gives such output a
+width no table of kmec reaches, so every cell prints in full; on a terminal,
+and wherever ``COLUMNS`` is set, rich's own width applies.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+
+PIPE_WIDTH = 240  # columns for output that goes nowhere with a width of its own
+
+
+def out_console(*, stderr: bool = False, **kwargs: object) -> Console:
+    """A Console for stdout (or stderr) that does not truncate tables off a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None
+    if not os.environ.get("COLUMNS") and not (hasattr(stream, "isatty") and stream.isatty()):
+        width = PIPE_WIDTH
+    return Console(stderr=stderr, width=width, **kwargs)  # type: ignore[arg-type]
