@@ -30,7 +30,8 @@ change stays as small as the targets allow), until it stops meeting it. At
 most ``kl_batch`` preserve prompts enter each step, taken in turn.
 
 Preserve prompts. The edit's declared ``preserve`` prompts are the KL
-anchors. An edit that declares none gets anchors that probe what the edit is
+anchors, with the step's ``protect`` prompts (the listed neighbours a locality
+claim samples: the rest of the declared locality set). An edit that declares none gets anchors that probe what the edit is
 most likely to break: its prompt with the subject replaced by each of
 ``n_neighbours`` well-known entities (same relation, other subject: the
 "neighbourhood" that fine-tuning over-generalises to) plus ROME's essence
@@ -238,10 +239,10 @@ class _Row:
 
 
 def _rows(tok: Any, edits: Sequence[EditRequest], prefixes: Sequence[str],
-          p: FinetuneParams) -> tuple[list[_Row], list[_Row], list[str]]:
+          p: FinetuneParams, protect: Sequence[str] = ()) -> tuple[list[_Row], list[_Row], list[str]]:
     """NLL rows (bare edit prompts first, in edit order, then the prefixed and
-    scope prompts, shortest first) and KL rows (the unique preserve prompts,
-    shortest first). Returns both and the KL prompts."""
+    scope prompts, shortest first) and KL rows (the unique preserve prompts, then the
+    step's protected prompts, shortest first). Returns both and the KL prompts."""
     n = len(edits)
     bare, other = [], []
     for i, e in enumerate(edits):
@@ -253,7 +254,8 @@ def _rows(tok: Any, edits: Sequence[EditRequest], prefixes: Sequence[str],
             row = _Row(ctx + tgt[:-1], i, weight / len(tgt),
                        [(len(ctx) + k - 1, int(t)) for k, t in enumerate(tgt)], bare=j == 0)
             (bare if j == 0 else other).append(row)
-    kl_prompts = list(dict.fromkeys(x for e in edits for x in preserve_prompts(e, p.n_neighbours)))
+    kl_prompts = list(dict.fromkeys([x for e in edits for x in preserve_prompts(e, p.n_neighbours)]
+                                    + list(protect)))
     kl_rows = [_Row(tok.encode(x, add_special_tokens=False), -1, 0.0, kl=k)
                for k, x in enumerate(kl_prompts)] if p.kl_weight > 0 else []
     nll = [replace(r, index=k) for k, r in enumerate(bare + sorted(other, key=_length))]
@@ -295,8 +297,9 @@ def _cost(step: Step, facts: ModelFacts, setup: bool) -> Work:
     KL forward over the preserve prompts, training one MLP output matrix per layer."""
     p, n, L = costs.model_params(facts), len(step.edits), max(len(step.layers), 1)
     prompts = sum(1 + len(e.scope) for e in step.edits)
-    anchors = sum(len(e.preserve) for e in step.edits) or 5 * n
-    secs = costs.seconds(FT_STEPS * (prompts * costs.FWD_BWD + 2 * anchors)
+    anchors = len(set(step.protect) | {x for e in step.edits for x in e.preserve}) or 5 * n
+    per_step = min(anchors, FinetuneParams.model_fields["kl_batch"].default)
+    secs = costs.seconds(FT_STEPS * (prompts * costs.FWD_BWD + 2 * per_step)
                          * costs.PROMPT_TOKENS, p)
     trained = L * facts.d_model * facts.d_mlp
     extra = costs.activations_mb(facts, prompts * costs.PROMPT_TOKENS) + trained * 4 * 3 / costs.MB
@@ -308,7 +311,7 @@ INFO = BackendInfo(
     name="ft", changes="weights", layers="range", layer_role="memit",
     layer_note="constrained fine-tuning spreads its bounded change over MEMIT's range of "
     "mid-early MLPs, where subject-keyed facts are stored",
-    uses=frozenset({"scope", "preserve"}), cost=_cost)
+    uses=frozenset({"scope", "preserve", "locality"}), cost=_cost)
 
 
 class Finetune:
@@ -334,7 +337,7 @@ class Finetune:
             prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len,
                                         seed=seed, cache_dir=ctx.cache_dir,
                                         fingerprint=ctx.facts.fingerprint)
-        nll_rows, kl_rows, kl_prompts = _rows(tok, step.edits, prefixes, p)
+        nll_rows, kl_rows, kl_prompts = _rows(tok, step.edits, prefixes, p, step.protect)
         base = _base_logprobs(model, tok, kl_prompts, p.batch_rows) if kl_rows else None
         deltas, groups = _deltas(model, ctx.adapter, step.layers, p, seed)
         trainer = _Trainer(model, tok, deltas, nll_rows, kl_rows, base, p, len(step.edits),

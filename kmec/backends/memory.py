@@ -42,7 +42,9 @@ target for last-token keys (GRACE's label). ``init_radius`` is relative to the
 key's norm, so it does not depend on the model's activation scale.
 
 Preserve prompts (``use_preserve``): the MLP inputs at *every* token of the
-step's ``preserve`` prompts are negatives; an entry whose ball contains one
+step's declared locality set (its edits' ``preserve`` prompts and the step's
+``protect`` prompts: the listed neighbours a locality claim samples) are
+negatives; an entry whose ball contains one
 shrinks to ``margin`` times the distance of the nearest, and members no longer
 covered become entries of their own (same rule). A negative at distance 0 (the
 same state, e.g. a preserve prompt that repeats the edit prompt's beginning up
@@ -267,7 +269,7 @@ INFO = BackendInfo(
     layer_note="the codebook keys each edit on its subject's last token, as ROME does, so it "
     "sits at ROME's layer rather than GRACE's late one (measured on SmolLM2-135M, 20 "
     "CounterFact edits held out: layer 5 efficacy 1.00, paraphrase 0.93; layer 25 0.60, 0.28)",
-    writes_site=None, uses=frozenset({"scope", "preserve"}), cost=_cost)
+    writes_site=None, uses=frozenset({"scope", "preserve", "locality"}), cost=_cost)
 
 
 class Memory:
@@ -295,7 +297,7 @@ class Memory:
             a = grace_insert(book, keys[i], o.label, i, p.init_radius)
             actions[a] = actions.get(a, 0) + 1
         if p.use_preserve:
-            self._exclude(book, keys, ctx, site, step.edits, p)
+            self._exclude(book, keys, ctx, site, step.edits, p, step.protect)
         values = train_values(ctx, site, occ, book, outs, p, step.id)
         ctx.log.info("memory %s: %d entries from %d prompts (%s) at %s", step.id, len(book.keys),
                      len(occ), ", ".join(f"{k} {v}" for k, v in sorted(actions.items())), site)
@@ -309,8 +311,9 @@ class Memory:
 
     @staticmethod
     def _exclude(book: Codebook, keys: torch.Tensor, ctx: ExecContext, site: str,
-                 edits: Sequence[EditRequest], p: MemoryParams) -> None:
-        preserve = list(dict.fromkeys(x for e in edits for x in e.preserve))
+                 edits: Sequence[EditRequest], p: MemoryParams,
+                 protect: Sequence[str] = ()) -> None:
+        preserve = list(dict.fromkeys([x for e in edits for x in e.preserve] + list(protect)))
         if not preserve:
             return
         negatives = all_states(ctx, site, preserve)

@@ -32,7 +32,9 @@ kinds read "within radius of the nearest key".
 Threshold ``τ_e`` of edit ``e`` (:func:`calibrate`): positives are the
 leave-one-out similarities of its in-scope prompts (each prompt against the
 edit's *other* keys: how a paraphrase nobody declared would score), negatives
-the similarities of ``preserve`` prompts whose nearest key is ``e``'s. Any
+the similarities of the declared locality prompts (the edits' ``preserve``
+prompts and the step's ``protect`` prompts: listed neighbours a locality claim
+samples) whose nearest key is ``e``'s. Any
 threshold in ``[max neg + margin, min pos]`` separates them; the prior
 ``threshold`` is clamped into that interval. When the interval is empty (not
 separable) the threshold maximising balanced accuracy is taken. The prior
@@ -142,7 +144,7 @@ def _cost(step: Step, facts: ModelFacts, setup: bool) -> Work:
     """One pass of the sentence encoder over the edit, scope and preserve prompts (each with
     its last sentence)."""
     prompts = sum(1 + len(e.scope) for e in step.edits)
-    texts = 2 * (prompts + sum(len(e.preserve) for e in step.edits))
+    texts = 2 * (prompts + len(set(step.protect) | {x for e in step.edits for x in e.preserve}))
     secs = costs.seconds(texts * costs.PROMPT_TOKENS, EMBEDDER_PARAMS)
     return Work(secs, EMBEDDER_PARAMS * 4 / costs.MB, (f"embedding {texts} texts {secs:.1f} s",))
 
@@ -150,7 +152,8 @@ def _cost(step: Step, facts: ModelFacts, setup: bool) -> Work:
 INFO = BackendInfo(
     name="retrieval", changes="memory", layers="none",
     no_layers_note="the retrieval memory reads the input text and answers in context: it "
-    "edits no layer", writes_site=None, uses=frozenset({"scope", "preserve"}), cost=_cost)
+    "edits no layer", writes_site=None, uses=frozenset({"scope", "preserve", "locality"}),
+    cost=_cost)
 
 
 class Retrieval:
@@ -184,7 +187,8 @@ class Retrieval:
                 owner += [i, i]
                 source += [s, s]
         keys = embed(model, etok, texts, max_length=p.max_length)
-        thresholds, notes = self._thresholds(p, model, etok, keys, owner, source, texts, edits)
+        thresholds, notes = self._thresholds(p, model, etok, keys, owner, source, texts, edits,
+                                             step.protect)
         radius = torch.tensor([1.0 - thresholds[i] for i in owner], dtype=torch.float32)
         for i, e in enumerate(edits):
             ctx.log.debug("retrieval %s: threshold %.3f (%s)", e.name, thresholds[i], notes[i])
@@ -205,7 +209,7 @@ class Retrieval:
     @staticmethod
     def _thresholds(p: RetrievalParams, model: Any, etok: Any, keys: torch.Tensor,
                     owner: list[int], source: list[int], texts: list[str],
-                    edits: Sequence[Any]) -> tuple[list[float], list[str]]:
+                    edits: Sequence[Any], protect: Sequence[str] = ()) -> tuple[list[float], list[str]]:
         """Per edit: τ from leave-one-out positives and nearest-key preserve negatives.
 
         A positive is an in-scope prompt (bare or completed) scored against the
@@ -222,7 +226,7 @@ class Retrieval:
             others = (own == owner[r]) & (src != source[r])
             if bool(others.any()):
                 pos[owner[r]].append(float(sims[others].max()))
-        preserve = list(dict.fromkeys(x for e in edits for x in e.preserve))
+        preserve = list(dict.fromkeys([x for e in edits for x in e.preserve] + list(protect)))
         if preserve:
             seg = [segments(t) for t in preserve]
             flat = embed(model, etok, [s for g in seg for s in g], max_length=p.max_length)

@@ -264,3 +264,13 @@ def test_the_example_spec_compiles_and_verifies_on_the_real_model(real_model, tm
     for p in read_build(build)[3].payloads():
         assert isinstance(p, Dense)
         assert float(p.delta.double().norm()) <= 0.02 * float(params[p.param].double().norm())
+
+
+def test_protected_neighbours_are_kl_anchors():
+    from kmec.backends.finetune import _rows
+
+    tok = SpaceLetterTokenizer()
+    e = EDITS[0].model_copy(update={"preserve": ("The door of abc",)})
+    _, kl_rows, kl_prompts = _rows(tok, [e], [""], FinetuneParams(), ("The key of bcd",
+                                                                      "The door of abc"))
+    assert kl_prompts == ["The door of abc", "The key of bcd"] and len(kl_rows) == 2

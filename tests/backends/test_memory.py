@@ -304,3 +304,21 @@ def test_compiling_twice_gives_the_same_table():
     assert a.meta == b.meta
     for name in ("keys", "values", "radius"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_protected_neighbours_shrink_radii_like_preserve_prompts():
+    """The step's protect prompts (listed neighbours of a locality claim) are negatives:
+    the same radii as the same prompt declared as `preserve`."""
+    lm = tiny_lm()
+    near = "The key of bcd"  # shares all but its last letter with an edited subject
+    params = {**PARAMS, "steps": 2, "init_radius": 2.0}
+    runs = {}
+    for name, edits, protect in (
+            ("none", EDITS, ()),
+            ("preserve", (EDITS[0].model_copy(update={"preserve": (near,)}), EDITS[1]), ()),
+            ("protect", EDITS, (near,))):
+        step = Step(id="s01-memory", backend="memory", edits=edits, layers=(LAYER,),
+                    params=params, protect=protect)
+        runs[name] = get_backend("memory").execute(step, ctx_for(lm))[0].radius
+    assert torch.equal(runs["preserve"], runs["protect"])
+    assert not torch.equal(runs["none"], runs["protect"])

@@ -48,10 +48,11 @@ def tiny_lm() -> LoadedModel:
     return LoadedModel(model, SpaceLetterTokenizer(), facts, ModelRef("tiny", "hub", None))
 
 
-def compile_step(lm, embedder_dir, edits=EDITS, **params):
+def compile_step(lm, embedder_dir, edits=EDITS, protect=(), **params):
     params = {"embedder": str(embedder_dir), "threshold": 0.995, "margin": 0.005,
               "template": TEMPLATE, **params}
-    step = Step(id="s01-retrieval", backend="retrieval", edits=edits, params=params)
+    step = Step(id="s01-retrieval", backend="retrieval", edits=edits, params=params,
+                protect=protect)
     ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter_for("llama"), facts=lm.facts)
     return list(get_backend("retrieval").execute(step, ctx))
 
@@ -293,3 +294,17 @@ def test_the_planner_takes_retrieval_with_frozen_weights():
     assert "max_delta=0.01 holds trivially: retrieval changes no weights" in reasons
     assert "embedding 4 texts" in reasons and step.cost.peak_mb > 0
     assert step.params["threshold"] == 0.65
+
+
+def test_protected_neighbours_calibrate_the_threshold_like_preserve_prompts(embedder_dir):
+    """The step's protect prompts (listed neighbours of a locality claim) are negatives too."""
+    lm = tiny_lm()
+    declared = EditRequest(name="bcc", prompt="The key of bcc", subject="bcc", target_new="Q",
+                           scope=("A key of bcc",), preserve=("The door of itg",))
+    bare = declared.model_copy(update={"preserve": ()})
+    (with_preserve,) = compile_step(lm, embedder_dir, edits=(declared,))
+    (with_protect,) = compile_step(lm, embedder_dir, edits=(bare,), protect=("The door of itg",))
+    (without,) = compile_step(lm, embedder_dir, edits=(bare,))
+    assert with_preserve.meta["edits"][0]["threshold"] == with_protect.meta["edits"][0]["threshold"]
+    assert "1 preserve" in with_protect.meta["edits"][0]["calibration"]
+    assert "0 preserve" in without.meta["edits"][0]["calibration"]

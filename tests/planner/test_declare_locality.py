@@ -3,6 +3,8 @@ the relations that locality claims sample, minus anything in scope or edited."""
 
 from __future__ import annotations
 
+import pytest
+
 from kmec.planner import plan
 from kmec.spec import Claim, Relation
 from tests.planner.helpers import FACTS, fake_registry, kz, make_spec, triple
@@ -33,7 +35,16 @@ def test_without_a_locality_claim_only_preserve_is_protected():
     assert p.steps[0].protect == ("The capital of Russia is",)
 
 
-def test_backends_that_do_not_keep_keys_get_no_protect():
-    p = plan(_spec(Claim(metric="locality", threshold=0.9), method="ft"), FACTS["smollm2"],
+@pytest.mark.parametrize("method", ["ft", "memory", "retrieval"])
+def test_fine_tuning_and_the_memories_get_the_declared_locality_set(method):
+    """KL anchors (ft), negatives for the radii (memory) and thresholds (retrieval)."""
+    p = plan(_spec(Claim(metric="locality", threshold=0.9), method=method), FACTS["smollm2"],
              backends=fake_registry())
-    assert p.steps[0].protect == ()
+    assert p.steps[0].protect == ("The capital of Russia is", "The capital of Peru is",
+                                  "Peru's capital city is")
+
+
+def test_backends_that_do_not_read_it_get_no_protect():
+    p = plan(_spec(Claim(metric="locality", threshold=0.9), method="mend"), FACTS["smollm2"],
+             backends=fake_registry(), editors=("smollm2-135m",))
+    assert p.steps[0].backend == "mend" and p.steps[0].protect == ()

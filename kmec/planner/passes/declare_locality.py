@@ -12,11 +12,12 @@ locality claim names, its forward templates (prompt and paraphrases) rendered
 with every listed subject that no edit of the spec changes — in a fixed
 order, at most :data:`MAX_PROTECT` per step.
 
-Backends whose record says they use ``locality`` keep those prompts' MLP keys
-in place (ROME, MEMIT and AlphaEdit: a protected-key term in the solve); the
-others get no ``protect`` (fine-tuning and the memories read the edits'
-``preserve`` prompts themselves). Held-out locality — neighbours the spec does not list
-— stays with the verifier.
+Backends whose record says they use ``locality`` receive them: ROME, MEMIT
+and AlphaEdit keep those prompts' MLP keys in place (a protected-key term in
+the solve); fine-tuning takes them as KL anchors, the codebook memory as
+negatives its radii shrink away from, the retrieval memory as negatives its
+scope thresholds are calibrated against. Held-out locality — neighbours the
+spec does not list — stays with the verifier.
 """
 
 from __future__ import annotations
