@@ -8,6 +8,19 @@ where P(x) is the mean per-token log-probability of " x" after the prompt.
 The neighbourhood score of the *unedited* model is measured in the same run
 as the baseline it is compared with.
 
+``--protocol easyedit`` scores instead as EasyEdit does (teacher-forced token
+accuracy, "token_em"), so that kmec is compared with it under the peer's own
+rules; nothing beyond the edit is given to the compiler, so every scored
+prompt is held out:
+  rewrite       share of the new target's tokens that are the edited model's
+                argmax when the prompt and the target are fed together
+  rephrase      the same on the *first* paraphrase prompt only
+  locality      share of argmax tokens unchanged (edited vs unedited model) at
+                the positions of the true target fed after each neighbourhood
+                prompt, averaged over the neighbourhood prompts
+Prompt and target are tokenised as one text ("prompt target"), as EasyEdit
+does, and the argmax at each target position is compared.
+
 Both CounterFact formats are read: the EasyEdit file (one rephrase, one
 locality prompt with its own ground truth; the issue's 200 / 1,000 records)
 and ROME's (two paraphrases, ten neighbourhood prompts that keep the edit's
@@ -143,6 +156,57 @@ def scores(model, tok, records):
     return res
 
 
+@torch.no_grad()
+def argmax_tokens(model, tok, pairs, batch=32):
+    """For each (prompt, target): the target's token ids and the model's argmax token at
+    each target position, with "prompt target" tokenised as one text (EasyEdit's
+    teacher-forced protocol; a space joins them unless the prompt ends in one)."""
+    out = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        rows, spans = [], []
+        for prompt, target in chunk:
+            ctx = tok.encode(prompt, add_special_tokens=False)
+            full = tok.encode(prompt + target_text(prompt, target), add_special_tokens=False)
+            start = len(ctx)
+            while start > 0 and full[:start] != ctx[:start]:  # a merge across the seam
+                start -= 1
+            rows.append(full)
+            spans.append((start, len(full) - start))
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tok.pad_token_id or 0)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = 1
+        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        for r, (start, n) in enumerate(spans):
+            out.append((ids[r, start:start + n].tolist(), pred[r, start - 1:start - 1 + n].tolist()))
+    return out
+
+
+def easyedit_scores(model, tok, records, before=None):
+    """EasyEdit's rewrite / rephrase accuracy and, given the unedited model's argmax tokens
+    (``before``, from a first call), locality; returns (rows, argmax tokens)."""
+    pairs, spans = [], []
+    for rec in records:
+        start = len(pairs)
+        pairs += [(rec["prompt"], rec["new"]), (rec["paraphrases"][0], rec["new"])]
+        pairs += list(rec["neighbours"])
+        spans.append((start, len(pairs)))
+    toks = argmax_tokens(model, tok, pairs)
+    rows = []
+    for k, (a, b) in enumerate(spans):
+        acc = [sum(x == y for x, y in zip(t, p)) / len(t) for t, p in toks[a:a + 2]]
+        row = {"rewrite": acc[0], "rephrase": acc[1]}
+        if before is not None:
+            kept = [sum(x == y for x, y in zip(p0, p1)) / len(p0)
+                    for (_, p0), (_, p1) in zip(before[a + 2:b], toks[a + 2:b])]
+            row["locality"] = sum(kept) / len(kept)
+        rows.append(row)
+    return rows, toks
+
+
 def request(rec, i, scope=False):
     extra = {}
     if scope:
@@ -176,6 +240,10 @@ def main() -> None:
                     help="reuse target values (δ) cached by an earlier run on the same records and "
                          "top layer, so trying another λ or layer range costs only the solves; "
                          "the time per edit then excludes the δ optimisation")
+    ap.add_argument("--protocol", choices=("counterfact", "easyedit"), default="counterfact",
+                    help="counterfact: probability comparison (ROME/MEMIT papers); easyedit: "
+                         "EasyEdit's teacher-forced token accuracy, first paraphrase, argmax "
+                         "locality on the neighbourhood prompts")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -209,7 +277,21 @@ def main() -> None:
                       cache_dir=kmec_home() / "backends", seed=0,
                       weights=lm.facts.fingerprint if args.reuse_values else "",
                       progress=progress if batch else None)
+    peer = args.protocol == "easyedit"
+    if peer and args.train_on_scope:
+        ap.error("--protocol easyedit scores held-out prompts: drop --train-on-scope")
     before = scores(lm.model, lm.tok, records)
+    peer_before = easyedit_scores(lm.model, lm.tok, records)[1] if peer else []
+    peer_after = []
+
+    def peer_rows(recs, first):  # EasyEdit rows for recs, given the index of the first
+        if not peer:
+            return []
+        sizes = [2 + len(r["neighbours"]) for r in records]
+        at = sum(sizes[:first])
+        ref = peer_before[at:at + sum(sizes[first:first + len(recs)])]
+        return easyedit_scores(lm.model, lm.tok, recs, ref)[0]
+
     after, t_edit = [], 0.0
     if not batch:
         for i, rec in enumerate(records):
@@ -222,9 +304,12 @@ def main() -> None:
                                  base_arch="", weight_layout=adapter.weight_layout, plan_hash="")
             handle = apply(art, lm.model, check=False)
             after += scores(lm.model, lm.tok, [rec])
+            peer_after += peer_rows([rec], i)
             handle.revert()
+            extra = (f" rephrase {mean(peer_after, 'rephrase'):.3f} locality "
+                     f"{mean(peer_after, 'locality'):.3f}") if peer else ""
             print(f"{i + 1}/{len(records)} efficacy so far {mean(after, 'efficacy'):.3f} "
-                  f"({t_edit / (i + 1):.2f} s/edit)", flush=True)
+                  f"({t_edit / (i + 1):.2f} s/edit){extra}", flush=True)
     else:
         edits = tuple(request(r, i, args.train_on_scope) for i, r in enumerate(records))
         step = Step(id="s0", backend=args.method, edits=edits, layers=layers, params=params)
@@ -235,6 +320,7 @@ def main() -> None:
                              base_arch="", weight_layout=adapter.weight_layout, plan_hash="")
         handle = apply(art, lm.model, check=False)
         after = scores(lm.model, lm.tok, records)
+        peer_after = peer_rows(records, 0)
         handle.revert()
     result = {"method": args.method, "n": len(records), "offset": args.offset, "data": str(args.data),
               "layers": list(layers), "params": args.param, "reuse_values": args.reuse_values,
@@ -244,7 +330,12 @@ def main() -> None:
               "neighbourhood_unedited": mean(before, "neighbourhood"),
               "efficacy_unedited": mean(before, "efficacy"),
               "seconds_total_edit": t_edit, "seconds_per_edit": t_edit / max(len(records), 1),
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), "protocol": args.protocol}
+    if peer:
+        result.update({f"easyedit_{k}": mean(peer_after, k)
+                       for k in ("rewrite", "rephrase", "locality")})
+        result["easyedit_rewrite_unedited"] = mean(easyedit_scores(lm.model, lm.tok, records)[0],
+                                                   "rewrite")
     print(json.dumps(result, indent=2))
     if args.json:  # with the per-record scores (margin: log P(new) − log P(true) on the prompt)
         result["records"] = [{"subject": r["subject"], "prompt": r["prompt"], "new": r["new"],
