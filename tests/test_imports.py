@@ -19,7 +19,8 @@ The order, bottom to top, and why it differs from the first sketch:
   types, formats, apply/revert, the memory runtime); backends import their
   payload types and ``temporarily_added`` from it, and it imports no backend.
 - ``compile`` (execute + step cache) → ``verify`` → ``pipeline`` (the
-  workflows that call both) → ``bench`` → the CLI and the package root.
+  workflows that call both) → ``bench`` and ``diff`` (which reads specs, builds and
+  reports) → the CLI and the package root.
 
 Extra rules: the verifier imports neither the backends nor the compiler; the
 planner sees models only through ``ModelFacts`` and the adapters table (it
@@ -50,7 +51,7 @@ LEVELS: tuple[tuple[str, ...], ...] = (
     ("compile",),
     ("verify",),
     ("pipeline",),
-    ("bench",),
+    ("bench", "diff"),
     ("cli", "kmec"),  # "kmec": the package root (kmec/__init__.py)
     ("__main__",),
 )

@@ -38,7 +38,7 @@ from kmec.errors import KmecError
 # Each module defines ``register(app: typer.Typer) -> None``.
 COMMAND_MODULES = ("kmec.cli.model", "kmec.cli.compile", "kmec.cli.stats", "kmec.cli.plan",
                    "kmec.cli.spec", "kmec.cli.verify", "kmec.cli.artifact", "kmec.cli.trace",
-                   "kmec.cli.data", "kmec.cli.bench", "kmec.cli.train_editor")
+                   "kmec.cli.data", "kmec.cli.bench", "kmec.cli.train_editor", "kmec.cli.diff")
 
 app = typer.Typer(
     name="kmec",
