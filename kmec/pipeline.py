@@ -302,7 +302,8 @@ class _Loop:
         apply(artifact, edited, fingerprint=lm.facts.fingerprint, tok=lm.tok)
         try:
             return verify(self.s.spec, plan, lm.model, edited, lm.tok, seed=None, root=self.root,
-                          artifact=artifact, memo=self.memo, heldout_draw="compile")
+                          artifact=artifact, memo=self.memo, heldout_draw="compile",
+                          report_heldout=False)
         finally:
             del edited
 

@@ -126,7 +126,8 @@ class _Run:
     def __init__(self, spec: Spec, plan: Plan | None, base: Any, edited: Any, tok: Any, seed: int,
                  max_examples: int | None, db: ExampleDatabase | None,
                  progress: Progress | None, root: str | Path | None = None,
-                 memo: VerifyMemo | None = None, heldout_draw: str = "verify") -> None:
+                 memo: VerifyMemo | None = None, heldout_draw: str = "verify",
+                 report_heldout: bool = True) -> None:
         self.root = root
         self.spec, self.plan, self.base, self.edited, self.tok = spec, plan, base, edited, tok
         self.seed, self.max_examples, self.db = seed, max_examples, db
@@ -139,7 +140,7 @@ class _Run:
             raise VerifyError("the spec declares no edits: there is nothing to verify")
         self.claims = claims_of(spec)
         self.compiled = compiled_prompts(plan, spec)
-        self.heldout_draw = heldout_draw
+        self.heldout_draw, self.report_heldout = heldout_draw, report_heldout
         self.variants: dict[tuple[str, str], tuple[tuple[str, Check], ...]] = {}
         self.timing: dict[str, float] = {}
         self.replayed = 0
@@ -183,9 +184,12 @@ class _Run:
         t0 = time.perf_counter()
         n = {m: max([c.sample for c, _ in self.claims if c.metric == m and c.heldout
                      and c.sample] or [HELDOUT_SAMPLE]) for m in ("generality", "reversal")}
+        gated = {c.metric for c, _ in self.claims if c.heldout}
         for case in self.cases:
             for family, checks in (("generality", (case.efficacy, *case.generality)),
                                    ("reversal", case.reversal)):
+                if not self.report_heldout and family not in gated:
+                    continue
                 self.variants[(case.name, family)] = heldout_checks(
                     case.name, family, checks, n[family], seed=self.seed,
                     draw=self.heldout_draw, exclude=self.compiled | in_scope(self.cases))
@@ -349,7 +353,8 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
            seed: int | None = None, max_examples: int | None = None,
            db_dir: str | Path | None = None, progress: Progress | None = None,
            artifact: Artifact | None = None, root: str | Path | None = None,
-           memo: VerifyMemo | None = None, heldout_draw: str = "verify") -> Report:
+           memo: VerifyMemo | None = None, heldout_draw: str = "verify",
+           report_heldout: bool = True) -> Report:
     """Check every claim of ``spec`` on ``edited_model`` against ``base_model``.
 
     Args:
@@ -369,6 +374,9 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
             (:class:`VerifyMemo`): the base side is not recomputed.
         heldout_draw: ``verify``, or ``compile`` for compile's repair loop: the held-out
             variants are drawn with another seed there (:mod:`kmec.verify.variants`).
+        report_heldout: draw and score held-out variants for every generality and reversal
+            claim (False: only for ``heldout`` claims, which they decide; compile's loop,
+            which needs the verdicts, not the report).
 
     Returns:
         The :class:`Report`; ``report.exit_code`` is 0 when every claim holds, else 1.
@@ -379,7 +387,7 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
     t_start = time.perf_counter()
     db = DirectoryBasedExampleDatabase(str(db_dir)) if db_dir is not None else None
     run = _Run(spec, plan, base_model, edited_model, tok, spec.seed if seed is None else seed,
-               max_examples, db, progress, root, memo, heldout_draw)
+               max_examples, db, progress, root, memo, heldout_draw, report_heldout)
     jobs = run.locality_jobs()
     run.draw_variants()
     t0 = time.perf_counter()

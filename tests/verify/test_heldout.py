@@ -122,3 +122,19 @@ def test_a_twin_spec_is_scored_on_its_own_prompts_as_held_out(setup, protected):
     assert [(p.prompt, p.heldout) for p in gen.probes] == [("Of France the capital is ", True)]
     assert gen.declared_n == 0 and gen.heldout_n == 1 + len(gen.heldout_probes)
     assert PROMPT in compiled_prompts(plan, twin)
+
+
+def test_compile_loop_scores_variants_only_for_heldout_claims(setup, protected):
+    """report_heldout=False (compile's loop): the same verdicts; variants are drawn only for
+    the families a heldout claim decides."""
+    spec, plan, edited, art = protected
+    for claims in (spec.claims, tuple(c for c in spec.claims if not c.heldout)):
+        s = spec.model_copy(update={"claims": claims})
+        full = verify(s, plan, setup.model, edited, setup.tok, seed=0, artifact=art)
+        lean = verify(s, plan, setup.model, edited, setup.tok, seed=0, artifact=art,
+                      report_heldout=False)
+        by_full = {c.claim: c for c in full.claims}
+        by_lean = {c.claim: c for c in lean.claims}
+        assert {k: (c.status, c.score) for k, c in by_full.items()} == \
+            {k: (c.status, c.score) for k, c in by_lean.items()}
+    assert by_full["generality"].heldout_probes and by_lean["generality"].heldout_probes == ()
