@@ -95,7 +95,12 @@ def _template(c: Ctx, node: Any, field: str, text: str, role: str) -> Iterator[D
         yield _err(here, f"unknown template variable `{var}` in {role}", hint)
     must, must_not = ("object", "subject") if role == "reverse template" else ("subject", "object")
     if must not in info.variables and not unknown:
-        yield _err(here, f"the {role} does not use {{{{ {must} }}}}", _EXAMPLE[must])
+        hint = _EXAMPLE[must]
+        if "{}" in text:  # the ROME / EasyEdit placeholder
+            hint = (f"did you mean \"{text.replace('{}', '{{ ' + must + ' }}', 1)}\"? "
+                    f"`{{}}` is the ROME/EasyEdit placeholder; kmec templates write "
+                    f"{{{{ {must} }}}}")
+        yield _err(here, f"the {role} does not use {{{{ {must} }}}}", hint)
     if must_not in info.variables:
         yield _err(here, f"the {role} uses {{{{ {must_not} }}}}, which is its answer",
                    "a prompt must not contain the answer it asks for")

@@ -42,3 +42,4 @@ def test_heldout_twice_is_an_error():
 def test_heldout_is_formatted_last():
     text = HEAD + "claim locality >= 0.9 heldout kl 0.1\n"
     assert format_text(text).splitlines()[-1] == "claim locality >= 0.9 kl 0.1 heldout"
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kmec.errors import SpecError
-from kmec.grammar import render
+from kmec.grammar import parse, render
 from kmec.grammar.templates import inspect, is_template
 
 
@@ -57,3 +57,12 @@ def test_pathological_templates_are_errors_not_crashes() -> None:
     assert inspect("{{ " + "(" * 5000 + " }}").error == "the template nests too deeply"
     with pytest.raises(SpecError):
         render("{{ " + "[" * 5000 + " }}", subject="x")
+
+
+def test_the_rome_placeholder_gets_a_did_you_mean():
+    """`prompt "{} is"` (the ROME/EasyEdit habit) is pointed at, with the kmec spelling."""
+    with pytest.raises(SpecError) as e:
+        parse('relation capital { prompt "The capital of {} is" }\n')
+    d = e.value.diagnostics[0]
+    assert "does not use {{ subject }}" in d.message and (d.span.line, d.span.col) == (1, 27)
+    assert 'did you mean "The capital of {{ subject }} is"?' in d.hint
