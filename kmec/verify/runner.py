@@ -80,7 +80,7 @@ from kmec.verify.strategies import (
     replay,
     sample,
 )
-from kmec.verify.variants import HELDOUT_SAMPLE, heldout_checks
+from kmec.verify.variants import HELDOUT_SAMPLE, REPORT_SAMPLE, heldout_checks
 
 log = logging.getLogger("kmec")
 
@@ -182,9 +182,10 @@ class _Run:
         """Held-out variants of each edit's in-scope prompts (generality: the edit prompt
         and its declared paraphrases; reversal: the reverse question), drawn once."""
         t0 = time.perf_counter()
-        n = {m: max([c.sample for c, _ in self.claims if c.metric == m and c.heldout
-                     and c.sample] or [HELDOUT_SAMPLE]) for m in ("generality", "reversal")}
         gated = {c.metric for c, _ in self.claims if c.heldout}
+        n = {m: max([c.sample or HELDOUT_SAMPLE for c, _ in self.claims
+                     if c.metric == m and c.heldout] or [REPORT_SAMPLE])
+             for m in ("generality", "reversal")}
         for case in self.cases:
             for family, checks in (("generality", (case.efficacy, *case.generality)),
                                    ("reversal", case.reversal)):

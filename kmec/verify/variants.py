@@ -2,7 +2,8 @@
 
 Contents:
     FRAMINGS          lead-ins that leave the question of a prompt unchanged
-    HELDOUT_SAMPLE    variants drawn per edit and probe family
+    HELDOUT_SAMPLE    variants per edit and family when a `heldout` claim decides on them
+    REPORT_SAMPLE     variants per edit and family when they are only reported
     variants()        the strategy of held-out variants of some in-scope prompts
     heldout_checks()  draw the variants of an edit's prompts as checks
 
@@ -45,7 +46,8 @@ FRAMINGS: tuple[str, ...] = (
     "Answer from memory. ",
     "As written in a reference book: ",
 )
-HELDOUT_SAMPLE = 8  # per edit and family (generality, reversal) unless a claim says `sample N`
+HELDOUT_SAMPLE = 8  # per edit and family (generality, reversal) unless the claim says `sample N`
+REPORT_SAMPLE = 4  # reported beside a declared claim only: a cheaper estimate (verify time)
 
 
 def variants(prompts: Sequence[str], *, exclude: frozenset[str] = frozenset(),
