@@ -92,6 +92,16 @@ def mean_logprob(model, tok, pairs, batch=32):
     return out
 
 
+def _padded(rows, pad_id):
+    """Token rows right-padded to one width: (ids, attention mask)."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+        mask[r, :len(row)] = 1
+    return ids, mask
+
+
 def _mean_logprob_in_order(model, tok, pairs, batch):
     out = []
     for i in range(0, len(pairs), batch):
@@ -102,12 +112,7 @@ def _mean_logprob_in_order(model, tok, pairs, batch):
             tgt = tok.encode(target_text(prompt, target), add_special_tokens=False)
             rows.append(ctx + tgt)
             spans.append((len(ctx), len(tgt)))
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tok.pad_token_id or 0)
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
+        ids, mask = _padded(rows, tok.pad_token_id or 0)
         logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
         for r, (start, n) in enumerate(spans):
             pos = torch.arange(start - 1, start - 1 + n)
@@ -173,12 +178,7 @@ def argmax_tokens(model, tok, pairs, batch=32):
                 start -= 1
             rows.append(full)
             spans.append((start, len(full) - start))
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tok.pad_token_id or 0)
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
+        ids, mask = _padded(rows, tok.pad_token_id or 0)
         pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
         for r, (start, n) in enumerate(spans):
             out.append((ids[r, start:start + n].tolist(), pred[r, start - 1:start - 1 + n].tolist()))

@@ -171,16 +171,26 @@ def _fields(section: Any, prefix: str, a: Mapping[str, Any], b: Mapping[str, Any
 
 
 def _edits(a: Spec, b: Spec) -> Iterator[Change]:
-    ea = {e.name: e.model_dump(mode="json") for e in a.edits}
-    eb = {e.name: e.model_dump(mode="json") for e in b.edits}
-    for name in [*ea, *(n for n in eb if n not in ea)]:
-        if name not in eb:
-            yield Change(section="edits", what=name, before=_edit_summary(ea[name]))
-        elif name not in ea:
-            yield Change(section="edits", what=name, after=_edit_summary(eb[name]))
+    return _keyed("edits", {e.name: _without(e.model_dump(mode="json"), "name") for e in a.edits},
+                  {e.name: _without(e.model_dump(mode="json"), "name") for e in b.edits},
+                  _edit_summary)
+
+
+def _claims(a: Spec, b: Spec) -> Iterator[Change]:
+    return _keyed("claims", {claim_label(c): c.model_dump(mode="json") for c in a.claims},
+                  {claim_label(c): c.model_dump(mode="json") for c in b.claims}, _claim_text)
+
+
+def _keyed(section: Any, a: Mapping[str, Mapping[str, Any]], b: Mapping[str, Mapping[str, Any]],
+           summary: Any) -> Iterator[Change]:
+    """Items by key: removed, added (each summarised), or changed field by field."""
+    for key in [*a, *(k for k in b if k not in a)]:
+        if key not in b:
+            yield Change(section=section, what=key, before=summary(a[key]))
+        elif key not in a:
+            yield Change(section=section, what=key, after=summary(b[key]))
         else:
-            yield from _fields("edits", name, _without(ea[name], "name"),
-                               _without(eb[name], "name"))
+            yield from _fields(section, key, a[key], b[key])
 
 
 def _without(d: Mapping[str, Any], *keys: str) -> dict[str, Any]:
@@ -192,18 +202,6 @@ def _edit_summary(d: Mapping[str, Any]) -> str:
         old = f"{d.get('old')!r} -> " if d.get("old") is not None else "-> "
         return f"{d.get('subject')!r} {d.get('relation')} {old}{d.get('new')!r}"
     return f"{d.get('prompt')!r} -> {d.get('target')!r}"
-
-
-def _claims(a: Spec, b: Spec) -> Iterator[Change]:
-    ca = {claim_label(c): c.model_dump(mode="json") for c in a.claims}
-    cb = {claim_label(c): c.model_dump(mode="json") for c in b.claims}
-    for label in [*ca, *(x for x in cb if x not in ca)]:
-        if label not in cb:
-            yield Change(section="claims", what=label, before=_claim_text(ca[label]))
-        elif label not in ca:
-            yield Change(section="claims", what=label, after=_claim_text(cb[label]))
-        else:
-            yield from _fields("claims", label, ca[label], cb[label])
 
 
 def _claim_text(d: Mapping[str, Any]) -> str:
