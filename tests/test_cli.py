@@ -59,3 +59,13 @@ def test_tables_are_not_cut_off_a_terminal(monkeypatch):
     assert out_console().width == PIPE_WIDTH
     monkeypatch.setenv("COLUMNS", "100")
     assert out_console().width == 100
+
+
+@pytest.mark.parametrize("args", [["--help"], ["verify", "--help"], ["diff", "--help"],
+                                  ["model", "list", "--help"]])
+def test_every_help_lists_the_exit_codes(args):
+    r = subprocess.run([sys.executable, "-m", "kmec", *args], capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "Exit codes: 0 success; 1 a verdict against you" in text and "2 bad input" in text

@@ -40,9 +40,15 @@ COMMAND_MODULES = ("kmec.cli.model", "kmec.cli.compile", "kmec.cli.stats", "kmec
                    "kmec.cli.spec", "kmec.cli.verify", "kmec.cli.artifact", "kmec.cli.trace",
                    "kmec.cli.data", "kmec.cli.bench", "kmec.cli.train_editor", "kmec.cli.diff")
 
+EXIT_CODES = ("Exit codes: 0 success; 1 a verdict against you: claims that do not hold "
+              "(compile, verify), an audit that finds undeclared changes, differences (diff), "
+              "files fmt --check would change; 2 bad input or a refused operation; 130 "
+              "interrupted.")
+
 app = typer.Typer(
     name="kmec",
     help="kmec: compile declared knowledge edits into edited models, and verify them.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -81,6 +87,11 @@ def _load_commands() -> None:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(app)
         _loaded.append(name)
+    for info in [*app.registered_commands,
+                 *(c for g in app.registered_groups if g.typer_instance is not None
+                   for c in g.typer_instance.registered_commands)]:
+        if info.epilog is None:  # every command's --help lists the exit codes
+            info.epilog = EXIT_CODES
 
 
 def main(argv: list[str] | None = None) -> None:
