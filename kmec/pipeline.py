@@ -99,9 +99,9 @@ def start(spec_path: str | Path, *, model: str | None = None, root: str | Path |
 # ---------------------------------------------------------------- compile
 
 
-# seconds of compile, repairs included: the README demo needs ~205 s on a 2-core CPU whose
-# cache holds nothing but the model (statistics and target values ~157 s, three scorings
-# 15 + 7 + 7 s, two re-solves ~7 s each)
+# seconds of compile, repairs included: the README demo needs 205-255 s on a 2-core CPU whose
+# cache holds nothing but the model (statistics and target values 157-190 s, three scorings
+# 15-24 + 7-10 + 7-8 s, two re-solves 7-10 s each; 2026-12-02 and a slower 2026-12-03)
 DEFAULT_BUDGET_S = 300.0
 # a rung that reuses the cached target values costs about this share of an attempt that
 # optimised them (README demo: 7.5 s of 105 s)

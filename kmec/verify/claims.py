@@ -24,6 +24,7 @@ effect is checked by the reversal claim of the edit they belong to.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -167,13 +168,14 @@ def build_cases(spec: Spec, plan: Plan | None = None) -> tuple[Case, ...]:
     return tuple(cases)
 
 
-def compiled_prompts(plan: Plan | None, spec: Spec) -> frozenset[str]:
+def compiled_prompts(plan: Plan | None, spec: Spec, *,
+                     root: str | Path | None = None) -> frozenset[str]:
     """Every prompt the compiler was shown: the plan's edit prompts, scope, preserve and
     protected prompts (inverse edits included). A score on these shows that the contract
     holds; only prompts outside this set measure generalisation. Without a plan, the
     prompts ``spec`` declares (edit prompts, scope, preserve, reverse and portability
-    questions, the neighbours its locality claims list): the compiler may have used any
-    of them."""
+    questions, the neighbours its locality claims list, read under ``root``): the
+    compiler may have used any of them."""
     from kmec.planner.passes.declare_locality import neighbour_prompts
 
     out: set[str] = set()
@@ -190,7 +192,7 @@ def compiled_prompts(plan: Plan | None, spec: Spec) -> frozenset[str]:
     for c in cases:
         out.update(c.preserve)
     try:
-        out.update(neighbour_prompts(spec))
+        out.update(neighbour_prompts(spec, root=root))
     except KmecError:  # an unreadable subjects file: the verifier reports it where it reads it
         pass
     return frozenset(out)

@@ -118,11 +118,9 @@ def probe_claim(claim: Claim, declared: bool, case: Case, cache: ScoreCache, dec
     """
     kind = claim.metric
     fn = _METRIC_FN[kind]
-    own, mags = [], []
-    for p in probes_of(claim, case):
-        r, mag = _probe(p, kind, claim.protocol, claim.threshold, cache, dec,
-                        heldout=compiled is not None and p.prompt not in compiled)
-        own.append((r, mag))
+    own = [_probe(p, kind, claim.protocol, claim.threshold, cache, dec,
+                  heldout=compiled is not None and p.prompt not in compiled)
+           for p in probes_of(claim, case)]
     drawn = [_probe(c, src, claim.protocol, claim.threshold, cache, dec, heldout=True)
              for src, c in variants]
     seen = [r for r, _ in own if not r.heldout]

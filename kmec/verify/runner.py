@@ -139,7 +139,7 @@ class _Run:
         if not self.cases:
             raise VerifyError("the spec declares no edits: there is nothing to verify")
         self.claims = claims_of(spec)
-        self.compiled = compiled_prompts(plan, spec)
+        self.compiled = compiled_prompts(plan, spec, root=root)
         self.heldout_draw, self.report_heldout = heldout_draw, report_heldout
         self.variants: dict[tuple[str, str], tuple[tuple[str, Check], ...]] = {}
         self.timing: dict[str, float] = {}

@@ -142,11 +142,6 @@ def _neighbour(template: str, subject: str) -> Draw:
     return Draw("neighbour", render(template, subject=subject))
 
 
-@st.composite
-def _prefix(draw: st.DrawFn, sentences: tuple[str, ...]) -> Draw:
-    return Draw("corpus", draw(context_prefix(sentences)))
-
-
 def context_prefix(sentences: tuple[str, ...]) -> st.SearchStrategy[str]:
     """The first k words (k >= MIN_PREFIX_WORDS, or the whole sentence) of one of
     ``sentences``; shrinks to the first sentence and the shortest prefix."""
@@ -180,7 +175,7 @@ def neighbourhood(space: NeighbourSpace) -> st.SearchStrategy[Draw]:
     if space.questions:
         parts.append(st.sampled_from(space.questions).map(lambda p: Draw("question", p)))
     if space.sentences:
-        parts.append(_prefix(space.sentences))
+        parts.append(context_prefix(space.sentences).map(lambda p: Draw("corpus", p)))
     if space.context and space.sentences and space.templates and space.subjects:
         parts.append(st.builds(lambda pre, d: Draw("neighbour+context", in_context(pre, d.prompt)),
                                context_prefix(space.sentences),
@@ -219,13 +214,12 @@ def _fixed_constants() -> Iterator[None]:
         providers.CONSTANTS_CACHE.cache.clear()
 
 
-def _run(space: NeighbourSpace | st.SearchStrategy[Draw], fn: Callable[[Draw], None], *,
+def _run(strategy: st.SearchStrategy[Draw], fn: Callable[[Draw], None], *,
          key: str, seed_value: int, max_examples: int, database: ExampleDatabase | None,
          phases: tuple[Phase, ...]) -> None:
     def locality_property(draw: Draw) -> None:
         fn(draw)
 
-    strategy = neighbourhood(space) if isinstance(space, NeighbourSpace) else space
     # Distinguishes the example-database entry of each (edit, claim, space).
     locality_property._hypothesis_internal_add_digest = key.encode()  # type: ignore[attr-defined]
     # ``@seed`` fixes the random stream but also switches the database off;
@@ -268,7 +262,7 @@ def replay(space: NeighbourSpace, database: ExampleDatabase | None, *, key: str,
     if database is None or space.empty:
         return draws
     try:
-        _run(space, draws.append, key=key, seed_value=seed_value, max_examples=1,
+        _run(neighbourhood(space), draws.append, key=key, seed_value=seed_value, max_examples=1,
              database=ReadOnlyDatabase(database), phases=(Phase.reuse,))
     except (HypothesisException, unittest.SkipTest):  # SkipTest: nothing stored
         pass
@@ -300,7 +294,8 @@ def minimal_failure(space: NeighbourSpace, fails: Callable[[Draw], bool], n: int
             raise _Violation(draw)
 
     try:
-        _run(space, check, key=key, seed_value=seed_value, max_examples=n, database=database,
+        _run(neighbourhood(space), check, key=key, seed_value=seed_value, max_examples=n,
+             database=database,
              phases=(Phase.reuse, Phase.generate, Phase.shrink))
     except _Violation as v:
         return v.draw

@@ -129,3 +129,21 @@ def test_compiled_prompts_without_a_plan_are_everything_the_spec_declares():
     seen = compiled_prompts(None, SPEC)
     assert {"The capital of Kazakhstan is", "Kazakhstan's capital city is",
             "The capital of Russia is", "Who won the 2022 World Cup?"} <= seen
+
+
+def test_compiled_prompts_read_subjects_files_only_under_the_root(tmp_path):
+    """Without a plan the listed neighbours count as declared, read under the verifier's root
+    (a file outside it is not read; the verifier reports it where it samples)."""
+    from kmec.grammar import parse_file
+
+    (tmp_path / "spec").mkdir()
+    (tmp_path / "spec" / "countries.txt").write_text("Peru\n")
+    (tmp_path / "spec" / "s.kmec").write_text(
+        'relation capital {\n  prompt "The capital of {{ subject }} is"\n'
+        '  subjects from "countries.txt"\n}\n'
+        'edit kz { subject "Kazakhstan" relation capital "Astana" -> "Almaty" }\n'
+        "claim locality >= 0.9\n")
+    spec = parse_file(tmp_path / "spec" / "s.kmec", root=tmp_path)
+    assert "The capital of Peru is" in compiled_prompts(None, spec, root=tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    assert "The capital of Peru is" not in compiled_prompts(None, spec, root=tmp_path / "elsewhere")

@@ -22,6 +22,8 @@ spec does not list — stays with the verifier.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kmec.errors import PlanError, SpecError
 from kmec.grammar import subjects_of
 from kmec.grammar.templates import inspect, render
@@ -33,9 +35,12 @@ from kmec.spec import Spec, TripleEdit
 MAX_PROTECT = 512  # prompts per step: enough for a relation's listed subjects × templates
 
 
-def neighbour_prompts(spec: Spec) -> tuple[str, ...]:
+def neighbour_prompts(spec: Spec, *, root: str | Path | None = None) -> tuple[str, ...]:
     """The declared neighbours: for each relation a locality claim samples, its forward
     templates rendered with its listed subjects that no edit changes (spec order).
+
+    ``root``: the folder ``subjects from`` files must lie under (default: the spec's
+    repository, see :mod:`kmec.grammar.files`).
 
     Raises:
         PlanError: a ``subjects from`` file cannot be read.
@@ -55,7 +60,7 @@ def neighbour_prompts(spec: Spec) -> tuple[str, ...]:
             continue
         edited = {e.subject for e in spec.edits if isinstance(e, TripleEdit) and e.relation == name}
         try:
-            subjects = [s for s in subjects_of(spec, rel) if s not in edited]
+            subjects = [s for s in subjects_of(spec, rel, root=root) if s not in edited]
         except SpecError as e:
             raise PlanError(f"relation {name!r}: {e.diagnostics[0].message}",
                             hint=e.diagnostics[0].hint) from None
