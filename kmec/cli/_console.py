@@ -4,10 +4,15 @@ Off a terminal (a pipe, a file, a CI log) rich assumes 80 columns and cuts
 table cells short ("locality[…"). :func:`out_console` gives such output a
 width no table of kmec reaches, so every cell prints in full; on a terminal,
 and wherever ``COLUMNS`` is set, rich's own width applies.
+
+Contents:
+    out_console()   a Console (stdout or stderr) that prints tables in full off a terminal
+    print_json()    ``--json`` output: one JSON document on stdout, nothing else
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -23,3 +28,12 @@ def out_console(*, stderr: bool = False, **kwargs: object) -> Console:
     if not os.environ.get("COLUMNS") and not (hasattr(stream, "isatty") and stream.isatty()):
         width = PIPE_WIDTH
     return Console(stderr=stderr, width=width, **kwargs)  # type: ignore[arg-type]
+
+
+def print_json(data: object) -> None:
+    """Write ``data`` as indented JSON on stdout: what every command prints with ``--json``.
+
+    Paths and other non-JSON values are written as their strings.
+    """
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()

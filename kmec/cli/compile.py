@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typing import Any
 
-console = Console(highlight=False, stderr=True)
+import typer
+
+from kmec.cli._console import out_console, print_json
+from kmec.cli._progress import reporting
 
 
 def compile_cmd(
@@ -24,6 +25,8 @@ def compile_cmd(
     budget: float = typer.Option(None, "--budget", min=0, help="Seconds the compile may take, "
                                  "repairs of failing claims included [default: the spec's "
                                  "`budget`, else 300]; 0 skips scoring the claims."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON on stdout "
+                                 "(build dir, plan hash, steps, attempts, claims)."),
 ) -> None:
     """Compile a spec into an artifact (build/plan.json, build/artifact/, ...).
 
@@ -34,32 +37,43 @@ def compile_cmd(
     """
     from kmec.pipeline import compile_spec
 
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(message: str, done: int, total: int) -> None:
-            key = message.split(":")[0]
-            if key not in tasks:
-                tasks[key] = bar.add_task(message, total=total)
-            bar.update(tasks[key], description=message, completed=done, total=total)
-
+    console = out_console(stderr=True, highlight=False, soft_wrap=True)
+    with reporting("compile") as progress:
         result = compile_spec(spec, out=out, model=model, progress=progress,
                               use_cache=not no_cache, force=force, root=root, budget=budget)
+    if as_json:
+        print_json(_as_json(spec, result))
+        raise typer.Exit(1 if result.claims_ok is False else 0)
     plan = result.plan
     state = "up to date" if result.up_to_date else f"compiled in {result.seconds:.1f} s"
     n_edits = sum(len(s.edits) for s in plan.steps)
     for a in result.attempts:
         if a.checks:
-            console.print(a.line())
+            console.print(a.line(), markup=False)
     claims = {None: "", True: ", claims hold", False: ", claims FAIL"}[result.claims_ok]
     console.print(f"{spec}: {state}: {len(plan.steps)} step(s), {n_edits} edit(s), "
-                  f"plan {plan.sha256[:12]}{claims} -> {result.out}/")
+                  f"plan {plan.sha256[:12]}{claims} -> {result.out}/", markup=False)
     if result.claims_ok is False:
         for line in result.verdict.splitlines():
-            console.print(f"  {line}")
+            console.print(f"  {line}", markup=False)
         raise typer.Exit(1)
+
+
+def _as_json(spec: str, result: Any) -> dict[str, Any]:
+    """What ``compile --json`` prints: a stable object made of :class:`BuildResult`'s fields."""
+    plan = result.plan
+    return {
+        "spec": spec, "out": str(result.out), "up_to_date": result.up_to_date,
+        "seconds": round(result.seconds, 3), "model": plan.model,
+        "model_fingerprint": plan.model_fingerprint, "plan_hash": plan.sha256,
+        "artifact_sha256": result.artifact.manifest.sha256,
+        "steps": [{"id": s.id, "backend": s.backend, "edits": [e.name for e in s.edits],
+                   "layers": list(s.layers)} for s in plan.steps],
+        "edits": sum(len(s.edits) for s in plan.steps),
+        "claims_ok": result.claims_ok,
+        "attempts": [a.to_json() for a in result.attempts],
+        "verdict": result.verdict,
+    }
 
 
 def register(app: typer.Typer) -> None:
