@@ -17,10 +17,11 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kmec.cli._console import out_console as _out_console
+from kmec.cli._console import print_json
+from kmec.cli._progress import reporting
 
 console = Console(highlight=False, stderr=True)
 out_console = _out_console(highlight=False)
@@ -90,16 +91,7 @@ def verify_cmd(
     from kmec.verify.render import to_json
 
     folder = Path(report_dir) if report_dir else default_report_dir(target)
-    columns = (TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
+    with reporting("verify") as progress:
         report = verify_build(target, spec_path=spec, max_examples=max_examples,
                               report_dir=folder, progress=progress, force=force, root=root)
     if as_json:
@@ -118,6 +110,7 @@ def audit_cmd(
     base: str = typer.Option(..., "--base", help="The base model (alias, folder or hub id)."),
     build: str = typer.Option(..., "--build", help="Build directory (or artifact folder) "
                               "that declares the edit."),
+    as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON on stdout."),
 ) -> None:
     """Prove an edited model differs from its base only by the artifact's declared deltas."""
     _passive_omp()
@@ -127,12 +120,18 @@ def audit_cmd(
     from kmec.models.load import fingerprint_model
 
     artifact = load_checked(build)
-    with console.status("loading models"):
+    with reporting("audit") as progress, progress.stage("loading models"):
         base_model, _ = load_weights(base)
         # the wrong base would show every parameter as an "undeclared change": say so instead
         check_base(artifact.manifest, fingerprint_model(base_model), model=base)
         edited_model, _ = load_weights(edited)
     result = audit(base_model, edited_model, artifact)
+    if as_json:
+        print_json({"ok": result.ok, "checked": result.checked, "max_error": result.max_error,
+                    "declared": list(artifact.manifest.params),
+                    "mismatched": list(result.mismatched), "undeclared": list(result.undeclared),
+                    "nonfinite": list(result.nonfinite), "summary": result.summary()})
+        raise typer.Exit(0 if result.ok else 1)
     table = Table("parameter", "status")
     for name in artifact.manifest.params:
         table.add_row(escape(name), "mismatched" if name in result.mismatched else "declared, matches")
