@@ -9,6 +9,12 @@ Contents:
     spec_hash()        sha256 of a spec's canonical JSON (spans and source path excluded)
     atomic_write_bytes() / atomic_write_text()   write-then-rename
     atomic_dir()       build a directory under a temporary name, then rename
+    umask()            the process's file-mode creation mask
+
+Files and folders written here get the modes an ordinary ``open``/``mkdir`` would
+give them (0644/0755 under umask 022), not the private 0600/0700 of ``mkstemp``
+and ``mkdtemp``: a build or an edited model must be readable by another user or
+a serving container.
 
 Plans, specs and artifacts are hashed through these functions so that the same
 inputs give the same bytes on every machine.
@@ -77,13 +83,28 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def umask() -> int:
+    """The process's umask (read from /proc where it can be, so no thread sees it change)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half.
+
+    The new file gets ``0o666 & ~umask`` (``mkstemp`` alone would leave it 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -99,10 +120,27 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _open_modes(top: Path) -> None:
+    """Give ``top`` and everything under it the modes ``open``/``mkdir`` would have given
+    them under the umask (folders and executables ``0o777 & ~umask``, files
+    ``0o666 & ~umask``); links are left alone."""
+    mask = umask()
+    for folder, dirs, files in os.walk(top):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o100
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``path`` on success.
 
+    The folder and everything the body wrote into it get the umask's modes
+    (:func:`_open_modes`): ``mkdtemp`` makes the folder 0700, and some writers
+    (safetensors' ``save_file``) make their files 0600.
     If the body raises, the temporary directory is removed and ``path`` is left
     as it was. An existing ``path`` (folder, file or link: callers decide
     first whether it may be replaced, see :mod:`kmec.outputs`) is replaced
@@ -123,6 +161,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
                         hint="choose a folder you can write to") from None
     try:
         yield tmp
+        _open_modes(tmp)
         old = None
         try:
             if os.path.lexists(path):

@@ -80,6 +80,25 @@ def test_apply_revert_round_trip_is_bit_exact(base, tmp_path, capsys):
     assert not (tmp_path / "reverted" / EDIT_RECORD).exists()
 
 
+def test_apply_and_builds_write_files_others_can_read(base, tmp_path):
+    """Under umask 022 every file kmec writes is 0644 and every folder 0755 (the atomic
+    writes' mkstemp/mkdtemp used to leave 0600/0700: unreadable by a serving container)."""
+    import os
+
+    root, art = base
+    old = os.umask(0o022)
+    try:
+        assert cli("apply", root / "build", "--out", tmp_path / "edited") == 0
+        save_artifact(art, tmp_path / "build" / "artifact")
+    finally:
+        os.umask(old)
+    for top in (tmp_path / "edited", tmp_path / "build" / "artifact"):
+        paths = [top, *top.rglob("*")]
+        modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in paths}
+        want = {k: oct(0o755 if (tmp_path / k).is_dir() else 0o644) for k in modes}
+        assert modes == want and len(modes) > 2
+
+
 def test_apply_without_tokenizer_and_explicit_model(tmp_path, capsys):
     model = build_tiny_model("gpt2", seed=1)
     model.save_pretrained(tmp_path / "base")
