@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 
-console = Console(highlight=False, stderr=True)
-out_console = Console(highlight=False, soft_wrap=True)
+from kmec.cli._console import out_console, print_json
+from kmec.cli._progress import reporting
 
 
 def apply_cmd(
@@ -16,6 +15,7 @@ def apply_cmd(
                               "default: the one the artifact was compiled for."),
     force: bool = typer.Option(False, "--force", help="Replace --out even if kmec did not "
                                "write it (everything in it is lost)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON on stdout."),
 ) -> None:
     """Apply an artifact to its base model and save the edited model as a Hugging Face folder.
 
@@ -30,16 +30,28 @@ def apply_cmd(
 
     check_output(out, "edited-model", inputs=[target], force=force)
     artifact = load_checked(target)
-    with console.status("loading the base model and applying the artifact"):
+    with reporting("apply") as progress, \
+            progress.stage("loading the base model and applying the artifact"):
         w = write_edited(artifact, out, model=model, inputs=[target], force=force)
     n = len(artifact.manifest.payloads)
     memory = sum(e.kind == "memory" for e in artifact.manifest.payloads)
-    out_console.print(f"applied {n - memory} payload(s) to {len(w.params)} parameter(s) of "
-                      f"{model or artifact.manifest.base_model} ({w.base_fingerprint[:12]}) -> "
-                      f"{w.path}/ (fingerprint {w.edited_fingerprint[:12]}, tokenizer {w.tokenizer})")
+    if as_json:
+        print_json({"out": str(w.path), "base_model": model or artifact.manifest.base_model,
+                    "base_fingerprint": w.base_fingerprint,
+                    "edited_fingerprint": w.edited_fingerprint, "params": list(w.params),
+                    "payloads": n - memory, "memory_tables": memory,
+                    "memory_dir": str(w.path / "kmec_memory") if memory else None,
+                    "tokenizer": w.tokenizer})
+        return
+    console = out_console(highlight=False, soft_wrap=True)
+    console.print(f"applied {n - memory} payload(s) to {len(w.params)} parameter(s) of "
+                  f"{model or artifact.manifest.base_model} ({w.base_fingerprint[:12]}) -> "
+                  f"{w.path}/ (fingerprint {w.edited_fingerprint[:12]}, tokenizer {w.tokenizer})",
+                  markup=False)
     if memory:
-        out_console.print(f"{memory} external-memory table(s) saved in {w.path}/kmec_memory/; "
-                          f"load the model with the memory installed: kmec.load_model({str(w.path)!r})")
+        console.print(f"{memory} external-memory table(s) saved in {w.path}/kmec_memory/; "
+                      f"load the model with the memory installed: kmec.load_model({str(w.path)!r})",
+                      markup=False)
 
 
 def revert_cmd(
@@ -47,14 +59,20 @@ def revert_cmd(
     out: str = typer.Option(..., "--out", "-o", help="Folder to write the restored base model to."),
     force: bool = typer.Option(False, "--force", help="Replace --out even if kmec did not "
                                "write it (everything in it is lost)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was restored as JSON on stdout."),
 ) -> None:
     """Restore the base model bit-for-bit from a folder written by `kmec apply`."""
     from kmec.artifacts.edited import revert_folder
 
-    with console.status("restoring the base weights"):
+    with reporting("revert") as progress, progress.stage("restoring the base weights"):
         w = revert_folder(edited, out, force=force)
-    out_console.print(f"restored {len(w.params)} parameter(s); {w.path}/ has the base "
-                      f"fingerprint {w.base_fingerprint[:12]}")
+    if as_json:
+        print_json({"out": str(w.path), "base_fingerprint": w.base_fingerprint,
+                    "params": list(w.params)})
+        return
+    out_console(highlight=False, soft_wrap=True).print(
+        f"restored {len(w.params)} parameter(s); {w.path}/ has the base fingerprint "
+        f"{w.base_fingerprint[:12]}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
