@@ -5,37 +5,54 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from kmec.cli._console import out_console, print_json
+from kmec.cli._progress import reporting
 from kmec.models.load import ALIASES, MODEL_META, alias_dir, install_alias, load_model
 
 model_app = typer.Typer(help="Install, list and inspect models.", no_args_is_help=True)
-console = Console(highlight=False)
 
 
 @model_app.command("install")
 def install(
     name: str = typer.Argument(..., help="Alias to install, e.g. smollm2-135m."),
     force: bool = typer.Option(False, "--force", help="Reinstall even if cached."),
+    as_json: bool = typer.Option(False, "--json", help="Print the alias, location and "
+                                 "fingerprint as JSON on stdout."),
 ) -> None:
     """Install an embedded model into kmec's cache (once; later loads take ~1 s)."""
-    with console.status(f"installing {name}") as status:
-        path = install_alias(name, force=force, progress=lambda m: status.update(f"{name}: {m}"))
+    with reporting("model install") as progress:
+        # the installer names its phases without counts: each is a stage of its own
+        path = install_alias(name, force=force, progress=lambda m: progress(f"{name}: {m}", 0, 0))
     meta = json.loads((path / MODEL_META).read_text())
-    console.print(f"installed {name} at {path}\nfingerprint {meta['fingerprint']}")
+    if as_json:
+        print_json({"alias": name, "path": str(path), "fingerprint": meta["fingerprint"]})
+        return
+    out_console(highlight=False, soft_wrap=True).print(
+        f"installed {name} at {path}\nfingerprint {meta['fingerprint']}", markup=False)
 
 
 @model_app.command("list")
-def list_models() -> None:
+def list_models(
+    as_json: bool = typer.Option(False, "--json", help="Print the aliases as JSON on stdout."),
+) -> None:
     """List the embedded model aliases and whether they are installed."""
-    table = Table("alias", "installed", "description", "location")
+    rows = []
     for alias in ALIASES.values():
         path = alias_dir(alias.name)
-        ok = (path / MODEL_META).exists()
-        table.add_row(alias.name, "yes" if ok else "no", alias.description,
-                      str(path) if ok else f"kmec model install {alias.name}")
-    console.print(table)
+        rows.append({"alias": alias.name, "installed": (path / MODEL_META).exists(),
+                     "description": alias.description, "path": str(path)})
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("alias", "installed", "description", "location")
+    for r in rows:
+        table.add_row(escape(r["alias"]), "yes" if r["installed"] else "no",
+                      escape(r["description"]),
+                      escape(r["path"]) if r["installed"] else f"kmec model install {r['alias']}")
+    out_console(highlight=False).print(table)
 
 
 @model_app.command("info")
@@ -65,10 +82,10 @@ def info(
     table = Table(show_header=False, box=None)
     for key in ("name", "arch", "family", "n_layers", "d_model", "d_mlp", "vocab_size",
                 "n_params", "dtype", "tied_embeddings", "fingerprint", "location"):
-        table.add_row(key, str(data[key]))
+        table.add_row(key, escape(str(data[key])))
     if sample is not None:
-        table.add_row("sample", f"{prompt!r} -> {sample!r}")
-    console.print(table)
+        table.add_row("sample", escape(f"{prompt!r} -> {sample!r}"))
+    out_console(highlight=False).print(table)
 
 
 def register(app: typer.Typer) -> None:
