@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 
-console = Console(highlight=False)
+from kmec.cli._console import out_console
 
 
 def plan_command(
@@ -50,9 +49,9 @@ def plan_command(
     if as_json:
         typer.echo(result.to_json(), nl=False)
     elif explain:
-        console.print(explain_tree(result))
+        out_console(highlight=False).print(explain_tree(result))
     else:
-        console.print(summary_table(result))
+        out_console(highlight=False).print(summary_table(result))
 
 
 def _executed_plan(path: Path) -> Any:
