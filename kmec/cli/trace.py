@@ -18,13 +18,14 @@ from typing import Any
 
 import typer
 from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kmec.cli._console import out_console
+from kmec.cli._progress import Reporter, reporting
+
 # markup=False: prompts and subjects are printed verbatim, brackets included.
-console = Console(highlight=False, markup=False)
-err_console = Console(highlight=False, markup=False, stderr=True)
+console = out_console(highlight=False, markup=False)
+err_console = out_console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 BLOCKS = " ▏▎▍▌▋▊▉█"
 
 
@@ -167,7 +168,8 @@ def _write_out(out: Path, results: list[Any], data: dict[str, Any], model: str) 
 
 
 def _trace_all(lm: Any, jobs: list[tuple[str, str, str | None]], kinds: list[str],
-               params: dict[str, Any], *, refresh: bool) -> tuple[list[Any], int]:
+               params: dict[str, Any], *, refresh: bool, progress: Reporter
+               ) -> tuple[list[Any], int]:
     """Trace every (prompt, kind), through the cache when the model has a
     fingerprint; return the results and how many were cache hits."""
     from kmec.models.adapters import adapter_for
@@ -175,22 +177,20 @@ def _trace_all(lm: Any, jobs: list[tuple[str, str, str | None]], kinds: list[str
 
     adapter = adapter_for(lm.facts.model_type)
     results, hits = [], 0
-    columns = (TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task("tracing", total=len(jobs) * len(kinds))
-        for prompt, subject, answer in jobs:
-            for kind in kinds:
-                bar.update(task, description=f"tracing {prompt!r} ({kind})")
-                args = (lm.model, lm.tok, adapter, prompt, subject)
-                if lm.facts.fingerprint:
-                    r, hit = trace_cached(*args, target=answer, kind=kind, refresh=refresh,
-                                          fingerprint=lm.facts.fingerprint, **params)
-                    hits += hit
-                else:
-                    r = trace(*args, target=answer, kind=kind, **params)
-                results.append(r)
-                bar.advance(task)
+    total = len(jobs) * len(kinds)
+    for prompt, subject, answer in jobs:
+        for kind in kinds:
+            # one series ("tracing") whatever the prompt: the rate and ETA span all of them
+            progress(f"tracing: {prompt!r} ({kind})", len(results), total)
+            args = (lm.model, lm.tok, adapter, prompt, subject)
+            if lm.facts.fingerprint:
+                r, hit = trace_cached(*args, target=answer, kind=kind, refresh=refresh,
+                                      fingerprint=lm.facts.fingerprint, **params)
+                hits += hit
+            else:
+                r = trace(*args, target=answer, kind=kind, **params)
+            results.append(r)
+    progress("tracing: done", total, total)
     return results, hits
 
 
@@ -235,11 +235,14 @@ def trace_command(
         check_output(out, "trace", inputs=[target] if Path(target).exists() else [],
                      force=force)
     spec, ref = _source(target, subject, answer, model)
-    lm = load_model(ref)
-    jobs = _spec_jobs(spec, lm.facts) if spec is not None else [(target, subject or "", answer)]
-    params = {"samples": samples, "noise": noise, "seed": seed, "window": window,
-              "positions": None if positions == "all" else ()}
-    results, hits = _trace_all(lm, jobs, kinds, params, refresh=no_cache)
+    with reporting("trace") as progress:
+        with progress.stage(f"loading {ref}"):
+            lm = load_model(ref)
+        jobs = (_spec_jobs(spec, lm.facts) if spec is not None
+                else [(target, subject or "", answer)])
+        params = {"samples": samples, "noise": noise, "seed": seed, "window": window,
+                  "positions": None if positions == "all" else ()}
+        results, hits = _trace_all(lm, jobs, kinds, params, refresh=no_cache, progress=progress)
     summary = _summary(results, kinds, lm.facts.n_layers)
     data = {"model": ref, "fingerprint": lm.facts.fingerprint, "summary": summary,
             "results": [r.summary() for r in results]}
