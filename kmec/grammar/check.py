@@ -197,9 +197,11 @@ def check_claims(spec: Spec, c: Ctx) -> Iterator[Diagnostic]:
     seen: set[str] = set()
     for claim in spec.claims:
         if not 0.0 <= claim.threshold <= 1.0:
+            percent = 2.0 <= claim.threshold <= 100.0  # `>= 50`: meant as a percentage
             yield _err(c.at(claim, "threshold"),
                        f"threshold {claim.threshold:g} is outside [0, 1]",
-                       "thresholds are fractions: 0.95 means 95%")
+                       f"thresholds are fractions: write >= {claim.threshold / 100:g}" if percent
+                       else "thresholds are fractions: 0.95 means 95%")
         if claim.sample is not None and claim.sample < 1:
             yield _err(c.at(claim, "sample"), f"sample {claim.sample} must be at least 1")
         if claim.kl is not None and claim.kl < 0:

@@ -323,6 +323,10 @@ def _bad_character(e: UnexpectedCharacters, text: str, file: str) -> Diagnostic:
         end = len(text) if end < 0 else end
         return Diagnostic(_span(text, pos, end, file), "unterminated string",
                           'a string ends with `"` on the same line; write \\" for a quote inside')
+    if ch == "%":
+        percent = _percentage(text, pos, file)
+        if percent is not None:
+            return percent
     hints = {"'": "strings are written in double quotes",
              ">": "a claim is written: claim METRIC >= THRESHOLD",
              "=": "a claim is written: claim METRIC >= THRESHOLD",
@@ -331,3 +335,19 @@ def _bad_character(e: UnexpectedCharacters, text: str, file: str) -> Diagnostic:
     shown = ch if ch.isprintable() and ch.strip() else f"\\u{ord(ch):04x}" if ch else "?"
     return Diagnostic(_span(text, pos, pos + 1, file), f"unexpected character `{shown}`",
                       hints.get(ch))
+
+
+_PERCENT = re.compile(r"(>=\s*)?([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$")
+
+
+def _percentage(text: str, pos: int, file: str) -> Diagnostic | None:
+    """``>= 50%``: a threshold written as a percentage, with the fraction to write instead
+    (None when no number stands right before the ``%``)."""
+    m = _PERCENT.search(text, max(0, pos - 40), pos)
+    if m is None:
+        return None
+    fraction = f"{float(m.group(2)) / 100:g}"
+    write = f">= {fraction}" if m.group(1) else fraction
+    return Diagnostic(_span(text, m.start(2), pos + 1, file),
+                      f"`{text[m.start(2):pos + 1]}` is a percentage",
+                      f"thresholds are fractions: write {write}")
