@@ -13,22 +13,12 @@ from __future__ import annotations
 import time
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
+from kmec.cli._console import out_console, print_json
+from kmec.cli._progress import reporting
 from kmec.errors import StatsError
-
-console = Console(highlight=False)
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -58,29 +48,30 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-class _TokensPerSecond(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("   - tok/s" if speed is None else f"{speed:,.0f} tok/s")
-
-
-def _list_cache() -> None:
+def _list_cache(as_json: bool) -> None:
     from kmec.stats import StatsCache
 
     cache = StatsCache()
     entries = cache.entries()
+    if as_json:
+        print_json({"cache": str(cache.root), "entries": [
+            {"path": str(e.path), "model": e.model, "key": e.key.model_dump(mode="json"),
+             "tokens": e.tokens, "requested": e.requested, "exhausted": e.exhausted,
+             "corpus": e.corpus, "created": e.created, "bytes": e.size} for e in entries]})
+        return
+    console = out_console(highlight=False, soft_wrap=True)
     if not entries:
-        console.print(f"no cached statistics in {cache.root}")
+        console.print(f"no cached statistics in {cache.root}", markup=False)
         return
     table = Table("model", "weights", "layer", "tokens", "max_len", "dtype", "corpus", "MB",
                   "created")
     for e in entries:
-        table.add_row(e.model, e.key.model_fingerprint[:8], str(e.key.layer), f"{e.tokens:,}",
-                      str(e.key.max_len), e.key.dtype,
-                      f"{e.corpus} ({e.key.corpus_fingerprint[:8]})", f"{e.size / 2**20:.1f}",
-                      e.created[:10])
+        table.add_row(escape(e.model), e.key.model_fingerprint[:8], str(e.key.layer),
+                      f"{e.tokens:,}", str(e.key.max_len), e.key.dtype,
+                      escape(f"{e.corpus} ({e.key.corpus_fingerprint[:8]})"),
+                      f"{e.size / 2**20:.1f}", e.created[:10])
     console.print(table)
-    console.print(f"{len(entries)} entries in {cache.root}")
+    console.print(f"{len(entries)} entries in {cache.root}", markup=False)
 
 
 def _products(value: str) -> str:
@@ -110,10 +101,12 @@ def stats(
                                  "float32."),
     batch_tokens: int = typer.Option(None, "--batch-tokens", help="Padded tokens per batch."),
     list_: bool = typer.Option(False, "--list", help="List the statistics cache and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print the layers computed (or, with "
+                                 "--list, the cache) as JSON on stdout."),
 ) -> None:
     """Compute the second moments E[k kᵀ] of MLP keys for layers of a model (cached)."""
     if list_:
-        _list_cache()
+        _list_cache(as_json)
         return
     if model is None or layers is None:
         raise StatsError("kmec stats needs a MODEL and --layers (or --list)",
@@ -127,34 +120,34 @@ def stats(
     request = StatsRequest(layers=parse_layers(layers), corpus=corpus,
                            tokens=tokens or DEFAULT_TOKENS, max_len=max_len or DEFAULT_MAX_LEN,
                            dtype=dtype, products=_products(products))
-    lm = load_model(model, dtype=dtype, device=device)
-    adapter = adapter_for(lm.facts.model_type)
     start = time.monotonic()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
-                        _TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=console, disable=not dist.is_main)
-    with progress:
-        task = progress.add_task("statistics", total=request.tokens)
-
-        def on_progress(message: str, done: int, total: int) -> None:
-            progress.update(task, description=message, completed=done, total=total)
-
+    # statistics take minutes: keep the finished bar on a terminal (transient=False)
+    with reporting("stats", transient=False, enabled=dist.is_main) as progress:
+        with progress.stage(f"loading {model}"):
+            lm = load_model(model, dtype=dtype, device=device)
+        adapter = adapter_for(lm.facts.model_type)
         stats_provider = provider(lm.model, lm.tok, lm.facts, adapter, request,
-                                  progress=on_progress, kernel=kernel,
+                                  progress=progress, kernel=kernel,
                                   batch_tokens=batch_tokens, samples=samples)
         moments = stats_provider.prepare()
-        if all(src.startswith("cache") for src in stats_provider.sources.values()):
-            progress.update(task, description="from cache", completed=request.tokens)
     if not dist.is_main:
         return
+    rows = [{"layer": layer, "module": adapter.site("mlp_out", layer),
+             "tokens": moments[layer].count, "source": stats_provider.sources.get(layer, ""),
+             "trace": float(moments[layer].moment().trace())} for layer in stats_provider.layers]
+    seconds = time.monotonic() - start
+    if as_json:
+        print_json({"model": model, "fingerprint": lm.facts.fingerprint,
+                    "request": request.model_dump(mode="json"), "layers": rows,
+                    "seconds": round(seconds, 3), "cache": str(stats_provider.cache.root)})
+        return
     table = Table("layer", "module", "tokens", "source", "trace of E(kkᵀ)")
-    for layer in stats_provider.layers:
-        sm = moments[layer]
-        table.add_row(str(layer), adapter.site("mlp_out", layer), f"{sm.count:,}",
-                      stats_provider.sources.get(layer, ""), f"{float(sm.moment().trace()):.4g}")
+    for r in rows:
+        table.add_row(str(r["layer"]), escape(r["module"]), f"{r['tokens']:,}",
+                      escape(r["source"]), f"{r['trace']:.4g}")
+    console = out_console(highlight=False, soft_wrap=True)
     console.print(table)
-    console.print(f"done in {time.monotonic() - start:.1f} s; cache: {stats_provider.cache.root}")
+    console.print(f"done in {seconds:.1f} s; cache: {stats_provider.cache.root}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
