@@ -16,33 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
-console = Console(highlight=False)
-
-
-class _Rate(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("  - it/s" if speed is None else f"{speed:.2f} it/s")
-
-
-def _bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=console)
+from kmec.cli._console import out_console, print_json
+from kmec.cli._progress import reporting
 
 
 def _curve_table(curve: list[dict[str, float]]) -> Table:
@@ -81,6 +59,8 @@ def train_editor_cmd(
     seed: int = typer.Option(0, "--seed", help="Seeds the split, batch order and init."),
     resume: bool = typer.Option(True, "--resume/--fresh",
                                 help="Continue an interrupted identical run, or start over."),
+    as_json: bool = typer.Option(False, "--json", help="Print the editor's manifest (loss "
+                                 "curve, held-out scores) as JSON on stdout."),
 ) -> None:
     """Train a MEND hypernetwork editor for MODEL on edit records (saved by fingerprint)."""
     from kmec.backends.mend import DataInfo, TrainConfig, read_records, split_records, train_editor
@@ -98,29 +78,32 @@ def train_editor_cmd(
     if eval_file is not None:
         _, ev = read_records(eval_file)
         extra[f"{eval_file.name}[:{eval_limit}]"] = ev[:eval_limit]
-    lm = load_model(model)
-    chosen = (check_layers(parse_layers(layers), lm.facts) if layers
-              else default_layers(lm.facts, "mend").layers)
-    overrides = {k: v for k, v in {"steps": steps, "batch": batch}.items() if v is not None}
-    config = TrainConfig(seed=seed, **overrides)
-    info = DataInfo(path=str(data.resolve()), sha256=sha256_file(data), dataset=dataset,
-                    records=total, train=len(train), held_out=len(held))
-    console.print(f"training a MEND editor for {lm.facts.name} layers {list(chosen)} on "
-                  f"{len(train)} {dataset} records ({len(held)} held out), {config.steps} steps "
-                  f"of {config.batch} edits")
-    with _bar() as bar:
-        tasks: dict[str, int] = {}
+    console = out_console(highlight=False, soft_wrap=True)
+    with reporting("train-editor", transient=False) as progress:
+        with progress.stage(f"loading {model}"):
+            lm = load_model(model)
+        chosen = (check_layers(parse_layers(layers), lm.facts) if layers
+                  else default_layers(lm.facts, "mend").layers)
+        overrides = {k: v for k, v in {"steps": steps, "batch": batch}.items() if v is not None}
+        config = TrainConfig(seed=seed, **overrides)
+        info = DataInfo(path=str(data.resolve()), sha256=sha256_file(data), dataset=dataset,
+                        records=total, train=len(train), held_out=len(held))
+        if not as_json:
+            console.print(f"training a MEND editor for {lm.facts.name} layers {list(chosen)} on "
+                          f"{len(train)} {dataset} records ({len(held)} held out), "
+                          f"{config.steps} steps of {config.batch} edits", markup=False)
 
-        def progress(message: str, done: int, total: int) -> None:
-            phase = message if not message.startswith("loss") else "train"
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(message, total=total, completed=done)
-            bar.update(tasks[phase], description=message, completed=done, total=total)
+        def phases(message: str, done: int, total: int) -> None:
+            # "loss 1.234 (...)" changes every step: one series, "train: loss ..."
+            progress(f"train: {message}" if message.startswith("loss") else message, done, total)
 
         result = train_editor(lm.model, lm.tok, lm.facts, train, layers=chosen, config=config,
                               data=info, held_out=held, extra_eval=extra, resume=resume,
-                              progress=progress)
+                              progress=phases)
     m = result.manifest
+    if as_json:
+        print_json({**m.model_dump(mode="json"), "resumed_from": result.resumed_from})
+        return
     if result.resumed_from:
         console.print(f"resumed from step {result.resumed_from}")
     console.print(_curve_table(m.metrics["curve"]))
@@ -132,29 +115,37 @@ def train_editor_cmd(
     if evals:
         console.print(_scores_table(evals))
     console.print(f"trained {m.metrics['steps']} steps in {m.metrics['seconds']:.0f} s; editor "
-                  f"{m.sha256[:12]} saved for {m.model} ({m.fingerprint[:12]})")
+                  f"{m.sha256[:12]} saved for {m.model} ({m.fingerprint[:12]})", markup=False)
 
 
-def editors_cmd() -> None:
+def editors_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print the editors' manifests as JSON "
+                                 "on stdout."),
+) -> None:
     """List the trained MEND editors (kmec compile uses them for their models)."""
     from kmec.backends.mend import list_editors
     from kmec.backends.mend.store import editors_root
 
     found = list_editors()
+    if as_json:
+        print_json([m.model_dump(mode="json") for m in found])
+        return
+    console = out_console(highlight=False, soft_wrap=True)
     if not found:
-        console.print(f"no trained editors in {editors_root()}")
+        console.print(f"no trained editors in {editors_root()}", markup=False)
         return
     table = Table("model", "weights", "layers", "steps", "time", "final loss", "held-out efficacy",
                   "locality", "ppl ratio", "data", "editor")
     for m in found:
         curve, held = m.metrics.get("curve") or [{}], m.metrics.get("held_out") or {}
-        table.add_row(m.model, m.fingerprint[:8], ",".join(map(str, m.layers)),
+        table.add_row(escape(m.model), m.fingerprint[:8], ",".join(map(str, m.layers)),
                       str(m.metrics.get("steps", "")), f"{m.metrics.get('seconds', 0):.0f} s",
                       f"{curve[-1].get('loss', float('nan')):.4f}",
                       f"{held.get('efficacy', float('nan')):.3f}",
                       f"{held.get('locality', float('nan')):.3f}",
                       f"{held.get('ppl_ratio', float('nan')):.3f}",
-                      Path(m.metrics.get("data", {}).get("path", "?")).name, m.sha256[:12])
+                      escape(Path(m.metrics.get("data", {}).get("path", "?")).name),
+                      m.sha256[:12])
     console.print(table)
 
 
