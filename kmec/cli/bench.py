@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
 from kmec.cli._console import out_console as _out_console
+from kmec.cli._progress import reporting
 
-console = Console(highlight=False, stderr=True)
 out_console = _out_console(highlight=False)
 
 
@@ -81,17 +79,7 @@ def bench_cmd(
         from kmec.outputs import check_output
 
         check_output(md, "bench-table", inputs=[spec], force=force, flag="--md")
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(message: str, done: int, total: int) -> None:
-            key = message.split(":")[0]
-            if key not in tasks:
-                tasks[key] = bar.add_task(message, total=total)
-            bar.update(tasks[key], description=message, completed=done, total=total)
-
+    with reporting("bench") as progress:
         result = bench(spec, methods.split(","), mode=chosen[0] if chosen else None, model=model,
                        limit=limit, max_examples=max_examples, progress=progress, root=root,
                        prompts="declared" if declared else "held out")
