@@ -50,7 +50,7 @@ app = typer.Typer(
     help="kmec: compile declared knowledge edits into edited models, and verify them.",
     epilog=EXIT_CODES,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
