@@ -4,6 +4,8 @@ Contents:
     Start           a parsed spec, its model loaded, the editors the planner may use
     start()         spec file -> Start (the first steps of compile and bench)
     compile_spec()  spec file -> parse -> plan -> execute -> build directory
+    compile_loaded()  a Start and its plan -> Compiled (execute, score, repair; nothing written)
+    write_compiled()  Compiled -> build directory
     BuildResult     what compile_spec produced
     Inputs          spec, plan, model reference and artifact of one verification
     load_inputs()   read a build directory, or an artifact folder plus a spec file
@@ -195,7 +197,6 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
         OutputError: ``out`` may not be written (checked before anything runs).
     """
     from kmec.backends import BACKENDS
-    from kmec.models.load import fingerprint_model
     from kmec.planner import plan as make_plan
 
     t0 = time.perf_counter()
@@ -220,11 +221,64 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
         return BuildResult(out, final, art, time.perf_counter() - t0, True,
                            ok if isinstance(ok, bool) else None,
                            verdict=str(info.get("verdict", "")))
-    before = s.lm.facts.fingerprint
     subjects_root = Path(root) if root is not None else find_root(spec_path)
+    c = compile_loaded(s, planned, progress=progress, use_cache=use_cache, budget=budget,
+                       root=subjects_root, t0=t0)
+    write_compiled(out, c, spec=s.spec, spec_path=spec_path, model=s.model)
+    return BuildResult(out, c.plan, c.artifact, c.seconds, False, c.claims_ok, c.attempts,
+                       c.verdict)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What :func:`compile_loaded` made, before it is written anywhere.
+
+    ``plan`` is the plan that made ``artifact`` (the planner's ``planned`` plan, or
+    a repair of it); ``budget`` is 0 when the claims were not scored; ``log`` is
+    the text of ``compile.log``.
+    """
+
+    planned: Plan
+    plan: Plan
+    artifact: Artifact
+    seconds: float
+    budget: float
+    claims_ok: bool | None
+    attempts: tuple[Attempt, ...]
+    verdict: str
+    log: str
+
+
+def compile_loaded(s: Start, planned: Plan, *, progress: Progress | None = None,
+                   use_cache: bool = True, budget: float = 0.0, root: Path | None = None,
+                   t0: float | None = None) -> Compiled:
+    """Execute ``planned`` on the loaded model; score and repair the claims within ``budget``.
+
+    The middle of :func:`compile_spec`, for callers that hold the model already
+    (:func:`kmec.api.edit`). The model is left as it was (checked by fingerprint).
+
+    Args:
+        s: the spec and its loaded model.
+        planned: the planner's plan for them.
+        progress: ``progress(message, done, total)``.
+        use_cache: reuse cached step results and target values.
+        budget: seconds for the whole compile, repairs included; 0 (or a spec
+            without claims): execute the plan once, without scoring.
+        root: the folder ``subjects from`` files must lie under (verification).
+        t0: when the compile started (``time.perf_counter()``; default: now).
+
+    Raises:
+        BackendError: a step failed, or a backend changed the model.
+    """
+    from kmec.models.load import fingerprint_model
+
+    t0 = time.perf_counter() if t0 is None else t0
+    scored = bool(s.spec.claims) and budget > 0
+    before = s.lm.facts.fingerprint
     with _Collect() as messages, tempfile.TemporaryDirectory(prefix="kmec-values-") as scratch:
         values = None if use_cache else Path(scratch)
-        loop = _Loop(s, planned, progress, use_cache, values, subjects_root, t0, budget)
+        loop = _Loop(s, planned, progress, use_cache, values, root or find_root(None), t0,
+                     budget)
         if scored:
             loop.run()
         else:
@@ -235,14 +289,19 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
     seconds = time.perf_counter() - t0
     plan, artifact = loop.best_plan, loop.best_artifact
     verdict = loop.verdict()
-    write_build(out, plan=plan, spec=s.spec, artifact=artifact, spec_path=spec_path,
-                model=s.model, log=_compile_log(plan, artifact, seconds, messages.lines,
-                                                loop.attempts, verdict),
-                planned=planned, budget=budget if scored else 0.0,
-                claims_ok=loop.claims_ok, verdict=verdict,
-                repairs=[a.to_json() for a in loop.attempts])
-    return BuildResult(out, plan, artifact, seconds, False, loop.claims_ok,
-                       tuple(loop.attempts), verdict)
+    return Compiled(planned, plan, artifact, seconds, budget if scored else 0.0, loop.claims_ok,
+                    tuple(loop.attempts), verdict,
+                    _compile_log(plan, artifact, seconds, messages.lines, loop.attempts, verdict))
+
+
+def write_compiled(out: str | Path, c: Compiled, *, spec: Spec, spec_path: str | Path,
+                   model: str) -> Path:
+    """Write what :func:`compile_loaded` made as a build directory (atomically; the
+    caller checked ``out`` may be written, see :mod:`kmec.outputs`)."""
+    return write_build(out, plan=c.plan, spec=spec, artifact=c.artifact, spec_path=spec_path,
+                       model=model, log=c.log, planned=c.planned, budget=c.budget,
+                       claims_ok=c.claims_ok, verdict=c.verdict,
+                       repairs=[a.to_json() for a in c.attempts])
 
 
 def _capability_miss(report: Report) -> tuple[Miss, ...]:
@@ -670,5 +729,7 @@ def default_report_dir(target: str | Path) -> Path:
     return build_root(target) / "report"
 
 
-__all__ = ["DEFAULT_BUDGET_S", "Attempt", "BuildResult", "Inputs", "Start", "compile_spec", "default_report_dir",
-           "load_inputs", "start", "verify_build"]
+__all__ = ["DEFAULT_BUDGET_S", "Attempt", "BuildResult", "Compiled", "Inputs", "Start",
+           "compile_loaded",
+           "compile_spec", "default_report_dir", "load_inputs", "start", "verify_build",
+           "write_compiled"]
