@@ -64,7 +64,8 @@ class Start:
 
 def start(spec_path: str | Path, *, model: str | None = None, root: str | Path | None = None,
           editors: Collection[str] | None = None, limit: int | None = None,
-          before_load: Callable[[Spec, ModelRef], None] | None = None) -> Start:
+          before_load: Callable[[Spec, ModelRef], None] | None = None,
+          progress: Progress | None = None) -> Start:
     """Parse ``spec_path`` and load its model.
 
     Args:
@@ -76,6 +77,7 @@ def start(spec_path: str | Path, *, model: str | None = None, root: str | Path |
         limit: keep only the first ``limit`` edits.
         before_load: ``fn(spec, ref)`` called after parsing and before the
             (slow) model load, e.g. to check an output path against the inputs.
+        progress: ``progress("loading model", 0 or 1, 1)`` around the model load.
 
     Raises:
         SpecError / ModelError: the spec or the model.
@@ -90,7 +92,11 @@ def start(spec_path: str | Path, *, model: str | None = None, root: str | Path |
     resolved = resolve_ref(ref)
     if before_load is not None:
         before_load(spec, resolved)
+    if progress:
+        progress("loading model", 0, 1)
     lm = load_model(resolved)
+    if progress:
+        progress("loading model", 1, 1)
     if editors is None:
         from kmec.backends.mend.store import planner_editors
 
@@ -207,7 +213,8 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
         check_output(out, "build", force=force, inputs=[spec_path, *spec.includes,
                                                        *([ref.path] if ref.path else [])])
 
-    s = start(spec_path, model=model, root=root, editors=editors, before_load=inputs_are_safe)
+    s = start(spec_path, model=model, root=root, editors=editors, before_load=inputs_are_safe,
+              progress=progress)
     planned = make_plan(s.spec, s.lm.facts, backends=BACKENDS, editors=s.editors)
     out = Path(out)
     if budget is None:
@@ -362,7 +369,7 @@ class _Loop:
         try:
             return verify(self.s.spec, plan, lm.model, edited, lm.tok, seed=None, root=self.root,
                           artifact=artifact, memo=self.memo, heldout_draw="compile",
-                          report_heldout=False)
+                          report_heldout=False, progress=self.progress)
         finally:
             del edited
 
