@@ -220,8 +220,15 @@ class AlphaEdit:
                 earlier = protected.get(layer)
                 protected[layer] = rows if earlier is None else torch.cat([earlier, rows.to(
                     earlier.device)])
+        done = [0]
+
+        def tick(k: int) -> None:  # after each chunk of target values (δ), as MEMIT reports
+            done[0] += k
+            if ctx.progress:
+                ctx.progress("alphaedit: target values", done[0], len(edits))
+
         delta, prob = optimise_deltas(model, tok, adapter, top, edits, prefixes, p.value,
-                                      seed=ctx.seed,
+                                      seed=ctx.seed, progress=tick,
                                       cache=value_cache(ctx.cache_dir, ctx.weights))
         ctx.log.info("alphaedit: %d target(s), mean target prob %.3f, %d protected key(s)",
                      len(edits), float(prob.mean()), len(p.protect))

@@ -97,28 +97,28 @@ def check(
         raise typer.Exit(2)
 
 
-def _format_one(path: Path, check_only: bool, diff: bool) -> str:
-    """'same', 'changed' or 'error' for one file (writing it unless check_only/diff)."""
+def _format_one(path: Path, check_only: bool, diff: bool) -> tuple[str, str]:
+    """('same', 'changed' or 'error', the unified diff when ``diff``) for one file
+    (writing it unless check_only/diff)."""
     name = os.fspath(path)
     try:
         text = read_spec_text(path)
     except SpecError as e:  # a refusal names the file and the rule: shown as it is
         for d in e.diagnostics:
             _echo_diagnostic(d)
-        return "error"
+        return "error", ""
     try:
         formatted = format_text(text, path=name)
     except SpecError as e:
         shown = e.diagnostics if name.endswith(".kmec") else not_a_spec(name, e.diagnostics)
         for d in shown:
             _echo_diagnostic(d)
-        return "error"
+        return "error", ""
     if formatted == text:
-        return "same"
-    if diff:
-        typer.echo("".join(difflib.unified_diff(
-            text.splitlines(keepends=True), formatted.splitlines(keepends=True),
-            fromfile=f"{name} (original)", tofile=f"{name} (formatted)")), nl=False)
+        return "same", ""
+    patch = "".join(difflib.unified_diff(
+        text.splitlines(keepends=True), formatted.splitlines(keepends=True),
+        fromfile=f"{name} (original)", tofile=f"{name} (formatted)")) if diff else ""
     if check_only:
         typer.echo(f"would reformat {name}", err=True)
     elif not diff:
@@ -126,7 +126,7 @@ def _format_one(path: Path, check_only: bool, diff: bool) -> str:
         atomic_write_text(path, formatted)
         os.chmod(path, mode)  # the temporary file was created 0600
         typer.echo(f"reformatted {name}", err=True)
-    return "changed"
+    return "changed", patch
 
 
 def fmt(
@@ -134,12 +134,25 @@ def fmt(
     check_only: bool = typer.Option(False, "--check",
                                     help="Write nothing; exit 1 if a file would change."),
     diff: bool = typer.Option(False, "--diff", help="Print a diff instead of writing."),
+    as_json: bool = typer.Option(False, "--json", help="Print each file's outcome (same, "
+                                 "changed, error; with --diff its diff) as JSON on stdout."),
 ) -> None:
     """Rewrite specs in canonical layout, keeping comments (exit 1 with --check if not)."""
     files: list[Path] = []
     for p in specs:
         files += spec_files(p) if _is_dir(p) else [p]
-    outcomes = [_format_one(p, check_only, diff) for p in files]
+    done = [_format_one(p, check_only, diff) for p in files]
+    outcomes = [o for o, _ in done]
+    if as_json:
+        written = not (check_only or diff)
+        typer.echo(json.dumps([{"file": os.fspath(p), "status": o, "written": written and
+                                o == "changed", **({"diff": patch} if diff else {})}
+                               for p, (o, patch) in zip(files, done, strict=True)],
+                              indent=2, ensure_ascii=False))
+    else:
+        for _, patch in done:
+            if patch:
+                typer.echo(patch, nl=False)
     changed = outcomes.count("changed")
     verb = "would be reformatted" if check_only or diff else "reformatted"
     typer.echo(f"{_count(len(files), 'file')}: {changed} {verb}, "
@@ -152,7 +165,7 @@ def fmt(
         raise typer.Exit(1)
 
 
-def schema() -> None:
+def schema() -> None:  # no --json: its one output is a JSON document already
     """Print the JSON Schema of a Spec (what a .kmec file compiles to)."""
     typer.echo(json.dumps(spec_json_schema(), indent=2, sort_keys=True))
 
