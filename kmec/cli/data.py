@@ -18,6 +18,7 @@ from pathlib import Path
 
 import typer
 
+from kmec.cli._console import print_json
 from kmec.errors import KmecError, SpecError
 
 
@@ -64,6 +65,8 @@ def import_cmd(
                                      help="Model reference to write into the spec."),
     force: bool = typer.Option(False, "--force", help="Replace -o even if it is not a spec "
                                "kmec import wrote."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON on stdout "
+                                 "(with the spec's text when there is no -o)."),
 ) -> None:
     """Write a .kmec spec from CounterFact, zsRE, MQuAKE or KnowEdit records."""
     from kmec.data import import_file
@@ -79,14 +82,20 @@ def import_cmd(
     analysis = analyze(text, path=os.fspath(out) if out else "<import>")
     if analysis.errors:  # a bug in an importer: say so rather than write a bad spec
         raise SpecError(analysis.errors)
-    if out is None:
+    if out is None and not as_json:
         typer.echo(text, nl=False)
-    else:
+    elif out is not None:
         try:
             _write(out, text)
         except OSError as e:
             raise KmecError(f"cannot write -o {out}: {e.strerror or e}") from None
     s = result.spec
+    if as_json:
+        print_json({"dataset": dataset, "source": os.fspath(file), "records": result.records,
+                    "output": os.fspath(out) if out is not None else None,
+                    "edits": len(s.edits), "relations": len(s.relations),
+                    "claims": len(s.claims), "spec": None if out is not None else text})
+        return
     counts = ", ".join(_count(len(items), noun) for items, noun in
                        ((s.edits, "edit"), (s.relations, "relation"), (s.claims, "claim")))
     typer.echo(f"{'wrote ' + os.fspath(out) if out else 'imported'}: {counts} from "
