@@ -3,6 +3,7 @@
 Contents:
     execute()        Plan + model -> Artifact (each step wrapped in BackendError)
     stats_for_step() the statistics provider a step asks for (or None)
+    chat_step()      a step with its prompts wrapped in the model's chat template
 
 Steps are cached by content (``$KMEC_HOME/steps/<hash>``: the step, the base
 fingerprint, the plan's seed, the kmec version and, for ``order sequence``, the
@@ -13,6 +14,11 @@ values (δ) of edit chunks optimised before on the same weights
 (``$KMEC_HOME/backends/values``, :class:`kmec.backends.values.ValueCache`):
 changing λ or the layer range, or adding edits to a spec, re-optimises only
 what changed. ``use_cache=False`` turns off both.
+
+A plan made from a spec with ``chat on`` (``plan.chat``) has its steps' prompts
+wrapped in the model's chat template (:mod:`kmec.models.chat`) before anything
+else sees them: the step cache key, the backends' keys and target values, the
+memories' codebooks all see the prompts as the model will be asked them.
 
 The workflow around it (parse, plan, write the build directory, verify) is
 :mod:`kmec.pipeline`; the build directory's format is
@@ -31,11 +37,12 @@ from kmec.artifacts import Artifact, apply, build_artifact, load_artifact, save_
 from kmec.artifacts.payloads import Payload
 from kmec.backends import get_backend
 from kmec.backends.base import ExecContext, StatsProvider
-from kmec.errors import ArtifactError, BackendError, KmecError
+from kmec.errors import ArtifactError, BackendError, KmecError, ModelError
 from kmec.hashing import canonical_json, sha256_text
 from kmec.models.adapters import adapter_for
+from kmec.models.chat import ChatFrame, chat_frame
 from kmec.models.load import LoadedModel, kmec_home
-from kmec.planner.model import Plan, Step
+from kmec.planner.model import EditRequest, Plan, Step
 from kmec.progress import Progress
 
 log = logging.getLogger("kmec")
@@ -59,6 +66,34 @@ def stats_for_step(step: Step, lm: LoadedModel, progress: Progress | None = None
                     step.needs_stats, progress=progress)
 
 
+def chat_step(step: Step, frame: ChatFrame) -> Step:
+    """``step`` with every prompt asked as a user turn of ``frame``'s chat template.
+
+    The edit, scope and preserve prompts and the step's declared locality set are
+    wrapped; targets are not (they are the assistant's answer). Subjects stay as
+    written: they are found inside the wrapped prompt.
+
+    Raises:
+        ModelError: an edit's subject also occurs in the template's text before the
+            user's message (a system message), where its key would be read.
+    """
+    for e in step.edits:
+        if e.subject and e.subject in frame.head:
+            raise ModelError(
+                f"edit {e.name!r}: its subject {e.subject!r} also occurs in the chat template's "
+                "text before the prompt (its system message), where the edit would be keyed",
+                hint='give the spec a system message that does not name it: '
+                     'chat on system "You are a helpful assistant."')
+
+    def wrap(e: EditRequest) -> EditRequest:
+        return e.model_copy(update={"prompt": frame.wrap(e.prompt),
+                                    "scope": tuple(map(frame.wrap, e.scope)),
+                                    "preserve": tuple(map(frame.wrap, e.preserve))})
+
+    return step.model_copy(update={"edits": tuple(wrap(e) for e in step.edits),
+                                   "protect": tuple(map(frame.wrap, step.protect))})
+
+
 def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
             use_cache: bool = True, values_dir: Path | None = None) -> Artifact:
     """Run every step of ``plan`` on ``lm`` and return the artifact.
@@ -71,14 +106,19 @@ def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
 
     Raises:
         BackendError: a step failed (wrapping the cause) or mutated the model.
+        ModelError: the plan says ``chat on`` and the model has no chat template.
     """
     adapter = adapter_for(lm.facts.model_type)
+    frame = None if plan.chat is None else chat_frame(lm.tok, system=plan.chat.system,
+                                                      model=plan.model)
     cache_root = kmec_home() / "steps"
     results: list[tuple[str, list[Payload]]] = []
     applied = []
     previous = ""
     try:
         for step in plan.steps:
+            if frame is not None:
+                step = chat_step(step, frame)
             history = previous if plan.order == "sequence" else ""
             key = _step_key(step, lm.facts.fingerprint, history, plan.seed)
             previous = key

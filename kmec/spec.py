@@ -10,6 +10,7 @@ Contents:
     Edit            TripleEdit | PromptEdit (discriminated on ``kind``)
     Claim           metric >= threshold, with sampling options
     MethodHint      method, layers, weight-change bound, frozen weights
+    ChatSetting     wrap prompts in the model's chat template (optional system message)
     Spec            the whole file (includes already merged)
     spec_json_schema()  the JSON Schema exported from these models
     strip_spans()   a spec dump without source locations (for comparisons)
@@ -145,6 +146,20 @@ class MethodHint(Node):
     frozen: bool = False  # weights must not change: external memory only
 
 
+class ChatSetting(Node):
+    """``chat on``: every prompt is asked as a user turn of the model's chat template.
+
+    The edit, scope and preserve prompts (when compiling) and every prompt the
+    verifier scores are wrapped with the tokenizer's ``apply_chat_template``
+    (the user turn plus the generation prompt); the target follows as the
+    assistant's answer. ``system``: a system message placed before the user turn
+    (None: whatever the template adds by itself).
+    """
+
+    kind: Literal["chat"] = "chat"
+    system: str | None = None
+
+
 class Spec(Node):
     """A whole spec (after includes are merged).
 
@@ -157,6 +172,8 @@ class Spec(Node):
             (None: the default, ``kmec.pipeline.DEFAULT_BUDGET_S``; 0: claims are not
             scored while compiling). Left out of the dump when unset, so specs
             without it keep their hash.
+        chat: wrap prompts in the model's chat template (None: plain text prompts, the
+            default). Left out of the dump when unset, like ``budget``.
         relations, edits, claims: the statements, in source order.
         includes: files included (resolved paths, for provenance).
         source: the file this spec was parsed from.
@@ -168,6 +185,7 @@ class Spec(Node):
     order: Literal["batch", "sequence"] = "batch"
     method: MethodHint = MethodHint()
     budget: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    chat: ChatSetting | None = Field(default=None, exclude_if=lambda v: v is None)
     relations: tuple[Relation, ...] = ()
     edits: tuple[Edit, ...] = ()
     claims: tuple[Claim, ...] = ()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kmec.errors import Diagnostic, Span
-from kmec.spec import MethodHint, PromptEdit, Spec, TripleEdit
+from kmec.spec import ChatSetting, MethodHint, PromptEdit, Spec, TripleEdit
 
 Key = tuple[int, str]
 
@@ -135,7 +135,7 @@ def assemble_edit(b: Recorder, name: str, name_span: Span, items: list[Stmt],
     return node
 
 
-_SETTINGS = ("model", "seed", "order", "method", "weights", "budget")
+_SETTINGS = ("model", "seed", "order", "method", "weights", "budget", "chat")
 
 
 def _method_hint(b: Recorder, method: Stmt | None, frozen: bool) -> MethodHint:
@@ -157,6 +157,18 @@ def _method_hint(b: Recorder, method: Stmt | None, frozen: bool) -> MethodHint:
     for label, at in notes:
         b.note(hint, label, at)
     return hint
+
+
+def _chat(b: Recorder, st: Stmt) -> ChatSetting | None:
+    """``chat on [system "..."]`` -> a ChatSetting; ``chat off`` -> None (written, so the
+    formatter keeps it)."""
+    mode, system = st.vals
+    if mode.value == "off":
+        return None
+    setting = ChatSetting(span=st.span, **({"system": system.value} if system else {}))
+    if system is not None:
+        b.note(setting, "system", system.span)
+    return setting
 
 
 def assemble_spec(b: Recorder, stmts: list[Stmt], span: Span) -> Built:
@@ -183,6 +195,9 @@ def assemble_spec(b: Recorder, stmts: list[Stmt], span: Span) -> Built:
     order = settings.get("order")
     if order is not None and order.vals[0] is not None:
         kw["order"] = order.vals[0].value
+    chat = settings.get("chat")
+    if chat is not None and chat.vals[0] is not None:
+        kw["chat"] = _chat(b, chat)
     weights = settings.get("weights")
     frozen = weights is not None and weights.vals[0] is not None
     if "method" in settings or frozen:

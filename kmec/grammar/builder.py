@@ -28,6 +28,7 @@ PROTOCOLS = ("prob", "token", "greedy")
 MAX_LAYERS = 4096  # a range is expanded into a tuple: bound it
 MAX_DIGITS = 30
 ORDERS = ("batch", "sequence")
+CHAT_MODES = ("on", "off")
 
 
 def _one_of(what: str, name: str, allowed: tuple[str, ...]) -> tuple[str, str]:
@@ -152,6 +153,17 @@ class SpecBuilder(Transformer):
         elif val.value is not None and unit == "min":
             val = Val(val.value * 60, val.span)
         return Stmt("budget", self._span(meta), (val,))
+
+    def chat(self, meta: Any, c: list) -> Stmt:
+        mode = self._name(c[0], "chat mode", CHAT_MODES)
+        system = c[1] if len(c) > 1 and c[1] is not None else None
+        if mode is not None and mode.value == "off" and system is not None:
+            self.error(system.span, "a system message needs `chat on`",
+                       'write `chat on system "..."`, or remove the system message')
+        return Stmt("chat", self._span(meta), (mode, system))
+
+    def chat_system(self, meta: Any, c: list) -> Val:
+        return self._str(c[0])
 
     def weights(self, meta: Any, c: list) -> Stmt:
         return Stmt("weights", self._span(meta), (self._name(c[0], "weights mode", ("frozen",)),))

@@ -24,12 +24,12 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from kmec.errors import Diagnostic, Span, did_you_mean
 
-TOP = ("model", "seed", "order", "method", "weights", "budget", "include", "relation", "edit",
-       "claim")
+TOP = ("model", "seed", "order", "method", "weights", "budget", "chat", "include", "relation",
+       "edit", "claim")
 IN_RELATION = ("prompt", "paraphrase", "reverse", "subjects")
 IN_EDIT = ("subject", "prompt", "old", "scope", "preserve", "portability", "expect")
 OPTIONS = ("layers", "max_delta", "from", "relation", "sample", "neighbours", "neighbors",
-           "of", "kl", "protocol", "heldout")
+           "of", "kl", "protocol", "heldout", "system")
 STATEMENTS = frozenset(TOP + IN_RELATION + IN_EDIT)
 KEYWORDS = STATEMENTS | frozenset(OPTIONS)
 
@@ -50,6 +50,7 @@ EXAMPLES: dict[str, list[str]] = {
                  'edit a { old s }', 'relation r { subjects s }', 'relation r { reverse s }',
                  'relation r { paraphrase s }', 'relation r { subjects from f }'],
     "whole_number": ["seed x", "claim efficacy >= 0.9 sample x", "method rome layers x"],
+    "chat_mode": ["chat"],
     "missing_brace": ['edit a { prompt "p" -> "t"', 'relation r { prompt "p"'],
 }
 
@@ -257,6 +258,8 @@ _NAMED: dict[str, Callable[[_Ctx], tuple[Span, str, str | None]]] = {
                              "a block is written `edit NAME { ... }`"),
     "unquoted": _expected_string,
     "whole_number": lambda c: (c.span, f"expected a whole number, found {_found(c)}", None),
+    "chat_mode": lambda c: (c.span, f"missing `on` or `off` after `chat`, found {_found(c)}",
+                            'write `chat on` (or `chat on system "..."`)'),
     "missing_brace": _missing_brace,
     "unmatched_brace": lambda c: (c.span, "unmatched `}`: no block is open here",
                                   "remove it, or add the `edit NAME {` it closes"),

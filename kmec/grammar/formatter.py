@@ -126,6 +126,11 @@ def _settings(spec: Spec, out: _Out) -> None:
     if spec.budget is not None:
         b = spec.budget
         out.emit(spec, "budget", [f"budget {int(b) if b.is_integer() else format_number(b)}"])
+    if spec.chat is not None:
+        system = f" system {quote(spec.chat.system)}" if spec.chat.system is not None else ""
+        out.emit(spec, "chat", [f"chat on{system}"])
+    elif "chat" in written:
+        out.emit(spec, "chat", ["chat off"])
 
 
 def _relation(rel: Relation, out: _Out) -> None:

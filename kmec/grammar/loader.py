@@ -46,7 +46,7 @@ from kmec.grammar.parser import build
 from kmec.spec import Relation, Spec
 
 log = logging.getLogger("kmec")
-_SETTINGS = ("model", "seed", "order", "method")
+_SETTINGS = ("model", "seed", "order", "method", "chat")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from kmec.errors import PlanError, did_you_mean
 from kmec.hashing import spec_hash
 from kmec.models.facts import ModelFacts
 from kmec.planner.backend_info import BackendInfo
-from kmec.planner.model import Cost, EditRequest, Plan, Reason, Step
+from kmec.planner.model import Chat, Cost, EditRequest, Plan, Reason, Step
 from kmec.spec import Spec
 
 
@@ -134,6 +134,7 @@ class Draft(_Frozen):
             steps=self.steps,
             reasons=self.reasons,
             cost=total,
+            chat=Chat(system=self.spec.chat.system) if self.spec.chat is not None else None,
         )
 
 

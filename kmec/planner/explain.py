@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 def _header(plan: Plan) -> str:
     fp = plan.model_fingerprint[:12] or "unknown"
     return (f"plan for {plan.model} ({plan.model_arch}, fingerprint {fp}) · spec "
-            f"{plan.spec_hash[:12]} · seed {plan.seed} · order {plan.order}")
+            f"{plan.spec_hash[:12]} · seed {plan.seed} · order {plan.order}"
+            + (" · chat template" if plan.chat is not None else ""))
 
 
 def _totals(plan: Plan) -> str:

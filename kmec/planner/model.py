@@ -5,6 +5,7 @@ Contents:
     EditRequest   an edit with its templates rendered (what a backend receives)
     StatsRequest  second-moment statistics a step needs
     Cost          estimated seconds and peak memory of a step
+    Chat          prompts are asked through the model's chat template (``chat on``)
     Step          one backend call: edits, layers, params, stats, reasons, cost
     Plan          ordered steps + provenance; canonical JSON and sha256
 
@@ -79,6 +80,17 @@ class Cost(_Frozen):
     peak_mb: float = 0.0
 
 
+class Chat(_Frozen):
+    """The spec's ``chat on``: every prompt becomes a user turn of the model's chat template.
+
+    The planner only records it (it has no tokenizer); :func:`kmec.compile.execute`
+    wraps the steps' prompts with :mod:`kmec.models.chat` before a backend sees them.
+    ``system``: the system message (None: the template's own default, if any).
+    """
+
+    system: str | None = None
+
+
 class Step(_Frozen):
     """One backend call.
 
@@ -117,6 +129,8 @@ class Plan(_Frozen):
     steps: tuple[Step, ...]
     reasons: tuple[Reason, ...] = ()
     cost: Cost = Cost()
+    # left out of the JSON when off, so plans of specs without `chat` keep their bytes
+    chat: Chat | None = Field(default=None, exclude_if=lambda v: v is None)
 
     def to_json(self) -> str:
         """Canonical JSON text (the bytes that are hashed and written to disk)."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kmec.errors import VerifyError
+from kmec.models.chat import ChatFrame
 from kmec.models.hooks import device_of
 from kmec.verify.scoring import Encoded, _ids, pad_id_of, score_encoded
 
@@ -44,8 +45,11 @@ def perplexity(models: Sequence[Any], tok: Any, texts: Sequence[str], *, max_len
 
 
 def greedy_continuations(models: Sequence[Any], tok: Any, prompts: Sequence[str], *,
-                         max_new_tokens: int = 8) -> list[tuple[str, ...]]:
+                         max_new_tokens: int = 8,
+                         chat: ChatFrame | None = None) -> list[tuple[str, ...]]:
     """The text each model writes greedily after each prompt (left-padded batch).
+
+    With ``chat`` each prompt is asked as a user turn of the model's chat template.
 
     Returns:
         One tuple per prompt, one continuation per model.
@@ -53,7 +57,7 @@ def greedy_continuations(models: Sequence[Any], tok: Any, prompts: Sequence[str]
     if not prompts:
         return []
     pad = pad_id_of(tok)
-    enc = [_ids(tok, p) for p in prompts]
+    enc = [_ids(tok, p) if chat is None else _ids(tok, chat.wrap(p), False) for p in prompts]
     width = max(len(e) for e in enc)
     per_model = []
     for model in models:

@@ -25,6 +25,7 @@ from typing import Any
 from kmec.artifacts import Artifact, apply, audit, select
 from kmec.grammar import subjects_of
 from kmec.grammar.templates import render
+from kmec.models.chat import ChatFrame
 from kmec.spec import Spec
 from kmec.verify import canaries, metrics
 from kmec.verify.claims import Case
@@ -44,13 +45,14 @@ def audit_section(base: Any, edited: Any, artifact: Artifact | None) -> AuditSec
                         max_error=float(f"{r.max_error:.3g}"), summary=r.summary())
 
 
-def _efficacy_on(model: Any, tok: Any, cases: Sequence[Case]) -> dict[str, float]:
+def _efficacy_on(model: Any, tok: Any, cases: Sequence[Case],
+                 chat: ChatFrame | None = None) -> dict[str, float]:
     items = []
     for c in cases:
         items.append(Item(c.efficacy.prompt, c.efficacy.target))
         if c.efficacy.old is not None:
             items.append(Item(c.efficacy.prompt, c.efficacy.old))
-    scores = dict(zip(items, (s[0] for s in score_items([model], tok, items))))
+    scores = dict(zip(items, (s[0] for s in score_items([model], tok, items, chat=chat))))
     out = {}
     for c in cases:
         old = scores[Item(c.efficacy.prompt, c.efficacy.old)] if c.efficacy.old is not None else None
@@ -59,7 +61,8 @@ def _efficacy_on(model: Any, tok: Any, cases: Sequence[Case]) -> dict[str, float
 
 
 def step_scores(base: Any, tok: Any, cases: Sequence[Case], artifact: Artifact | None,
-                order: str, *, retention: bool) -> dict[str, float]:
+                order: str, *, retention: bool,
+                chat: ChatFrame | None = None) -> dict[str, float]:
     """Efficacy (``prob`` protocol) of edits on partially edited models.
 
     ``order sequence`` (when a retention claim is declared): each edit right
@@ -83,7 +86,7 @@ def step_scores(base: Any, tok: Any, cases: Sequence[Case], artifact: Artifact |
         keep = set(step_ids[: i + 1]) if order == "sequence" else {step}
         applied = apply(select(artifact, steps=keep), scratch, check=False, tok=tok)
         try:
-            out.update(_efficacy_on(scratch, tok, mine))
+            out.update(_efficacy_on(scratch, tok, mine, chat))
         finally:
             applied.revert()
     return out

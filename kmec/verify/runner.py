@@ -38,6 +38,7 @@ from kmec._version import __version__
 from kmec.artifacts import Artifact
 from kmec.errors import VerifyError
 from kmec.hashing import sha256_text, spec_hash
+from kmec.models.chat import chat_frame
 from kmec.planner.model import Plan
 from kmec.progress import Progress
 from kmec.spec import Claim, Spec
@@ -133,7 +134,11 @@ class _Run:
         self.seed, self.max_examples, self.db = seed, max_examples, db
         self.progress = progress or (lambda _s, _d, _t: None)
         self.memo = memo
-        self.cache = ScoreCache([base, edited], tok, memo=memo.base if memo else None)
+        # `chat on`: every scored prompt is a user turn of the model's chat template
+        self.chat = None if spec.chat is None else chat_frame(
+            tok, system=spec.chat.system, model=plan.model if plan else spec.model or "the model")
+        self.cache = ScoreCache([base, edited], tok, memo=memo.base if memo else None,
+                                chat=self.chat)
         self.dec = Decoder(tok)
         self.cases: tuple[Case, ...] = build_cases(spec, plan)
         if not self.cases:
@@ -266,7 +271,8 @@ def _aggregate(run: _Run, results: list[ClaimResult], artifact: Artifact | None)
     notes: list[str] = []
     agg: dict[str, float | None] = {}
     steps = step_scores(run.base, run.tok, run.cases, artifact, run.spec.order,
-                        retention=any(c.metric == "retention" for c, _ in run.claims))
+                        retention=any(c.metric == "retention" for c, _ in run.claims),
+                        chat=run.chat)
     if run.spec.order == "batch":
         agg["scalability"] = round(metrics.scalability(efficacy), 6)
         if steps:
@@ -384,6 +390,7 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
 
     Raises:
         VerifyError: nothing to verify, or inputs that do not fit together.
+        ModelError: the spec says ``chat on`` and the tokenizer has no chat template.
     """
     t_start = time.perf_counter()
     db = DirectoryBasedExampleDatabase(str(db_dir)) if db_dir is not None else None
@@ -406,7 +413,8 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
                   for c in run.cases)
     greedy = greedy_continuations([base_model, edited_model], tok,
                                   [c.efficacy.prompt for c in run.cases],
-                                  max_new_tokens=min(GREEDY_TOKENS, longest + 3))
+                                  max_new_tokens=min(GREEDY_TOKENS, longest + 3),
+                                  chat=run.chat)
     run.timed("greedy_s", t0)
     rows = tuple(edit_row(c, run.cache, run.dec, g, results) for c, g in zip(run.cases, greedy))
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ import torch
 from kmec.errors import VerifyError
 from kmec.models.adapters import plain_head
 from kmec.models.batching import right_pad
+from kmec.models.chat import ChatFrame
 from kmec.models.hooks import device_of
 from kmec.progress import Progress
 
@@ -137,23 +138,28 @@ def _ids(tok: Any, text: str, special: bool = True) -> list[int]:
     return list(tok(text, add_special_tokens=special)["input_ids"])
 
 
-def encode_item(tok: Any, item: Item) -> Encoded:
+def encode_item(tok: Any, item: Item, chat: ChatFrame | None = None) -> Encoded:
     """Tokenise ``prompt + spaced(target)`` together and find the target tokens.
 
     When the joint tokenisation starts with the prompt's own tokens, the rest
     are the target's. When a merge crosses the boundary (rare: the prompt ends
-    mid-word), the target is tokenised on its own and appended.
+    mid-word), the target is tokenised on its own and appended. With ``chat``
+    (the spec's ``chat on``) the prompt is asked as a user turn of the model's
+    chat template and the target is the assistant's answer; the template's own
+    markers stand for the tokenizer's special tokens, so none are added.
 
     Raises:
         VerifyError: the prompt has no tokens (nothing predicts the target).
     """
-    p = _ids(tok, item.prompt)
+    prompt = item.prompt if chat is None else chat.wrap(item.prompt)
+    special = chat is None
+    p = _ids(tok, prompt, special)
     if not p:
         raise VerifyError(f"prompt {item.prompt!r} has no tokens, so nothing can be scored after it")
     if item.target is None:
         return Encoded(tuple(p), len(p))
-    text = spaced(item.prompt, item.target)
-    full = _ids(tok, item.prompt + text)
+    text = spaced(prompt, item.target)
+    full = _ids(tok, prompt + text, special)
     if len(full) > len(p) and full[: len(p)] == p:
         return Encoded(tuple(full), len(p))
     return Encoded(tuple(p + _ids(tok, text, special=False)), len(p))
@@ -352,7 +358,8 @@ def score_encoded(models: Sequence[Any], encoded: Sequence[Encoded], *, pad_id: 
 
 def score_items(models: Sequence[Any], tok: Any, items: Sequence[Item], *,
                 max_batch_tokens: int = 2048, topk: int = 5,
-                progress: Progress | None = None) -> list[tuple[ItemScore, ...]]:
+                progress: Progress | None = None,
+                chat: ChatFrame | None = None) -> list[tuple[ItemScore, ...]]:
     """Score ``items`` on every model in right-padded, length-sorted batches.
 
     Args:
@@ -362,11 +369,13 @@ def score_items(models: Sequence[Any], tok: Any, items: Sequence[Item], *,
         max_batch_tokens: padded tokens per batch (rows × widest row).
         topk: top next tokens kept per item.
         progress: ``progress("scoring", done, total)``.
+        chat: the chat template's frame when the spec says ``chat on``
+            (see :func:`encode_item`).
 
     Returns:
         One tuple per item, one :class:`ItemScore` per model, in input order.
     """
-    encoded = [encode_item(tok, it) for it in items]
+    encoded = [encode_item(tok, it, chat) for it in items]
     return score_encoded(models, encoded, pad_id=pad_id_of(tok),
                          max_batch_tokens=max_batch_tokens, topk=topk, progress=progress)
 
@@ -388,13 +397,16 @@ class ScoreCache:
     missing item alone (hypothesis's shrinker asks for prompts nobody
     predicted). ``items_scored`` counts items actually run through the models.
     With a :class:`BaseMemo` (two models, the first the base) an item the memo
-    knows runs through the edited model only.
+    knows runs through the edited model only. ``chat``: items' prompts are asked
+    through the model's chat template (:func:`encode_item`); items stay unwrapped.
     """
 
     def __init__(self, models: Sequence[Any], tok: Any, *, max_batch_tokens: int = 2048,
-                 topk: int = 5, memo: BaseMemo | None = None) -> None:
+                 topk: int = 5, memo: BaseMemo | None = None,
+                 chat: ChatFrame | None = None) -> None:
         self.models = tuple(models)
         self.tok = tok
+        self.chat = chat
         self.max_batch_tokens = max_batch_tokens
         self.topk = topk
         self.memo = memo if len(self.models) == 2 else None
@@ -414,7 +426,7 @@ class ScoreCache:
         if self.memo is None:
             scores = score_items(self.models, self.tok, missing,
                                  max_batch_tokens=self.max_batch_tokens, topk=self.topk,
-                                 progress=progress)
+                                 progress=progress, chat=self.chat)
             self._store.update(zip(missing, scores))
             return
         memo = self.memo.scores
@@ -423,7 +435,8 @@ class ScoreCache:
         pad = pad_id_of(self.tok)
         if new:
             refs: dict[int, torch.Tensor] = {}
-            scores = score_encoded(self.models, [encode_item(self.tok, it) for it in new],
+            scores = score_encoded(self.models, [encode_item(self.tok, it, self.chat)
+                                                 for it in new],
                                    pad_id=pad, max_batch_tokens=self.max_batch_tokens,
                                    topk=self.topk, progress=progress, refs=refs)
             for i, (it, sc) in enumerate(zip(new, scores)):
@@ -431,7 +444,8 @@ class ScoreCache:
                 self._store[it] = sc
         if known:
             refs = {i: memo[it][1] for i, it in enumerate(known)}
-            scores = score_encoded(self.models[1:], [encode_item(self.tok, it) for it in known],
+            scores = score_encoded(self.models[1:], [encode_item(self.tok, it, self.chat)
+                                                     for it in known],
                                    pad_id=pad, max_batch_tokens=self.max_batch_tokens,
                                    topk=self.topk, progress=progress, refs=refs)
             for it, sc in zip(known, scores):

@@ -15,6 +15,7 @@ from kmec.grammar.errors import KEYWORDS
 from kmec.spec import (
     METHODS,
     METRICS,
+    ChatSetting,
     Claim,
     MethodHint,
     Probe,
@@ -82,6 +83,8 @@ def claims(draw) -> Claim:
 def specs(draw) -> Spec:
     return Spec(**_some(draw, model=TEXT, seed=st.integers(0, 2**64),
                         order=st.sampled_from(["batch", "sequence"]), method=method_hints(),
+                        chat=st.one_of(st.none(), st.builds(
+                            ChatSetting, system=st.one_of(st.none(), TEXT))),
                         relations=st.lists(relations(), max_size=3).map(tuple),
                         edits=st.lists(edits(), max_size=3).map(tuple),
                         claims=st.lists(claims(), max_size=3).map(tuple),

@@ -102,4 +102,12 @@ def resolve(draft: Draft, facts: ModelFacts) -> Draft:
     n_triple = sum(not e.free_form for e in edits)
     because = (f"{n_triple} triple edit(s) rendered from their relation's prompt and paraphrase "
                f"templates; {len(edits) - n_triple} free-form edit(s) used as written")
-    return draft.update(edits=tuple(edits)).note(f"resolve {len(edits)} edit(s)", because)
+    draft = draft.update(edits=tuple(edits)).note(f"resolve {len(edits)} edit(s)", because)
+    if spec.chat is not None:
+        system = (f"with the system message {spec.chat.system!r}" if spec.chat.system is not None
+                  else "with the template's own system message, if it has one")
+        draft = draft.note("chat template", "`chat on`: edit, scope and preserve prompts are "
+                           f"asked as a user turn of the model's chat template ({system}) and "
+                           "the target is the assistant's answer; the prompts are wrapped when "
+                           "the steps run, where the tokenizer is")
+    return draft
