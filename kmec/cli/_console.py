@@ -2,8 +2,11 @@
 
 Off a terminal (a pipe, a file, a CI log) rich assumes 80 columns and cuts
 table cells short ("locality[…"). :func:`out_console` gives such output a
-width no table of kmec reaches, so every cell prints in full; on a terminal,
-and wherever ``COLUMNS`` is set, rich's own width applies.
+width no line reaches (:data:`PIPE_WIDTH`), so a table is as wide as its
+longest cells and prints in full, aligned; text is not wrapped (a log viewer
+wraps it). Tables, trees and text do not pad to the console's width, so the
+large width costs nothing. On a terminal, and wherever ``COLUMNS`` is set,
+rich's own width applies.
 
 Contents:
     out_console()   a Console (stdout or stderr) that prints tables in full off a terminal
@@ -18,7 +21,9 @@ import sys
 
 from rich.console import Console
 
-PIPE_WIDTH = 240  # columns for output that goes nowhere with a width of its own
+# columns for output that goes nowhere with a width of its own: a build path in a deep CI
+# workspace made a 240-column stats table cut its corpus cell, so no practical limit
+PIPE_WIDTH = 10_000
 
 
 def out_console(*, stderr: bool = False, **kwargs: object) -> Console:
