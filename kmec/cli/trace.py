@@ -100,8 +100,13 @@ def _table(results: list[Any]) -> Table:
 
 def _summary(results: list[Any], kinds: list[str], n_layers: int) -> dict[str, Any]:
     """Per kind: the window, the mean IE curves, and the peak bands — over all
-    layers, and past every window that contains layer 0 (see peak_layers)."""
-    from kmec.models.trace import mean_ie, peak_layers
+    layers, and past every window that contains layer 0 (see peak_layers) — each with
+    whether its peak stands out of the noise (``flat``: it does not; see peak_test)."""
+    from kmec.models.trace import mean_ie, peak_layers, peak_test
+
+    def noise(min_layer: int) -> dict[str, Any]:
+        t = peak_test(results, kind=kind, min_layer=min_layer)  # type: ignore[arg-type]
+        return {"flat": not t.stands_out, "height": t.height, "noise": t.noise}
 
     out: dict[str, Any] = {}
     for kind in kinds:
@@ -112,8 +117,9 @@ def _summary(results: list[Any], kinds: list[str], n_layers: int) -> dict[str, A
             "mean_ie": {"subject_last": list(mean_ie(results, kind=kind)),  # type: ignore[arg-type]
                         "last": list(mean_ie(results, kind=kind, position="last"))},  # type: ignore[arg-type]
             "peak_layers": peak_layers(results, kind=kind),  # type: ignore[arg-type]
+            "peak_test": noise(0),
             "peak_layers_past_layer0": {"min_layer": skip, "layers": peak_layers(
-                results, kind=kind, min_layer=skip)},  # type: ignore[arg-type]
+                results, kind=kind, min_layer=skip), **noise(skip)},  # type: ignore[arg-type]
         }
     return out
 
@@ -121,19 +127,22 @@ def _summary(results: list[Any], kinds: list[str], n_layers: int) -> dict[str, A
 def _print_summary(summary: dict[str, Any], facts: Any, n: int) -> None:
     from kmec.planner.layers import default_layers, layer_span
 
+    def peak(curve: list[float], layers: list[int], test: dict[str, Any]) -> str:
+        if test["flat"]:  # naming the highest layer of a flat curve would point at noise
+            return (f"flat within noise (the highest layer is {test['height']:.3f} above the "
+                    f"median, noise {test['noise']:.3f}): no peak layer")
+        best = max(layers, key=curve.__getitem__)
+        return f"peak layer {best} ({curve[best]:.3f}), band {layer_span(tuple(layers))}"
+
     for kind, s in summary.items():
         curve = s["mean_ie"]["subject_last"]
         past = s["peak_layers_past_layer0"]
-        best = max(s["peak_layers"], key=curve.__getitem__)
-        best_past = max(past["layers"], key=curve.__getitem__)
         line = (f"mean {kind} IE (window {s['window']}) at the subject's last token over {n} "
-                f"prompt(s): peak layer {best} ({curve[best]:.3f}), band "
-                f"{layer_span(tuple(s['peak_layers']))}")
+                f"prompt(s): {peak(curve, s['peak_layers'], s['peak_test'])}")
         if kind != "hidden":
-            line += (f"; from layer {past['min_layer']} on (windows without layer 0): peak "
-                     f"{best_past} ({curve[best_past]:.3f}), band "
-                     f"{layer_span(tuple(past['layers']))}")
-        console.print(line)
+            line += (f"; from layer {past['min_layer']} on (windows without layer 0): "
+                     f"{peak(curve, past['layers'], past)}")
+        console.print(line, markup=False)
     rome, memit = default_layers(facts, "rome").layers, default_layers(facts, "memit").layers
     console.print(f"planner defaults for {facts.name}: ROME {layer_span(rome)}, "
                   f"MEMIT {layer_span(memit)}")
@@ -155,7 +164,7 @@ def _write_out(out: Path, results: list[Any], data: dict[str, Any], model: str) 
         files.append(name)
         svgs.append(svg)
     summary = data["summary"]
-    peaks = {k: s["peak_layers"] for k, s in summary.items()}
+    peaks = {k: [] if s["peak_test"]["flat"] else s["peak_layers"] for k, s in summary.items()}
     lines = {f"{k} @ {pos.replace('_', ' ')}": v for k, s in summary.items()
              for pos, v in s["mean_ie"].items()}
     curves_svg = render.svg_curves(lines, title=f"mean indirect effect per layer, "

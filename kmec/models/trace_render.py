@@ -184,6 +184,13 @@ def _rows(results: Sequence[TraceResult]) -> list[str]:
     return out
 
 
+def _peak_words(layers: Sequence[int]) -> str:
+    """``peaks at layers 4, 5``, or, for no layers (a curve flat within noise), saying so."""
+    if not layers:
+        return "is flat within noise: no peak layer"
+    return f"peaks at layers {', '.join(map(str, layers))}"
+
+
 def markdown(results: Sequence[TraceResult], files: Sequence[str], *, model: str,
              peaks: Mapping[str, Sequence[int]], curves_file: str | None) -> str:
     """A Markdown report: a summary table, the peak layers and the figures."""
@@ -193,8 +200,7 @@ def markdown(results: Sequence[TraceResult], files: Sequence[str], *, model: str
     lines += _rows(results)
     lines.append("")
     for kind, layers in peaks.items():
-        lines.append(f"- mean {kind} IE at the subject's last token peaks at layers "
-                     f"{', '.join(map(str, layers))}")
+        lines.append(f"- mean {kind} IE at the subject's last token {_peak_words(layers)}")
     if curves_file:
         lines += ["", f"![mean indirect effect per layer]({curves_file})"]
     lines.append("")
@@ -210,8 +216,8 @@ def html(results: Sequence[TraceResult], svgs: Sequence[str], *, model: str,
         f"<tr><td>{_esc(r.prompt)}</td><td>{_esc(r.subject)}</td><td>{_esc(repr(r.answer))}</td>"
         f"<td>{r.kind} (w {r.window})</td><td>{r.p_clean:.3f}</td><td>{r.p_corrupted:.3f}</td></tr>"
         for r in results)
-    peak_items = "".join(f"<li>mean {k} IE at the subject's last token peaks at layers "
-                         f"{', '.join(map(str, v))}</li>" for k, v in peaks.items())
+    peak_items = "".join(f"<li>mean {k} IE at the subject's last token {_peak_words(v)}</li>"
+                         for k, v in peaks.items())
     figures = "".join(f"<figure>{s}</figure>" for s in svgs)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Causal traces of "
             f"{_esc(model)}</title><style>body{{font-family:sans-serif;margin:2em}}"
