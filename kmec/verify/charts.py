@@ -23,6 +23,7 @@ from kmec.verify.report import EditRow, Report
 
 FONT = 'font-family="Helvetica, Arial, sans-serif"'
 NEW, OLD, PASS, FAIL, INK, GRID = "#2e7d4f", "#d9822b", "#2e8b57", "#c0392b", "#1d232a", "#dde3ea"
+DARK_RED = "#7f140a"
 
 
 def _svg(width: float, height: float, label: str) -> str:
@@ -96,7 +97,7 @@ def _dumbbell(y: float, x0: float, w: float, before: float, after: float, colour
 def prob_chart_svg(rows: Sequence[EditRow], *, width: int = 760) -> str:
     """Per edit, P(new) (green) and P(old) (orange) before (hollow) -> after (filled) on the
     edit prompt, on a linear 0..1 axis; the numbers are written at the right."""
-    left, right, top, row_h = 150, 190, 34, 30
+    left, right, top, row_h = 150, 190, 34, 26
     plot_w = width - left - right
     height = top + row_h * len(rows) + 8
     parts = [_svg(width, height, "P(new) and P(old) before and after each edit"),
@@ -110,21 +111,21 @@ def prob_chart_svg(rows: Sequence[EditRow], *, width: int = 760) -> str:
                      f'text-anchor="middle" fill="#57606a">{k / 4:g}</text>')
     for i, e in enumerate(rows):
         y = top + i * row_h
-        parts.append(f'<text x="{left - 8}" y="{y + 14}" font-size="11" text-anchor="end">'
+        parts.append(f'<text x="{left - 8}" y="{y + 15}" font-size="11" text-anchor="end">'
                      f'<title>{escape(e.name)}: {escape(e.prompt)} → {escape(e.target_new)}'
                      f'</title>{escape(_short(e.name, 22))}</text>')
         b, a = e.base.p_target, e.edited.p_target
         text = []
         if b is not None and a is not None:
-            parts.append(_dumbbell(y + 9, left, plot_w, b, a, NEW, "new",
+            parts.append(_dumbbell(y + 7, left, plot_w, b, a, NEW, "new",
                                    f"{e.name}: P({e.target_new!r}) {b:.4g} → {a:.4g}"))
             text.append(f'<tspan fill="{NEW}">new {_num(b)}→{_num(a)}</tspan>')
         b, a = e.base.p_old, e.edited.p_old
         if b is not None and a is not None:
-            parts.append(_dumbbell(y + 19, left, plot_w, b, a, OLD, "old",
+            parts.append(_dumbbell(y + 16, left, plot_w, b, a, OLD, "old",
                                    f"{e.name}: P({e.target_old!r}) {b:.4g} → {a:.4g}"))
             text.append(f'<tspan fill="{OLD}"> old {_num(b)}→{_num(a)}</tspan>')
-        parts.append(f'<text x="{width - right + 10}" y="{y + 17}" font-size="10">'
+        parts.append(f'<text x="{width - right + 10}" y="{y + 15}" font-size="10">'
                      f'{"".join(text)}</text>')
     return "".join(parts) + "</svg>"
 
@@ -149,21 +150,22 @@ def _bar(y: float, x0: float, w: float, value: float | None, threshold: float, l
 def claim_chart_svg(report: Report, *, width: int = 760) -> str:
     """Per claim: the mean score over edits (a dot per edit, red where the edit fails), the
     score on declared prompts and on held-out prompts, each against the threshold (the dark
-    marker); a ``heldout`` claim is decided on held-out prompts alone."""
+    marker); a ``heldout`` claim is decided on held-out prompts alone. A report written
+    before the declared/held-out split existed shows the mean alone."""
     labels = list(dict.fromkeys(c.claim for c in report.claims))
-    left, right, group_h = 170, 60, 70
+    left, right = 170, 60
     plot_w = width - left - right
-    height = 12 + group_h * len(labels)
-    parts = [_svg(width, height, "claim scores against their thresholds")]
-    for i, label in enumerate(labels):
+    heights = [70 if label in report.aggregate.split else 40 for label in labels]
+    parts = [_svg(width, 12 + sum(heights), "claim scores against their thresholds")]
+    y = 10
+    for label, group_h in zip(labels, heights):
         rows = [c for c in report.claims if c.claim == label]
         t = rows[0].threshold
         split = report.aggregate.split.get(label)
-        y = 10 + i * group_h
         decides = "held-out prompts" if rows[0].heldout else "its prompts, per edit"
         parts.append(f'<text x="0" y="{y + 10}" font-size="12" font-weight="bold">'
-                     f'{escape(label)}</text><text x="{left}" y="{y + 10}" font-size="10" '
-                     f'fill="#57606a">threshold {t:g}, decided on {decides}</text>')
+                     f'{escape(_short(label, 28))}</text><text x="{left}" y="{y + 10}" '
+                     f'font-size="10" fill="#57606a">threshold {t:g}, decided on {decides}</text>')
         scored = [c for c in rows if c.score is not None]
         mean = report.aggregate.means.get(label)
         parts.append(_bar(y + 16, left, plot_w, mean, t, "mean over edits", "mean",
@@ -174,30 +176,42 @@ def claim_chart_svg(report: Report, *, width: int = 760) -> str:
                          f'fill="{PASS if c.status == "pass" else FAIL}" stroke="#fff">'
                          f'<title>{escape(c.edit)}: {c.score:.3f} ({c.status})</title></circle>')
         for j, (name, kind) in enumerate((("declared", "declared"), ("held out", "heldout"))):
-            value = getattr(split, kind) if split else None
-            n = getattr(split, f"{kind}_n") if split else 0
+            if split is None:
+                break
+            value, n = getattr(split, kind), getattr(split, f"{kind}_n")
             parts.append(_bar(y + 31 + 15 * j, left, plot_w, value, t, f"{name} ({n} prompts)",
                               kind, f"{label}: {name} prompts {value} over {n} prompt(s)"))
         x = left + plot_w * min(max(t, 0.0), 1.0)
         parts.append(f'<line class="mark threshold" x1="{x:.1f}" y1="{y + 13}" x2="{x:.1f}" '
-                     f'y2="{y + 61}" stroke="{INK}" stroke-width="2"><title>threshold {t:g}'
-                     f'</title></line>')
+                     f'y2="{y + group_h - 9}" stroke="{INK}" stroke-width="2"><title>threshold '
+                     f'{t:g}</title></line>')
+        y += group_h
     return "".join(parts) + "</svg>"
 
 
-def _kl_colour(kl: float | None) -> str:
-    """Light (KL 1e-6 or less) to dark blue (10 nats), on a log scale."""
-    t = 0.0 if not kl or kl <= 0 else min(max((math.log10(kl) + 6) / 7, 0.0), 1.0)
-    lo, hi = (244, 248, 251), (8, 48, 107)
-    r, g, b = (round(a + (z - a) * t) for a, z in zip(lo, hi))
+def _mix(lo: tuple[int, int, int], hi: tuple[int, int, int], t: float) -> str:
+    r, g, b = (round(a + (z - a) * min(max(t, 0.0), 1.0)) for a, z in zip(lo, hi))
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+def _kl_colour(kl: float | None, budget: float | None) -> str:
+    """Light to mid blue from KL 1e-5 up to the budget, orange to dark red above it (up to
+    100 times the budget), on log scales; without a budget, blue from 1e-5 to 10 nats."""
+    x = math.log10(max(kl or 0.0, 1e-9))
+    if budget is None or budget <= 0:
+        return _mix((240, 246, 252), (8, 48, 107), (x + 5) / 6)
+    b = math.log10(budget)
+    if kl is not None and kl > budget:
+        return _mix((245, 166, 35), (127, 20, 10), (x - b) / 2)
+    return _mix((240, 246, 252), (66, 133, 194), (x + 5) / (b + 5))
+
+
 def heatmap_svg(hm: HeatMap, *, cell: int = 18) -> str:
-    """Edits (rows) x the worst-hit locality prompts (columns): fill = KL (log scale), × =
-    the top-1 token changed, red outline = the probe fails its claim, grey = not checked."""
+    """Edits (rows) x the worst-hit locality prompts (columns): fill = KL (blue within the
+    budget, orange to red over it), × = the top-1 token changed, dark red outline = the probe
+    disagrees (it counts against its claim), a dot = the prompt was not checked on that edit."""
     left, top, right = 140, 150, 90
-    width = max(left + cell * len(hm.prompts) + right, left + 580)
+    width = max(left + cell * len(hm.prompts) + right, left + 660)
     height = top + cell * len(hm.edits) + 44
     parts = [_svg(width, height, "locality heat map: KL per edit and prompt")]
     for j, prompt in enumerate(hm.prompts):
@@ -215,36 +229,39 @@ def heatmap_svg(hm: HeatMap, *, cell: int = 18) -> str:
             x = left + j * cell
             c = hm.cells.get((edit, prompt))
             if c is None:
-                parts.append(f'<rect x="{x}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
-                             f'fill="#f3f3f3"><title>not checked on {escape(edit)}</title></rect>')
+                parts.append(f'<circle cx="{x + cell / 2 - 0.5}" cy="{y + cell / 2 - 0.5}" r="1" '
+                             f'fill="#c4cad1"><title>not checked on {escape(edit)}</title>'
+                             f'</circle>')
                 continue
             kl = "–" if c.kl is None else f"{c.kl:.3g}"
             title = (f"{edit} · {prompt}\nKL {kl}; top-1 {c.before!r} → {c.after!r}"
-                     + ("" if c.ok else " (fails)"))
-            stroke = f' stroke="{FAIL}" stroke-width="2"' if not c.ok else ""
+                     + ("" if c.ok else " (disagrees)"))
+            stroke = f' stroke="{DARK_RED}" stroke-width="2"' if not c.ok else ""
             parts.append(f'<rect class="mark cell" x="{x + (0 if c.ok else 1)}" '
                          f'y="{y + (0 if c.ok else 1)}" width="{cell - (1 if c.ok else 3)}" '
-                         f'height="{cell - (1 if c.ok else 3)}" fill="{_kl_colour(c.kl)}"{stroke}>'
+                         f'height="{cell - (1 if c.ok else 3)}" fill="{_kl_colour(c.kl, hm.budget)}"{stroke}>'
                          f'<title>{escape(title)}</title></rect>')
             if c.changed:
                 parts.append(f'<text x="{x + cell / 2 - 0.5:.1f}" y="{y + cell - 5}" '
-                             f'font-size="12" text-anchor="middle" fill="#fff" stroke="{FAIL}" '
-                             f'stroke-width="0.6">×</text>')
+                             f'font-size="13" font-weight="bold" text-anchor="middle" '
+                             f'fill="{INK}">×</text>')
         bad, n = hm.per_edit.get(edit, (0, 0))
         parts.append(f'<text x="{width - right + 6}" y="{y + cell - 5}" font-size="10" '
                      f'fill="{FAIL if bad else INK}">{bad}/{n}</text>')
     y = top + cell * len(hm.edits) + 14
+    lo, hi = -5.0, (math.log10(hm.budget) + 2 if hm.budget else 1.0)
     for k in range(21):
         parts.append(f'<rect x="{left + k * 8}" y="{y}" width="8" height="10" '
-                     f'fill="{_kl_colour(10 ** (-6 + 7 * k / 20))}"/>')
-    parts.append(f'<text x="{left - 6}" y="{y + 9}" font-size="10" text-anchor="end">KL 1e-6</text>'
-                 f'<text x="{left + 172}" y="{y + 9}" font-size="10">10 nats</text>')
+                     f'fill="{_kl_colour(10 ** (lo + (hi - lo) * k / 20), hm.budget)}"/>')
+    parts.append(f'<text x="{left - 6}" y="{y + 9}" font-size="10" text-anchor="end">KL 1e-5'
+                 f'</text><text x="{left + 172}" y="{y + 9}" font-size="10">{10 ** hi:g}</text>')
     if hm.budget is not None and hm.budget > 0:
-        x = left + 168 * (math.log10(min(max(hm.budget, 1e-6), 10)) + 6) / 7
+        x = left + 168 * (math.log10(hm.budget) - lo) / (hi - lo)
         parts.append(f'<line x1="{x:.1f}" y1="{y - 3}" x2="{x:.1f}" y2="{y + 13}" '
-                     f'stroke="{FAIL}" stroke-width="2"/><text x="{x:.1f}" y="{y + 24}" '
-                     f'font-size="9" text-anchor="middle" fill="{FAIL}">budget {hm.budget:g}</text>')
-    parts.append(f'<text x="{left + 240}" y="{y + 9}" font-size="10">× top-1 changed · '
-                 f'<tspan fill="{FAIL}">red outline</tspan>: fails its claim · grey: not '
-                 f'checked</text>')
+                     f'stroke="{INK}" stroke-width="2"/><text x="{x:.1f}" y="{y + 24}" '
+                     f'font-size="9" text-anchor="middle">budget {hm.budget:g}</text>')
+    parts.append(f'<text x="{left + 210}" y="{y + 9}" font-size="10">× top-1 changed · '
+                 f'<tspan fill="{DARK_RED}">dark outline</tspan>: disagrees (counts against the '
+                 f'claim) · '
+                 f'<tspan fill="#8a949e">·</tspan> not checked on that edit</text>')
     return "".join(parts) + "</svg>"

@@ -3,9 +3,13 @@
 Contents:
     to_json()          canonical JSON (sorted keys; timing under "timing")
     to_junit()         JUnit XML: one testcase per claim per edit, plus audit and canaries
-    to_markdown()      Markdown (templates/report.md.j2)
-    to_html()          one HTML file, inline CSS and SVG, no external assets
-    kl_histogram_svg() inline SVG histogram of locality KL over the sampled prompts
+    to_markdown()      Markdown (templates/report.md.j2): failure reasons, deduplicated
+                       counterexamples and failing prompts, the .kmec source
+    to_html()          one HTML file, inline CSS and SVG charts (kmec.verify.charts), no
+                       script or external asset: claims against thresholds, P(new)/P(old)
+                       before -> after, the edits x neighbours heat map, failures linked to
+                       their reasons, the .kmec source
+    kl_histogram_svg() inline SVG histogram of locality KL (from :mod:`kmec.verify.charts`)
     write_reports()    all four into a folder (report.json, junit.xml, report.md, report.html)
 """
 
@@ -14,15 +18,23 @@ from __future__ import annotations
 import math
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
 from kmec.hashing import atomic_write_text, canonical_json
 from kmec.outputs import OutputError
+from kmec.verify.charts import claim_chart_svg, heatmap_svg, kl_histogram_svg, prob_chart_svg
+from kmec.verify.findings import (
+    anchor,
+    claim_reason,
+    counterexamples,
+    failing_prompts,
+    heat_map,
+    probe_reason,
+)
 from kmec.verify.report import Report
 
 
@@ -62,6 +74,20 @@ def md_code(value: Any) -> _MdRaw:
     return _MdRaw(f"{fence}{pad}{text}{pad}{fence}")
 
 
+def md_fence(value: Any, lang: str = "") -> _MdRaw:
+    """A value as a fenced Markdown code block that no backtick run inside it can close.
+
+    >>> print(md_fence("a ``` b", "kmec"))
+    ````kmec
+    a ``` b
+    ````
+    """
+    text = _XML_INVALID.sub("", str(value)).replace("\r\n", "\n").replace("\r", "\n")
+    longest = max((len(m) for m in re.findall(r"`{3,}", text)), default=2)
+    fence = "`" * (longest + 1)
+    return _MdRaw(f"{fence}{lang}\n{text.rstrip(chr(10))}\n{fence}")
+
+
 def xml_text(value: Any) -> str:
     """Text XML 1.0 can hold (control characters other than tab and newlines dropped)."""
     return _XML_INVALID.sub("", str(value))
@@ -72,6 +98,7 @@ def _filters(env: jinja2.Environment) -> jinja2.Environment:
     env.filters["num"] = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"
     env.filters["g"] = lambda v: "–" if v is None else f"{v:.3g}"
     env.filters["code"] = md_code
+    env.filters["fence"] = md_fence
     return env
 
 
@@ -157,60 +184,22 @@ def to_junit(report: Report) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def _log_bins(values: Sequence[float], lo: float = 1e-6, hi: float = 10.0, n: int = 21) -> list[int]:
-    counts = [0] * n
-    a, b = math.log10(lo), math.log10(hi)
-    for v in values:
-        x = math.log10(min(max(v, lo), hi))
-        counts[min(int((x - a) / (b - a) * n), n - 1)] += 1
-    return counts
-
-
-def kl_histogram_svg(values: Sequence[float], budget: float | None = None, *,
-                     width: int = 560, height: int = 180) -> str:
-    """An inline SVG histogram of KL values on a log scale (1e-6 … 10 nats)."""
-    n, pad, axis = 21, 36, 36
-    counts = _log_bins(values, n=n)
-    top = max(counts) or 1
-    plot_w, plot_h = width - 2 * pad, height - axis - 16
-    bar_w = plot_w / n
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-              f'viewBox="0 0 {width} {height}" role="img" aria-label="histogram of locality KL">'),
-             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fafafa"/>']
-    for i, c in enumerate(counts):
-        h = plot_h * c / top
-        x = pad + i * bar_w
-        parts.append(f'<rect x="{x + 1:.1f}" y="{16 + plot_h - h:.1f}" width="{bar_w - 2:.1f}" '
-                     f'height="{h:.1f}" fill="#4a78b5"><title>{c} prompt(s)</title></rect>')
-        if c:
-            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{12 + plot_h - h:.1f}" font-size="9" '
-                         f'text-anchor="middle">{c}</text>')
-    base = 16 + plot_h
-    parts.append(f'<line x1="{pad}" y1="{base}" x2="{width - pad}" y2="{base}" stroke="#333"/>')
-    for k, e in enumerate(range(-6, 2)):
-        x = pad + plot_w * k / 7
-        parts.append(f'<text x="{x:.1f}" y="{base + 14}" font-size="10" text-anchor="middle">'
-                     f'1e{e}</text>')
-    if budget is not None and budget > 0:
-        x = pad + plot_w * (math.log10(min(max(budget, 1e-6), 10)) + 6) / 7
-        parts.append(f'<line x1="{x:.1f}" y1="12" x2="{x:.1f}" y2="{base}" stroke="#c0392b" '
-                     f'stroke-dasharray="4 3"/><text x="{x + 3:.1f}" y="22" font-size="10" '
-                     f'fill="#c0392b">budget {escape(f"{budget:g}")}</text>')
-    parts.append(f'<text x="{width / 2}" y="{height - 2}" font-size="10" text-anchor="middle">'
-                 f'KL(base ‖ edited) in nats, {len(values)} locality prompts</text></svg>')
-    return "".join(parts)
-
-
 def _context(report: Report) -> dict[str, Any]:
     loc = [r for r in report.claims if r.metric == "locality"]
     kls = [p.edited.kl for r in loc for p in r.probes if p.edited.kl is not None]
     budgets = [r.kl_budget for r in loc if r.kl_budget is not None]
     labels = list(dict.fromkeys(r.claim for r in report.claims))
     matrix = {(r.claim, r.edit): r for r in report.claims}
-    return {"r": report, "labels": labels, "matrix": matrix,
-            "failures": [c for c in report.claims if c.status == "fail"],
+    failures = list(report.failures())
+    examples = counterexamples(report)
+    return {"r": report, "labels": labels, "matrix": matrix, "failures": failures,
+            "reasons": {(c.claim, c.edit): claim_reason(c) for c in failures},
+            "probe_reason": probe_reason, "anchor": anchor,
+            "failing": failing_prompts(report), "examples": examples,
+            "example_of": {x.prompt: i for i, x in enumerate(examples, 1)},
             "histogram": Markup(kl_histogram_svg(kls, min(budgets) if budgets else None)),
-            "n_kl": len(kls)}
+            "n_kl": len(kls), "source": report.spec_source,
+            "source_path": report.spec_path or "", "spec_json": canonical_json(report.spec)}
 
 
 def to_markdown(report: Report) -> str:
@@ -218,10 +207,28 @@ def to_markdown(report: Report) -> str:
     return _MD_ENV.get_template("report.md.j2").render(**_context(report))
 
 
+def _locality_rows(report: Report, keep: int = 25) -> list[tuple[str, list[Any], int, int]]:
+    """Per locality claim and edit, its probes for the collapsed detail: the disagreeing
+    ones, then the largest KL, ``keep`` at most; how many were checked and disagree."""
+    out = []
+    for c in report.claims:
+        if c.metric != "locality" or not c.probes:
+            continue
+        ranked = sorted(c.probes, key=lambda p: (p.ok, -(p.edited.kl or 0.0)))
+        out.append((c.edit, [(p, probe_reason(p, c)) for p in ranked[:keep]], len(c.probes),
+                    sum(not p.ok for p in c.probes)))
+    return out
+
+
 def to_html(report: Report) -> str:
     """The report as one self-contained HTML page (inline CSS and SVG)."""
     ctx = _context(report)
-    ctx["spec_json"] = canonical_json(report.spec)
+    heat = heat_map(report)
+    ctx["heatmap"] = Markup(heatmap_svg(heat)) if heat else None
+    ctx["heat"] = heat
+    ctx["probs"] = Markup(prob_chart_svg(report.edits)) if report.edits else None
+    ctx["claim_chart"] = Markup(claim_chart_svg(report)) if report.claims else None
+    ctx["locality_rows"] = _locality_rows(report)
     ctx["plan_json"] = canonical_json(report.plan) if report.plan else ""
     return _ENV.get_template("report.html.j2").render(**ctx)
 

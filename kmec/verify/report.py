@@ -212,7 +212,12 @@ class Aggregate(_Frozen):
 
 
 class Report(_Frozen):
-    """A complete verification report (see the module docstring)."""
+    """A complete verification report (see the module docstring).
+
+    ``spec`` is the spec's canonical dump; ``spec_path`` the ``.kmec`` file it was parsed
+    from and ``spec_source`` that file's text as it was read at verification time (both
+    None for a spec built in Python; a report written before they existed reads as such).
+    """
 
     format: str = FORMAT
     kmec_version: str
@@ -228,6 +233,8 @@ class Report(_Frozen):
     order: str
     seed: int
     spec: dict[str, Any]
+    spec_path: str | None = None
+    spec_source: str | None = None
     plan: dict[str, Any] | None
     claims: tuple[ClaimResult, ...]
     edits: tuple[EditRow, ...]

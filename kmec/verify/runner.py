@@ -436,9 +436,25 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
                           artifact.manifest.base_fingerprint if artifact else ""),
         spec_hash=spec_hash(spec), plan_hash=plan.sha256 if plan else None,
         artifact=_artifact_info(artifact), order=spec.order, seed=run.seed,
-        spec=spec.model_dump(mode="json"), plan=plan.model_dump(mode="json") if plan else None,
-        claims=tuple(results), edits=rows, aggregate=agg, audit=audit, capability=cap,
+        spec=spec.model_dump(mode="json"), spec_path=spec.source, spec_source=_source_text(spec),
+        plan=plan.model_dump(mode="json") if plan else None, claims=tuple(results),
+        edits=rows, aggregate=agg, audit=audit, capability=cap,
         plus=plus_rows(plus, run.cache, run.dec), notes=notes, timing=dict(run.timing))
+
+
+SOURCE_LIMIT = 256_000  # characters of the .kmec file a report embeds (specs are far smaller)
+
+
+def _source_text(spec: Spec) -> str | None:
+    """The text of the file ``spec`` was parsed from, for the report to show (None: a spec
+    built in Python, or a file that is gone, unreadable, not text or too large)."""
+    if not spec.source:
+        return None
+    try:
+        text = Path(spec.source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if len(text) <= SOURCE_LIMIT else None
 
 
 def _artifact_info(artifact: Artifact | None) -> dict[str, Any]:
