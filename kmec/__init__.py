@@ -1,6 +1,12 @@
 """kmec: a declarative compiler for knowledge edits of language models.
 
-The library is five verbs over five nouns (see docs/ARCHITECTURE.md)::
+In a notebook, one call edits a model in place (see docs/python.md)::
+
+    e = kmec.edit("smollm2-135m", [kmec.Fact(prompt="The capital of {subject} is",
+                                             subject="France", target_new="Lyon")])
+    e.generate("The capital of France is"); e.verify(); e.revert(); e.save("build")
+
+Underneath, the library is five verbs over five nouns (see docs/ARCHITECTURE.md)::
 
     spec = kmec.parse(text, path="capitals.kmec")          # text      -> Spec
     plan = kmec.plan(spec, loaded.facts)                   # Spec      -> Plan
@@ -10,85 +16,144 @@ The library is five verbs over five nouns (see docs/ARCHITECTURE.md)::
 
 ``kmec.load_model("smollm2-135m")`` gives the ``loaded`` model these take.
 Heavy modules (torch, transformers) are imported only when a verb that needs
-them is called, so ``import kmec`` stays cheap.
+them is called, so ``import kmec`` stays cheap; the types named in the
+signatures are imported for type checkers only.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kmec._version import __version__
+from kmec.api import Edited, Fact, edit, load_model
 from kmec.errors import KmecError
 
-__all__ = ["KmecError", "__version__", "apply", "compile_spec", "execute", "load_model", "parse",
-           "plan", "verify", "verify_build"]
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from kmec.artifacts import Applied, Artifact
+    from kmec.backends.base import Backend
+    from kmec.models.facts import ModelFacts
+    from kmec.models.load import LoadedModel
+    from kmec.pipeline import BuildResult
+    from kmec.planner.model import Plan
+    from kmec.progress import Progress
+    from kmec.spec import Spec
+    from kmec.verify.report import Report
+
+__all__ = ["Edited", "Fact", "KmecError", "__version__", "apply", "compile_spec", "edit",
+           "execute", "load_model", "parse", "plan", "verify", "verify_build"]
 
 
-def parse(text: str, *, path: str = "<string>") -> Any:
-    """Parse and check spec text (see :func:`kmec.grammar.parse`)."""
+def parse(text: str, *, path: str = "<string>", includes: bool = True) -> Spec:
+    """Parse and check spec text (see :func:`kmec.grammar.parse`).
+
+    Raises:
+        SpecError: every error found, each with ``file:line:col``.
+    """
     from kmec.grammar import parse as _parse
 
-    return _parse(text, path=path)
+    return _parse(text, path=path, includes=includes)
 
 
-def plan(spec: Any, facts: Any, **kwargs: Any) -> Any:
-    """Compile a Spec into a Plan for a model's facts (see :func:`kmec.planner.plan`)."""
+def plan(spec: Spec, facts: ModelFacts, *, backends: Mapping[str, Backend] | None = None,
+         editors: Collection[str] = ()) -> Plan:
+    """Compile a Spec into a Plan for a model's facts (see :func:`kmec.planner.plan`).
+
+    Args:
+        spec: the parsed spec.
+        facts: the model's facts (``kmec.load_model(...).facts``; no weights needed).
+        backends: the editing methods the planner may choose (default: all of
+            :data:`kmec.backends.BACKENDS`).
+        editors: models with a trained MEND editor (fingerprints or names).
+
+    Raises:
+        PlanError: the spec cannot be satisfied on this model.
+    """
     from kmec.planner import plan as _plan
 
-    if "backends" not in kwargs:
+    if backends is None:
         from kmec.backends import BACKENDS
 
-        kwargs["backends"] = BACKENDS
-    return _plan(spec, facts, **kwargs)
+        backends = BACKENDS
+    return _plan(spec, facts, backends=backends, editors=editors)
 
 
-def execute(plan: Any, loaded: Any, **kwargs: Any) -> Any:
-    """Run a plan on a loaded model and return the Artifact (see :func:`kmec.compile.execute`)."""
+def execute(plan: Plan, loaded: LoadedModel, *, progress: Progress | None = None,
+            use_cache: bool = True) -> Artifact:
+    """Run a plan on a loaded model and return the Artifact (see :func:`kmec.compile.execute`).
+
+    The model is left exactly as it was.
+
+    Raises:
+        BackendError: a step failed (wrapping the cause) or changed the model.
+    """
     from kmec.compile import execute as _execute
 
-    return _execute(plan, loaded, **kwargs)
+    return _execute(plan, loaded, progress=progress, use_cache=use_cache)
 
 
-def apply(artifact: Any, model: Any, **kwargs: Any) -> Any:
-    """Apply an Artifact to a model in place; returns a revertible handle."""
+def apply(artifact: Artifact, model: torch.nn.Module, *, fingerprint: str | None = None,
+          check: bool = True, tok: PreTrainedTokenizerBase | None = None) -> Applied:
+    """Apply an Artifact to a model in place; returns a handle whose ``revert()``
+    restores the exact weights (see :func:`kmec.artifacts.apply`).
+
+    Raises:
+        ArtifactError: the model is not the artifact's base, or a payload is malformed.
+    """
     from kmec.artifacts import apply as _apply
 
-    return _apply(artifact, model, **kwargs)
+    return _apply(artifact, model, fingerprint=fingerprint, check=check, tok=tok)
 
 
-def verify(spec: Any, plan: Any, base: Any, edited: Any, tok: Any, **kwargs: Any) -> Any:
-    """Check a spec's claims on base vs edited models (see :func:`kmec.verify.verify`)."""
+def verify(spec: Spec, plan: Plan | None, base: torch.nn.Module, edited: torch.nn.Module,
+           tok: PreTrainedTokenizerBase, *, seed: int | None = None,
+           max_examples: int | None = None, db_dir: str | os.PathLike[str] | None = None,
+           progress: Progress | None = None, artifact: Artifact | None = None,
+           root: str | os.PathLike[str] | None = None) -> Report:
+    """Check a spec's claims on base vs edited models (see :func:`kmec.verify.verify`).
+
+    Neither model is modified. ``report.exit_code`` is 0 when every claim holds.
+
+    Raises:
+        VerifyError: nothing to verify, or inputs that do not fit together.
+    """
     from kmec.verify import verify as _verify
 
-    return _verify(spec, plan, base, edited, tok, **kwargs)
+    return _verify(spec, plan, base, edited, tok, seed=seed, max_examples=max_examples,
+                   db_dir=db_dir, progress=progress, artifact=artifact, root=root)
 
 
-def compile_spec(spec_path: Any, **kwargs: Any) -> Any:
-    """Compile a spec file into a build directory (see :func:`kmec.pipeline.compile_spec`)."""
+def compile_spec(spec_path: str | os.PathLike[str], *, out: str | os.PathLike[str] = "build",
+                 model: str | None = None, progress: Progress | None = None,
+                 use_cache: bool = True, editors: tuple[str, ...] | None = None,
+                 force: bool = False, root: str | os.PathLike[str] | None = None,
+                 budget: float | None = None) -> BuildResult:
+    """Compile a spec file into a build directory, as ``kmec compile`` does
+    (see :func:`kmec.pipeline.compile_spec` for the arguments)."""
     from kmec.pipeline import compile_spec as _compile
 
-    return _compile(spec_path, **kwargs)
+    return _compile(Path(spec_path), out=Path(out), model=model, progress=progress,
+                    use_cache=use_cache, editors=editors, force=force,
+                    root=None if root is None else Path(root), budget=budget)
 
 
-def verify_build(build: Any, **kwargs: Any) -> Any:
-    """Verify a build directory and write its reports (see :func:`kmec.pipeline.verify_build`)."""
+def verify_build(build: str | os.PathLike[str], *, spec_path: str | os.PathLike[str] | None = None,
+                 max_examples: int | None = None,
+                 report_dir: str | os.PathLike[str] | None = None,
+                 db_dir: str | os.PathLike[str] | None = None, progress: Progress | None = None,
+                 force: bool = False, root: str | os.PathLike[str] | None = None) -> Report:
+    """Verify a build directory and write its reports, as ``kmec verify`` does
+    (see :func:`kmec.pipeline.verify_build` for the arguments)."""
     from kmec.pipeline import verify_build as _verify_build
 
-    return _verify_build(build, **kwargs)
+    def path(p: str | os.PathLike[str] | None) -> Path | None:
+        return None if p is None else Path(p)
 
-
-def load_model(ref: str, **kwargs: Any) -> Any:
-    """Load a model by alias, folder or hub id (see :func:`kmec.models.load.load_model`).
-
-    A folder written by ``kmec apply`` comes back edited, with its external
-    memory (codebook or retrieval) installed (see :func:`kmec.artifacts.edited.load_edited`).
-    """
-    from pathlib import Path
-
-    if (Path(ref).expanduser() / "kmec_edit.json").is_file():
-        from kmec.artifacts.edited import load_edited
-
-        return load_edited(Path(ref).expanduser(), **kwargs)
-    from kmec.models.load import load_model as _load
-
-    return _load(ref, **kwargs)
+    return _verify_build(Path(build), spec_path=path(spec_path), max_examples=max_examples,
+                         report_dir=path(report_dir), db_dir=path(db_dir), progress=progress,
+                         force=force, root=path(root))

@@ -20,7 +20,7 @@ The order, bottom to top, and why it differs from the first sketch:
   payload types and ``temporarily_added`` from it, and it imports no backend.
 - ``compile`` (execute + step cache) → ``verify`` → ``pipeline`` (the
   workflows that call both) → ``bench`` and ``diff`` (which reads specs, builds and
-  reports) → the CLI and the package root.
+  reports) and ``api`` (``kmec.edit``) → the CLI and the package root.
 
 Extra rules: the verifier imports neither the backends nor the compiler; the
 planner sees models only through ``ModelFacts`` and the adapters table (it
@@ -51,7 +51,7 @@ LEVELS: tuple[tuple[str, ...], ...] = (
     ("compile",),
     ("verify",),
     ("pipeline",),
-    ("bench", "diff"),
+    ("bench", "diff", "api"),  # api: kmec.edit, the one-call workflow over the pipeline
     ("cli", "kmec"),  # "kmec": the package root (kmec/__init__.py)
     ("__main__",),
 )
