@@ -158,7 +158,7 @@ class LineReporter:
         if total > 0:
             parts.append(f"{done:,}/{total:,}")
             rate = done / elapsed if done > 0 and elapsed > 0 else None
-            if rate is not None:
+            if rate is not None and total > 1:  # "1/1 0.33/s" says nothing "in 3.0s" does not
                 parts.append(format_rate(rate))
             if finished:
                 parts.append(f"in {format_seconds(elapsed)}")
