@@ -21,7 +21,7 @@ from kmec.verify.render import (
     write_reports,
 )
 from kmec.verify.report import Report
-from tests.verify.conftest import PARAM, run_verify
+from tests.verify.conftest import PARAM, artifact_of, edited_copy, make_plan, make_spec
 
 CLAIMS = (Claim(metric="efficacy", threshold=1.0),
           Claim(metric="generality", threshold=0.0, protocol="token"),
@@ -29,11 +29,23 @@ CLAIMS = (Claim(metric="efficacy", threshold=1.0),
           Claim(metric="locality", threshold=0.9, sample=30, kl=0.05))
 
 
+SOURCE = '# the spec as written\nedit france { subject "France" }  # <b>not bold</b> & co\n'
+
+
 @pytest.fixture(scope="module")
-def failing(setup) -> Report:
+def failing(setup, tmp_path_factory) -> Report:
+    """A real verification of a damaging edit, of a spec read from a .kmec file."""
+    from kmec.verify import verify
+
+    path = tmp_path_factory.mktemp("spec") / "france.kmec"
+    path.write_text(SOURCE)
+    spec = make_spec(setup.old, setup.new, CLAIMS).model_copy(update={"source": str(path)})
+    plan = make_plan(spec, setup.fingerprint)
     g = torch.Generator().manual_seed(3)
-    return run_verify(setup, [LowRank(PARAM, torch.randn(32, 1, generator=g) * 3,
-                               torch.randn(2048, 1, generator=g) * 3)], CLAIMS)
+    art = artifact_of([LowRank(PARAM, torch.randn(32, 1, generator=g) * 3,
+                               torch.randn(2048, 1, generator=g) * 3)], setup.fingerprint, plan)
+    edited = edited_copy(setup.model, art, setup.fingerprint)
+    return verify(spec, plan, setup.model, edited, setup.tok, seed=0, artifact=art)
 
 
 def test_json_is_canonical_and_round_trips(failing):
@@ -63,11 +75,13 @@ class _Tags(HTMLParser):
         super().__init__()
         self.tags: list[str] = []
         self.urls: list[str] = []
+        self.ids: list[str] = []
         self.stack: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
         self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+        self.ids += [v for k, v in attrs if k == "id" and v]
         if tag not in ("meta", "br", "input", "img", "link", "hr"):
             self.stack.append(tag)
 
@@ -84,7 +98,10 @@ def test_html_is_self_contained_and_well_formed(failing):
     p = _Tags()
     p.feed(html)
     assert p.stack == [], p.stack[-5:]
-    assert p.urls == [] and "script" not in p.tags and "link" not in p.tags
+    assert "script" not in p.tags and "link" not in p.tags
+    # the only links are to places on the page, and each place exists, once
+    assert p.urls and all(u.startswith("#") for u in p.urls), p.urls
+    assert {u[1:] for u in p.urls} <= set(p.ids) and len(p.ids) == len(set(p.ids))
     assert {"svg", "table", "style", "details"} <= set(p.tags)
     cx = next(c for c in failing.claims if c.counterexample).counterexample
     assert cx.prompt in html and "Minimal counterexample" in html
@@ -97,6 +114,25 @@ def test_markdown_names_claims_and_failures(failing):
     assert md.startswith("# kmec verify: FAIL")
     assert "| `locality[kl<=0.05]` |" in md and "## Failures" in md
     assert "Minimal counterexample" in md
+
+
+def test_verify_records_the_kmec_source_and_the_reports_show_it(failing):
+    assert failing.spec_path and failing.spec_path.endswith("france.kmec")
+    assert failing.spec_source == SOURCE
+    html = to_html(failing)
+    # shown as written (not as JSON), escaped
+    assert "edit france { subject &#34;France&#34; }  # &lt;b&gt;not bold&lt;/b&gt; &amp; co" in html
+    assert "<b>not bold</b>" not in html
+    assert "```kmec\n" + SOURCE in to_markdown(failing)
+
+
+def test_without_a_source_file_the_reports_say_so_and_show_the_json(failing):
+    bare = failing.model_copy(update={"spec_source": None})
+    html = to_html(bare)
+    assert "could not be read when verifying" in html and "edit france {" not in html
+    assert "&#34;edits&#34;" in html  # the canonical JSON instead
+    md = to_markdown(bare.model_copy(update={"spec_path": None}))
+    assert "not read from a file" in md and "```json" in md
 
 
 def test_histogram_svg():
