@@ -23,6 +23,8 @@ signatures are imported for type checkers only.
 from __future__ import annotations
 
 import os
+import sys
+import types
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,3 +159,23 @@ def verify_build(build: str | os.PathLike[str], *, spec_path: str | os.PathLike[
     return _verify_build(Path(build), spec_path=path(spec_path), max_examples=max_examples,
                          report_dir=path(report_dir), db_dir=path(db_dir), progress=progress,
                          force=force, root=path(root))
+
+
+class _Package(types.ModuleType):
+    """The ``kmec`` module, keeping its verbs when a subpackage of the same name is imported.
+
+    Importing ``kmec.verify.<anything>`` makes the import system bind the subpackage
+    as the attribute ``kmec.verify``, which would replace the ``verify`` verb with a
+    module (``kmec.verify(...)``: "'module' object is not callable") as soon as
+    anything had verified. The verb wins; ``from kmec.verify import Report`` and
+    ``import kmec.verify.runner`` still find the subpackage through ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}" \
+                and name in __all__ and callable(self.__dict__.get(name)):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
