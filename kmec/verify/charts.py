@@ -196,7 +196,11 @@ def _mix(lo: tuple[int, int, int], hi: tuple[int, int, int], t: float) -> str:
 
 def _kl_colour(kl: float | None, budget: float | None) -> str:
     """Light to mid blue from KL 1e-5 up to the budget, orange to dark red above it (up to
-    100 times the budget), on log scales; without a budget, blue from 1e-5 to 10 nats."""
+    100 times the budget), on log scales; without a budget, blue from 1e-5 to 10 nats.
+
+    >>> _kl_colour(1e-9, 0.1), _kl_colour(0.1, 0.1), _kl_colour(10.0, 0.1)
+    ('#f0f6fc', '#4285c2', '#7f140a')
+    """
     x = math.log10(max(kl or 0.0, 1e-9))
     if budget is None or budget <= 0:
         return _mix((240, 246, 252), (8, 48, 107), (x + 5) / 6)

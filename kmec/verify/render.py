@@ -47,7 +47,7 @@ _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 def md_escape(value: Any) -> str:
-    """A value as inert Markdown text: HTML special characters become entities,
+    r"""A value as inert Markdown text: HTML special characters become entities,
     Markdown punctuation is backslash-escaped, line breaks become ``↵``.
 
     Every value a report template prints goes through it (jinja2's
@@ -55,7 +55,7 @@ def md_escape(value: Any) -> str:
     open an HTML comment that hides the rest, or break a table.
 
     >>> md_escape("# PASS <!-- x")
-    '\\# PASS &lt;!\\-\\- x'
+    '\\# PASS &lt;\\!\\-\\- x'
     """
     if isinstance(value, _MdRaw):
         return str(value)

@@ -188,3 +188,13 @@ def test_md_fence_outlasts_backticks():
 def test_page_source_is_escaped(html):
     assert "<script>" not in html
     assert "# a comment with markup: &lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;/pre&gt;" in html
+
+
+@pytest.mark.parametrize("name", ["kmec.verify.findings", "kmec.verify.render",
+                                  "kmec.verify.charts"])
+def test_doctests(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.failed == 0 and result.attempted > 0
