@@ -10,7 +10,7 @@ from kmec.grammar import analyze_dir, analyze_file, format_text, spec_files
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 FILES = spec_files(SPECS)
-EXPECTED = {"capitals", "messi", "kazakhstan", "factcheck", "counterfact20"}
+EXPECTED = {"capitals", "messi", "kazakhstan", "factcheck", "counterfact20", "chat"}
 
 
 def test_the_documented_examples_exist() -> None:
