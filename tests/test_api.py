@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +229,28 @@ def test_import_kmec_stays_free_of_torch():
     code = "import kmec, sys; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "notebook_edit.py"
+THREADS = torch.get_num_threads()  # before _env pins one thread for the tiny model
+
+
+def test_the_notebook_example_is_six_lines_of_code():
+    lines = [ln for ln in EXAMPLE.read_text().splitlines() if ln.strip()]
+    assert len(lines) <= 6 and not any(ln.lstrip().startswith("#") for ln in lines)
+    assert sum("kmec.edit(" in ln for ln in lines) == 1
+
+
+@pytest.mark.slow
+def test_the_notebook_example_edits_and_reverts_the_real_model(kmec_home, monkeypatch, capsys):
+    """examples/notebook_edit.py on SmolLM2-135M: ROME moves the Eiffel Tower to Rome, and
+    revert brings Paris back (the user's cache: its statistics are shared with the e2e tests)."""
+    monkeypatch.setenv("KMEC_HOME", str(kmec_home))
+    from kmec.models.load import install_alias
+
+    install_alias("smollm2-135m")
+    torch.set_num_threads(THREADS)  # the real model uses every core (_env restores its count)
+    runpy.run_path(str(EXAMPLE), run_name="__main__")
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split(":")[0] for ln in out] == ["edited", "reverted"]
+    assert out[0].startswith("edited:  Rome") and out[1].startswith("reverted:  Paris"), out
