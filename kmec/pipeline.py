@@ -157,7 +157,8 @@ class BuildResult:
     ``claims_ok`` is None when the claims were not scored (the spec declares none, or
     the budget is 0), else whether every check held on the build that was written
     (the best attempt). ``attempts`` lists every plan that ran, in order; ``verdict``
-    says which claims were out of reach and the trade-offs seen when some failed.
+    says which claims were out of reach and the trade-offs seen when some failed;
+    ``report`` is the scoring of the build's attempt (None when nothing was scored).
     """
 
     out: Path
@@ -168,6 +169,7 @@ class BuildResult:
     claims_ok: bool | None = None
     attempts: tuple[Attempt, ...] = ()
     verdict: str = ""
+    report: Report | None = None
 
 
 def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str | None = None,
@@ -233,7 +235,7 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
                        root=subjects_root, t0=t0)
     write_compiled(out, c, spec=s.spec, spec_path=spec_path, model=s.model)
     return BuildResult(out, c.plan, c.artifact, c.seconds, False, c.claims_ok, c.attempts,
-                       c.verdict)
+                       c.verdict, c.report)
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,7 @@ class Compiled:
     attempts: tuple[Attempt, ...]
     verdict: str
     log: str
+    report: Report | None = None  # the scoring of the best attempt (None: not scored)
 
 
 def compile_loaded(s: Start, planned: Plan, *, progress: Progress | None = None,
@@ -298,7 +301,8 @@ def compile_loaded(s: Start, planned: Plan, *, progress: Progress | None = None,
     verdict = loop.verdict()
     return Compiled(planned, plan, artifact, seconds, budget if scored else 0.0, loop.claims_ok,
                     tuple(loop.attempts), verdict,
-                    _compile_log(plan, artifact, seconds, messages.lines, loop.attempts, verdict))
+                    _compile_log(plan, artifact, seconds, messages.lines, loop.attempts, verdict),
+                    loop.best_report)
 
 
 def write_compiled(out: str | Path, c: Compiled, *, spec: Spec, spec_path: str | Path,
@@ -330,6 +334,7 @@ class _Loop:
         self.t0, self.budget = t0, budget
         self.attempts: list[Attempt] = []
         self.best: tuple[Attempt, Plan, Artifact] | None = None
+        self.best_report: Report | None = None  # the scoring of the best attempt
         self.claims_ok: bool | None = None
         self.stopped = ""
         self.memo: VerifyMemo | None = None  # the base side of the scoring, shared
@@ -400,7 +405,7 @@ class _Loop:
             log.info("%s", attempt.line())
             if self.best is None or (len(attempt.failed), attempt.shortfall) < \
                     (len(self.best[0].failed), self.best[0].shortfall):
-                self.best = (attempt, plan, artifact)
+                self.best, self.best_report = (attempt, plan, artifact), report
             if report.ok:
                 self.claims_ok = True
                 return

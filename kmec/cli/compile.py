@@ -41,6 +41,12 @@ def compile_cmd(
     with reporting("compile") as progress:
         result = compile_spec(spec, out=out, model=model, progress=progress,
                               use_cache=not no_cache, force=force, root=root, budget=budget)
+    from kmec.verify.summary import append_step_summary, compile_summary
+
+    append_step_summary(compile_summary(  # the CI job page, when $GITHUB_STEP_SUMMARY is set
+        spec=spec, out=result.out, claims_ok=result.claims_ok, report=result.report,
+        attempts=[a.line() for a in result.attempts if a.checks], verdict=result.verdict,
+        up_to_date=result.up_to_date))
     if as_json:
         print_json(_as_json(spec, result))
         raise typer.Exit(1 if result.claims_ok is False else 0)

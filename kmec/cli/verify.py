@@ -94,6 +94,9 @@ def verify_cmd(
     with reporting("verify") as progress:
         report = verify_build(target, spec_path=spec, max_examples=max_examples,
                               report_dir=folder, progress=progress, force=force, root=root)
+    from kmec.verify.summary import append_step_summary, verify_summary
+
+    append_step_summary(verify_summary(report, target=target, report_dir=folder))  # CI job page
     if as_json:
         sys.stdout.write(to_json(report))
     else:
