@@ -89,6 +89,21 @@ def test_model_list_json_and_table(capsys):
     whole(capsys.readouterr().out, "kmec model install smollm2-135m")
 
 
+def test_model_install_and_editors_json(capsys):
+    from kmec.models.load import MODEL_META, alias_dir
+
+    folder = alias_dir("smollm2-135m")  # an installed alias, as far as the cache tells
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"0" * 10)
+    (folder / MODEL_META).write_text(json.dumps({"fingerprint": "ab" * 32,
+                                                 "files": {"model.safetensors": 10}}))
+    assert cli("model", "install", "smollm2-135m", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "alias": "smollm2-135m", "path": str(folder), "fingerprint": "ab" * 32}
+    assert cli("editors", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
 # ---------------------------------------------------------------- apply, revert, audit
 
 
