@@ -19,20 +19,41 @@ import json
 import os
 import sys
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 # columns for output that goes nowhere with a width of its own: a build path in a deep CI
 # workspace made a 240-column stats table cut its corpus cell, so no practical limit
 PIPE_WIDTH = 10_000
 
 
+class _LogConsole(Console):
+    """A Console that decides its width at each print, from where its output goes now.
+
+    Rich takes the width of any terminal it finds (stdin's too: ``kmec compile | cat``
+    in a shell gets the shell's 80 columns) and fixes it when the Console is made;
+    module-level consoles would keep the width of the stream at import time.
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        dims = Console.size.fget(self)  # type: ignore[attr-defined]
+        isatty = getattr(self.file, "isatty", None)
+        if self._width is None and not os.environ.get("COLUMNS") and not (isatty and isatty()):
+            return ConsoleDimensions(PIPE_WIDTH, dims.height)
+        return dims
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
 def out_console(*, stderr: bool = False, **kwargs: object) -> Console:
-    """A Console for stdout (or stderr) that does not truncate tables off a terminal."""
-    stream = sys.stderr if stderr else sys.stdout
-    width = None
-    if not os.environ.get("COLUMNS") and not (hasattr(stream, "isatty") and stream.isatty()):
-        width = PIPE_WIDTH
-    return Console(stderr=stderr, width=width, **kwargs)  # type: ignore[arg-type]
+    """A Console for stdout (or stderr) that does not truncate tables off a terminal.
+
+    Off a terminal (and without ``COLUMNS``) it is :data:`PIPE_WIDTH` columns wide, on
+    a terminal as wide as the terminal; decided at each print, not when it is made.
+    """
+    return _LogConsole(stderr=stderr, **kwargs)  # type: ignore[arg-type]
 
 
 def print_json(data: object) -> None:
