@@ -29,6 +29,7 @@ from kmec.grammar import format_spec
 from kmec.hashing import spec_hash
 from kmec.outputs import OutputError
 from kmec.pipeline import load_inputs
+from kmec.spec import Claim
 from tests.backends.test_finetune import LAYERS, LOOSE, tiny_lm
 from tests.conftest import assert_identical, snapshot
 
@@ -155,10 +156,9 @@ def test_records_text_and_file_compile_the_same_plan(lm, tmp_path):
     path = tmp_path / "edit.kmec"
     path.write_text(SPEC_TEXT)
     plans = []
-    for edits in ([RECORD | {"name": "bcc"}], SPEC_TEXT, path, str(path)):
-        records = isinstance(edits, list)
-        e = kmec.edit(lm, edits, **(ARGS if records else {}),
-                      claims=["efficacy >= 0.9"] if records else None)
+    claims = {0: [Claim(metric="efficacy", threshold=0.9)], 1: ["claim efficacy >= 0.9"]}
+    for i, edits in enumerate(([RECORD | {"name": "bcc"}], SPEC_TEXT, path, str(path))):
+        e = kmec.edit(lm, edits, **(ARGS if i == 0 else {}), claims=claims.get(i))
         try:
             plans.append(e.plan.sha256)
             assert e.generate(PROMPT, max_new_tokens=1) == " B"
@@ -254,3 +254,11 @@ def test_the_notebook_example_edits_and_reverts_the_real_model(kmec_home, monkey
     out = capsys.readouterr().out.splitlines()
     assert [ln.split(":")[0] for ln in out] == ["edited", "reverted"]
     assert out[0].startswith("edited:  Rome") and out[1].startswith("reverted:  Paris"), out
+
+
+def test_doctests():
+    import doctest
+
+    import kmec.api
+
+    assert doctest.testmod(kmec.api).failed == 0
