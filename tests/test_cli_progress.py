@@ -111,7 +111,7 @@ def test_reporting_writes_lines_to_stderr_and_nothing_when_quiet(monkeypatch, ca
 
 def test_on_a_terminal_a_rich_bar_is_used(monkeypatch):
     monkeypatch.setattr(logging.getLogger("kmec"), "level", logging.INFO)
-    monkeypatch.setattr("rich.console.Console.is_terminal", property(lambda self: True))
+    monkeypatch.setattr(_progress, "stderr_is_terminal", lambda: True)
     with reporting("compile") as progress:
         progress("rome a", 1, 3)
         assert isinstance(progress, _progress.BarReporter)

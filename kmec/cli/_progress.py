@@ -223,6 +223,12 @@ class _Silent:
         yield
 
 
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal (``FORCE_COLOR`` in a CI job does not make it one)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def quiet() -> bool:
     """``kmec --quiet`` sets the ``kmec`` logger to WARNING: progress is INFO, so none."""
     return logging.getLogger("kmec").getEffectiveLevel() > logging.INFO
@@ -240,11 +246,10 @@ def reporting(command: str, *, transient: bool = True, enabled: bool = True
     Raises:
         KmecError: ``$KMEC_PROGRESS_INTERVAL`` is not a number of seconds.
     """
-    console = Console(stderr=True, highlight=False)
     if not enabled or quiet():
         yield _Silent()
-    elif console.is_terminal:
-        bars = BarReporter(console, transient=transient)
+    elif stderr_is_terminal():
+        bars = BarReporter(Console(stderr=True, highlight=False), transient=transient)
         with bars.bar:
             yield bars
     else:
