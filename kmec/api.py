@@ -245,7 +245,10 @@ def _with_arguments(spec: Spec, *, method: str | None, layers: Sequence[int] | N
     if seed is not None:
         update["seed"] = _statements([f"seed {seed}"]).seed
     if method is not None or layers is not None or max_delta is not None:
+        # what is not given stays as the spec has it
         line = f"method {method or spec.method.method}"
+        layers = layers if layers is not None else spec.method.layers
+        max_delta = max_delta if max_delta is not None else spec.method.max_delta
         if layers is not None:
             line += " layers " + " ".join(str(n) for n in layers)
         if max_delta is not None:

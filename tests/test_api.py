@@ -152,6 +152,18 @@ def test_edit_takes_generates_and_revert_restores_the_exact_weights(lm):
         e.generate(PROMPT, max_new_tokens=0)
 
 
+def test_arguments_replace_only_what_they_name():
+    from kmec.api import _with_arguments
+
+    spec = kmec.parse(SPEC_TEXT)
+    hint = _with_arguments(spec, method=None, layers=None, max_delta=0.5, claims=None,
+                           seed=7)
+    assert (hint.method.method, hint.method.layers, hint.method.max_delta) == ("ft", LAYERS, 0.5)
+    assert hint.seed == 7 and hint.claims == spec.claims
+    assert _with_arguments(spec, method="rome", layers=[2], max_delta=None, claims=None,
+                           seed=None).method.layers == (2,)
+
+
 def test_records_text_and_file_compile_the_same_plan(lm, tmp_path):
     path = tmp_path / "edit.kmec"
     path.write_text(SPEC_TEXT)
