@@ -71,6 +71,19 @@ def test_a_new_message_is_shown_at_once_and_its_rate_counts_from_the_last_report
     assert lines[5:] == ["compile: finished in 6.5s\n"]
 
 
+def test_a_count_around_others_keeps_its_start():
+    r, clock, lines = reporter()
+    r("verifying the claims", 0, 1)
+    clock.t += 4
+    r("scoring", 10, 20)
+    clock.t += 4
+    r("scoring", 20, 20)
+    clock.t += 1
+    r("verifying the claims", 1, 1)
+    assert lines[-1] == "compile: verifying the claims  1/1  in 9.0s\n"
+    assert lines[1] == "compile: scoring  10/20  2.5/s  ETA 4.0s\n"
+
+
 def test_interval_zero_shows_every_update_and_a_message_without_counts():
     r, clock, lines = reporter(interval=0)
     for done in range(3):

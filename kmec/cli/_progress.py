@@ -122,9 +122,11 @@ class LineReporter:
 
     A *series* is one count: the message up to its first ``:`` (so ``rome a``,
     ``memit: layer 3`` and ``memit: layer 4`` are told apart from ``memit: target values``
-    only by their totals) with one total; a lower ``done`` starts a new one. Its
-    rate is counted from the previous report (when the work began), so the first
-    line of a series already has a rate when ``done`` > 0.
+    only by their totals) with one total; a lower ``done`` starts a new one. A series
+    that other counts interrupted (``verifying the claims`` around ``scoring``)
+    resumes with its own start. Its rate is counted from the report before it began
+    (when the work began), so the first line of a series already has a rate when
+    ``done`` > 0.
     """
 
     def __init__(self, command: str, *, write: Callable[[str], object] | None = None,
@@ -135,20 +137,24 @@ class LineReporter:
         self._clock = clock
         self.interval = interval_from_env() if interval is None else interval
         self.t0 = self._last_event = clock()
-        self._series: _Series | None = None
+        self._open: dict[str, _Series] = {}  # counts not finished yet, by key
+        self._current = ""  # the key of the last report
         self._printed_t = -float("inf")
 
     def __call__(self, message: str, done: int, total: int) -> None:
         now = self._clock()
         key = message.split(":")[0]
-        s = self._series
-        new = s is None or s.key != key or s.total != total or done < s.last_done
+        s = self._open.get(key)
+        new = s is None or s.total != total or done < s.last_done
         if s is None or new:
-            s = self._series = _Series(key, total, self._last_event if done > 0 else now, 0)
+            s = self._open[key] = _Series(key, total, self._last_event if done > 0 else now, 0)
         s.last_done = done
+        switched, self._current = key != self._current, key
         self._last_event = now
         finished = total > 0 and done >= total
-        if not (new or finished or now - self._printed_t >= self.interval):
+        if finished:
+            del self._open[key]
+        if not (new or switched or finished or now - self._printed_t >= self.interval):
             return
         self._printed_t = now
         self._emit(self._line(message, done, total, now - s.anchor_t, finished))
