@@ -52,7 +52,7 @@ def _summary_table(report: Any) -> Table:
                       str(sum(r.status == "n/a" for r in rows)),
                       "–" if mean is None else f"{mean:.3f}",
                       _part(split.declared if split else None), _part(split.heldout if split else None),
-                      escape(", ".join(failing[:6]) + (" …" if len(failing) > 6 else "")),
+                      escape(_first(failing, 6)),
                       style=None if not failing else "red")
     a, c = report.audit, report.capability
     table.add_row("audit", "weights", "", "1" if a.ran and a.ok else "0",
@@ -64,6 +64,15 @@ def _summary_table(report: Any) -> Table:
                       "0" if c.ok else "1", "0", f"{c.ppl_ratio:.4f}", "", "", "",
                       style=None if c.ok else "red")
     return table
+
+
+def _first(names: list[str], n: int) -> str:
+    """The first ``n`` names and how many more (an elided cell would read as cut short).
+
+    >>> _first(["a", "b", "c"], 2), _first(["a"], 2)
+    ('a, b and 1 more', 'a')
+    """
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _part(score: float | None) -> str:

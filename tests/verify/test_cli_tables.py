@@ -29,6 +29,12 @@ def test_verify_summary_prints_in_full(setup, tmp_path, tiny_loader, good, capsy
     assert "locality[kl<=0.05]" in out
 
 
+def test_a_long_list_of_failing_edits_says_how_many_more():
+    from kmec.cli import verify
+
+    assert verify._first([f"e{i}" for i in range(9)], 6) == "e0, e1, e2, e3, e4, e5 and 3 more"
+
+
 def test_compile_lines_are_not_wrapped(loop_env, capsys):  # noqa: F811
     code = cli("compile", str(loop_env["spec"]), "-o", str(loop_env["out"]), "--budget", "600")
     assert code == 0
