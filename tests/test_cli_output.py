@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from kmec.cli import main
-from tests.conftest import ByteTokenizer, artifact_for, build_tiny_model, rank_one
+from tests.conftest import (
+    ByteTokenizer,
+    SpaceLetterTokenizer,
+    artifact_for,
+    build_tiny_model,
+    rank_one,
+)
 
 # Commands where --json makes no sense, each with its reason (keep this short).
 NO_JSON = {"schema": "its one output is a JSON document already"}
@@ -236,3 +242,24 @@ def test_import_json(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["spec"] is None and data["output"] == str(tmp_path / "z.kmec")
     assert (tmp_path / "z.kmec").is_file()
+
+
+def test_train_editor_json_and_the_editors_table(monkeypatch, capsys):
+    from kmec.models.facts import facts_from_config
+    from kmec.models.load import LoadedModel, ModelRef, fingerprint_model
+
+    model = build_tiny_model("llama", seed=3)
+    facts = facts_from_config(model.config, name=LONG, fingerprint=fingerprint_model(model))
+    monkeypatch.setattr("kmec.models.load.load_model", lambda ref, **_: LoadedModel(
+        model, SpaceLetterTokenizer(), facts, ModelRef(str(ref), "folder", None)))
+    data = Path(__file__).parent / "backends" / "fixtures" / "zsre_mend_train_48.json"
+    assert cli("train-editor", "--model", "tiny", "--data", data, "--limit", "12", "--held-out",
+               "4", "--steps", "4", "--batch", "2", "--layers", "1-2", "--json") == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["model"] == LONG and manifest["metrics"]["steps"] == 4
+    assert manifest["layers"] == [1, 2] and manifest["resumed_from"] == 0
+    assert cli("editors", "--json") == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["sha256"] == manifest["sha256"]
+    assert cli("editors") == 0
+    whole(capsys.readouterr().out, LONG, "held-out efficacy", manifest["sha256"][:12])
