@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -23,7 +22,6 @@ from kmec.cli._console import out_console as _out_console
 from kmec.cli._console import print_json
 from kmec.cli._progress import reporting
 
-console = Console(highlight=False, stderr=True)
 out_console = _out_console(highlight=False)
 
 
