@@ -156,6 +156,21 @@ def test_alphaedit_reports_its_target_values(tmp_path):
     assert calls[-1] == ("alphaedit: layer 1", 1, 1)
 
 
+def test_target_values_report_each_edit_as_it_reaches_its_target():
+    """δ optimisation of one chunk reports edits as they finish, not all at its end."""
+    from kmec.backends.values import ValueParams, chunk_bounds, optimise_deltas
+    from kmec.models.adapters import adapter_for
+    from tests.backends.test_value_cache import EDITS, PREFIXES
+
+    # a target probability the tiny model's edits pass at different steps (or never)
+    params = ValueParams(steps=40, weight_decay=0.0, clamp=1e4, edit_batch=4, stop_prob=0.012)
+    assert len(chunk_bounds(EDITS, params.edit_batch)) == 1
+    calls: list[int] = []
+    optimise_deltas(build_tiny_model("llama", seed=3), SpaceLetterTokenizer(),
+                    adapter_for("llama"), 1, EDITS, PREFIXES, params, progress=calls.append)
+    assert sum(calls) == len(EDITS) and len(calls) >= 2, calls
+
+
 # ---------------------------------------------------------------- a compile in a CI log
 
 

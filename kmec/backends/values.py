@@ -268,21 +268,22 @@ def optimise_deltas(
         else:
             if not run:
                 run.append(compute_model(model, cdtype))
+            # reports its edits as they reach the target, not all at its end
             d, p = _optimise_chunk(model, run[0], cdtype, tok, adapter, layer, chunk, prefixes,
-                                   params, seed, compact)
+                                   params, seed, compact, progress)
             if cache is not None and key is not None:
                 cache.store(key, d, p)
+        if hit is not None and progress:
+            progress(len(chunk))
         deltas.append(d)
         probs.append(p)
-        if progress:
-            progress(len(chunk))
     if reused:
         log.info("target values: %d of %d edits reused from the cache", reused, len(edits))
     return torch.cat(deltas), torch.cat(probs)
 
 
 def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, params, seed,
-                    compact):
+                    compact, progress=None):
     device = device_of(model)
     torch.manual_seed(seed)
     prompts, owner_list, main_list = declared_prompts(edits, params.scope_weight)
@@ -369,6 +370,7 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
     active = torch.ones(n, dtype=torch.bool, device=device)
     select(active)
     stored: dict[str, torch.Tensor] = {}
+    reported = 0  # edits passed to ``progress`` so far
     with replay_below(run, adapter.layers, layer, template, lambda: stored["h"]):
         for step in range(params.steps):
             opt.zero_grad()
@@ -398,6 +400,9 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
             per_edit = nll + params.kl_weight * kl + decay
             final_p[edits_now] = torch.exp(-nll.detach())
             done = done | (final_p >= params.stop_prob)
+            if progress is not None and int(done.sum()) > reported:
+                progress(int(done.sum()) - reported)  # the edits that reached their target
+                reported = int(done.sum())
             if bool(done.all()) or step == params.steps - 1:
                 break
             loss = (per_edit * (~done[edits_now]).float()).sum()
@@ -417,6 +422,8 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
     d = delta.detach()
     if not torch.isfinite(d).all():
         raise FloatingPointError("the value optimisation produced NaN/inf")
+    if progress is not None and n > reported:
+        progress(n - reported)  # the edits that ran out of steps
     return d, final_p
 
 
