@@ -263,3 +263,18 @@ def test_train_editor_json_and_the_editors_table(monkeypatch, capsys):
     assert listed["sha256"] == manifest["sha256"]
     assert cli("editors") == 0
     whole(capsys.readouterr().out, LONG, "held-out efficacy", manifest["sha256"][:12])
+
+
+def test_a_console_made_under_columns_does_not_keep_that_width(monkeypatch):
+    """A module-level console imported while COLUMNS was set (another test, a shell) must
+    read the width at each print: without COLUMNS off a terminal it prints in full."""
+    import io
+
+    from kmec.cli._console import PIPE_WIDTH, out_console
+
+    monkeypatch.setenv("COLUMNS", "80")
+    console = out_console(file=io.StringIO())
+    monkeypatch.delenv("COLUMNS")
+    assert console.size.width == PIPE_WIDTH
+    monkeypatch.setenv("COLUMNS", "120")
+    assert console.size.width == 120

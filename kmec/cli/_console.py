@@ -34,6 +34,11 @@ class _LogConsole(Console):
     module-level consoles would keep the width of the stream at import time.
     """
 
+    def __init__(self, *, width: int | None = None, **kwargs: object) -> None:
+        super().__init__(width=width, **kwargs)  # type: ignore[arg-type]
+        if width is None:  # rich fixed COLUMNS as it was at construction (a test's, an
+            self._width = None  # import-time shell's): read it at each print instead
+
     @property
     def size(self) -> ConsoleDimensions:
         dims = Console.size.fget(self)  # type: ignore[attr-defined]
