@@ -21,6 +21,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama")
 
 
+@pytest.fixture(autouse=True)
+def _no_columns(monkeypatch):
+    """Output as in a CI log: pytest-xdist starts its workers with COLUMNS=80 (seen here),
+    which would make the CLI wrap and cut what a plain run prints in full. A test that
+    wants a width sets COLUMNS itself."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 def tiny_config(family: str):
     """A small config of ``family`` (4 layers, d_model 32, vocab 128)."""
     from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
