@@ -48,10 +48,69 @@ def plan_command(
                       editors=planner_editors(facts.fingerprint))
     if as_json:
         typer.echo(result.to_json(), nl=False)
-    elif explain:
-        out_console(highlight=False).print(explain_tree(result))
-    else:
-        out_console(highlight=False).print(summary_table(result))
+        return
+    console = out_console(highlight=False)
+    console.print(explain_tree(result) if explain else summary_table(result))
+    if executed is None:
+        console.print(estimate_note(result, facts, model or parsed.model or DEFAULT_MODEL),
+                      markup=False)
+
+
+# What the cost model was calibrated on (kmec/planner/costs.py): say it next to the figures.
+CALIBRATION = "2-core x86 CPU, fp32"
+
+
+def estimate_note(result: Any, facts: Any, ref: str) -> str:
+    """The estimate's caveat, and what statistics already in the cache take off it.
+
+    The planner is pure: it charges every step the statistics pass on first use. Here,
+    where the cache can be read, the layers a compile would find cached are looked up
+    (with the tokenizer, whose hash keys the cache) and their pass is taken off.
+    """
+    from kmec.planner.explain import layer_span
+    from kmec.planner.passes.estimate_cost import statistics_seconds
+
+    total = sum(s.cost.seconds for s in result.steps)
+    saved, cached_spans = 0.0, []
+    seen = set()
+    for step in result.steps:
+        req = step.needs_stats
+        if req is None or req in seen:
+            continue
+        seen.add(req)
+        cached = _cached_layers(facts, ref, req)
+        if not cached:
+            continue
+        missing = tuple(l for l in req.layers if l not in cached)
+        saved += statistics_seconds(req, facts) - statistics_seconds(req, facts, layers=missing)
+        cached_spans.append(layer_span(cached))
+    note = f"~seconds: rough estimates for a {CALIBRATION} (the cost model's calibration)"
+    if saved > 0:
+        note += (f"; statistics for layers {', '.join(cached_spans)} are cached, so "
+                 f"~{saved:.0f} s of the ~{total:.0f} s is not spent: ~{total - saved:.0f} s")
+    return note
+
+
+def _cached_layers(facts: Any, ref: str, request: Any) -> tuple[int, ...]:
+    """The request's layers in the statistics cache; () when that cannot be told cheaply."""
+    import logging
+
+    from kmec.errors import KmecError
+    from kmec.models.adapters import adapter_for
+    from kmec.models.load import resolve_ref
+    from kmec.stats.engine import cached_layers
+
+    try:
+        resolved = resolve_ref(ref)
+        if resolved.path is None:  # a hub id: nothing local to read the tokenizer from
+            return ()
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True)
+        return cached_layers(facts, tok, adapter_for(facts.model_type), request)
+    except (KmecError, OSError, ValueError) as e:
+        logging.getLogger("kmec").debug("cannot look the statistics cache up: %s", e)
+        return ()
 
 
 def _executed_plan(path: Path) -> Any:

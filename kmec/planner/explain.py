@@ -3,7 +3,7 @@
 Contents:
     explain()        Plan -> indented plain-text tree (steps, edits, reasons)
     explain_tree()   the same as a ``rich`` Tree (for the CLI)
-    summary_table()  one row per step as a ``rich`` Table (for the CLI)
+    summary_table()  the header line and one row per step as ``rich`` renderables (for the CLI)
 
 ``explain`` is pure text so it can be logged, diffed and doctested; the rich
 variants import rich lazily and are only used by the command line.
@@ -17,7 +17,7 @@ from kmec.planner.layers import layer_span
 from kmec.planner.model import EditRequest, Plan, Step
 
 if TYPE_CHECKING:
-    from rich.table import Table
+    from rich.console import Group
     from rich.text import Text
     from rich.tree import Tree
 
@@ -118,17 +118,22 @@ def _reason_text(choice: str, because: str) -> Text:
     return text
 
 
-def summary_table(plan: Plan) -> Table:
-    """One row per step: id, backend, layers, edits, statistics, cost."""
+def summary_table(plan: Plan) -> Group:
+    """The header line, then one row per step: id, backend, layers, edits, statistics, cost.
+
+    The header is a line of its own, not the table's title: a title wraps at the
+    table's width ("order" / "batch" on two lines).
+    """
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     table = Table("step", "backend", "layers", "edits", "stats", "~seconds", "~peak MB",
-                  title=Text(_header(plan)), caption=Text(_totals(plan)))
+                  caption=Text(_totals(plan)))
     for s in plan.steps:
         names = ", ".join(e.name for e in s.edits[:3]) + (" ..." if len(s.edits) > 3 else "")
         stats = layer_span(s.needs_stats.layers) if s.needs_stats is not None else "-"
         cells = (s.id, s.backend, layer_span(s.layers) or "-", f"{len(s.edits)}: {names}",
                  stats, f"{s.cost.seconds:g}", f"{s.cost.peak_mb:g}")
         table.add_row(*(Text(c) for c in cells))  # Text: names are data, never markup
-    return table
+    return Group(Text(_header(plan)), table)

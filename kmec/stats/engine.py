@@ -5,6 +5,7 @@ Contents:
     MomentProvider    a StatsProvider: ``second_moment(layer)`` for requested layers
     provider()        build one (what backends and the CLI call)
     stats_keys()      the cache key of every requested layer
+    cached_layers()   the requested layers the cache already holds (for estimates)
 
 ``MomentProvider.prepare()`` (called by the first ``second_moment``) looks
 every requested layer up in the cache and computes all missing layers in
@@ -71,14 +72,37 @@ def stats_keys(model: Any, tok: Any, facts: ModelFacts, adapter: ArchAdapter,
     if dtype != request.dtype:
         log.warning("stats requested in %s but the model runs in %s; keys record %s",
                     request.dtype, dtype, dtype)
-    tok_id = _tokenizer_id(tok)
+    return _keys(fp, dtype, _tokenizer_id(tok), adapter, request, corpus, samples)
+
+
+def _keys(fingerprint: str, dtype: str, tok_id: str, adapter: ArchAdapter,
+          request: StatsRequest, corpus: Corpus, samples: int | None) -> dict[int, StatsKey]:
     return {
-        layer: StatsKey(model_fingerprint=fp, module=adapter.site(request.site, layer),
+        layer: StatsKey(model_fingerprint=fingerprint, module=adapter.site(request.site, layer),
                         layer=layer, corpus_fingerprint=corpus.fingerprint,
                         tokenizer_hash=tok_id, max_len=request.max_len, dtype=dtype,
                         max_samples=samples, products=request.products)
         for layer in sorted(set(request.layers))
     }
+
+
+def cached_layers(facts: ModelFacts, tok: Any, adapter: ArchAdapter, request: StatsRequest, *,
+                  cache: StatsCache | None = None, corpus: str | Corpus | None = None,
+                  samples: int | None = None) -> tuple[int, ...]:
+    """The requested layers whose moments ``cache`` already holds (no weights needed).
+
+    The keys are the ones :meth:`MomentProvider.prepare` looks up for a model loaded
+    in ``facts.dtype``, so a layer listed here is served from the cache by a compile
+    of the same model, tokenizer, corpus and budgets. ``facts.fingerprint`` must be
+    set (``facts_for_ref`` sets it).
+    """
+    if not facts.fingerprint:
+        return ()
+    keys = _keys(facts.fingerprint, facts.dtype, _tokenizer_id(tok), adapter, request,
+                 resolve_corpus(corpus if corpus is not None else request.corpus), samples)
+    cache = cache or StatsCache()
+    return tuple(layer for layer, key in keys.items()
+                 if cache.lookup(key, request.tokens) is not None)
 
 
 class MomentProvider:

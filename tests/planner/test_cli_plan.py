@@ -11,6 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 import kmec.backends
+import kmec.planner.model
 from kmec.cli.plan import register
 from kmec.models.facts import ModelFacts
 from tests.planner.helpers import FACTS, fake_registry
@@ -113,3 +114,35 @@ def test_real_cli_plans_a_tiny_model_folder(tmp_path, spec_file):
     data = json.loads(r.stdout)
     assert data["model_arch"] == "LlamaForCausalLM" and len(data["model_fingerprint"]) == 64
     assert data["steps"][0]["backend"] == "memit" and data["steps"][0]["layers"] == [1, 2]
+
+
+def test_the_estimate_says_what_it_is_and_takes_cached_statistics_off(app, spec_file,
+                                                                      monkeypatch):
+    """The planner charges the statistics pass; ``kmec plan`` knows the cache and says
+    what a compile with those statistics cached will not spend."""
+    from kmec.planner.passes.estimate_cost import statistics_seconds
+
+    monkeypatch.setattr("kmec.cli.plan._cached_layers", lambda facts, ref, req: ())
+    r = CliRunner().invoke(app, ["plan", str(spec_file)], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    assert "rough estimates for a 2-core x86 CPU" in r.output and "cached" not in r.output
+
+    asked = []
+
+    def cached(facts, ref, req):
+        asked.append((ref, req.layers))
+        return req.layers[-2:]  # the pass stops after the deepest missing layer
+
+    monkeypatch.setattr("kmec.cli.plan._cached_layers", cached)
+    r = CliRunner().invoke(app, ["plan", str(spec_file)], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    plan = json.loads(CliRunner().invoke(app, ["plan", str(spec_file), "--json"]).output)
+    (step,) = plan["steps"]
+    req = kmec.planner.model.StatsRequest(**step["needs_stats"])
+    facts = FACTS["smollm2"]
+    saved = statistics_seconds(req, facts) - statistics_seconds(req, facts,
+                                                                layers=req.layers[:-2])
+    assert saved > 0
+    assert asked == [("smollm2-135m", req.layers)]
+    assert f"~{saved:.0f} s of the ~{step['cost']['seconds']:.0f} s is not spent" in r.output
+    assert f"~{step['cost']['seconds'] - saved:.0f} s" in r.output

@@ -148,3 +148,25 @@ def test_real_model_one_pass_matches_per_layer_passes(real_model, tmp_path):
         c = stats.second_moment(layer)
         assert c.shape == (1536, 1536) and stats.count(layer) == 200
         torch.testing.assert_close(c.double(), total / 200, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_layers_tells_what_a_compile_would_find_without_the_weights(llama, tmp_path):
+    """``kmec plan`` takes cached statistics off its estimate: the lookup must use the
+    keys a compile's provider uses, and a bigger budget or another corpus is a miss."""
+    from kmec.models.load import fingerprint_model
+    from kmec.stats.engine import cached_layers
+
+    model, tok, facts, adapter = llama
+    facts = facts.model_copy(update={"fingerprint": fingerprint_model(model)})
+    make((model, tok, facts, adapter), tmp_path, layers=(1,)).prepare()
+    cache = StatsCache(tmp_path)
+    request = StatsRequest(layers=(1, 2), tokens=1500, max_len=48)
+    assert cached_layers(facts, tok, adapter, request, cache=cache) == (1,)
+    assert cached_layers(facts, tok, adapter, request.model_copy(update={"tokens": 3000}),
+                         cache=cache) == ()
+    assert cached_layers(facts, tok, adapter, request.model_copy(update={"max_len": 40}),
+                         cache=cache) == ()
+    other = facts.model_copy(update={"fingerprint": "0" * 64})
+    assert cached_layers(other, tok, adapter, request, cache=cache) == ()
+    assert cached_layers(facts.model_copy(update={"fingerprint": ""}), tok, adapter, request,
+                         cache=cache) == ()

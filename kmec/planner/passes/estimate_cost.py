@@ -41,9 +41,30 @@ def _work(draft: Draft, step: Step, facts: ModelFacts, setup: bool) -> Work:
     return info.cost(step, facts, setup)
 
 
+def statistics_seconds(request: StatsRequest, facts: ModelFacts, *,
+                       layers: tuple[int, ...] | None = None) -> float:
+    """Seconds of the statistics pass over ``layers`` (default: every requested layer).
+
+    The pass stops after the deepest layer it computes, so a pass for the layers a
+    cache lacks costs what a pass up to the deepest of them costs.
+
+    >>> from kmec.planner.draft import example_facts
+    >>> from kmec.planner.model import StatsRequest
+    >>> r = StatsRequest(layers=(4, 5, 6), tokens=100_000, max_len=256)
+    >>> statistics_seconds(r, example_facts()) > statistics_seconds(r, example_facts(), layers=(4,))
+    True
+    >>> statistics_seconds(r, example_facts(), layers=())
+    0.0
+    """
+    layers = request.layers if layers is None else layers
+    if not layers:
+        return 0.0
+    return costs.seconds(request.tokens, costs.params_through(facts, max(layers)))
+
+
 def _stats(draft: Draft, request: StatsRequest, step: Step,
            facts: ModelFacts) -> tuple[float, float]:
-    secs = costs.seconds(request.tokens, costs.params_through(facts, max(request.layers)))
+    secs = statistics_seconds(request, facts)
     info = draft.info(step.backend)
     if info.stats_cost is not None:  # what the backend derives from them once (AlphaEdit)
         secs += info.stats_cost(request, facts)
