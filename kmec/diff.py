@@ -9,7 +9,7 @@ Contents:
     render_text()    aligned plain text (CI logs)
     render_markdown() a Markdown table per section (pull-request comments)
 
-Sections, in order: ``settings`` (model, seed, order, method, budget), ``edits``
+Sections, in order: ``settings`` (model, seed, order, method, budget, chat), ``edits``
 (added, removed, or a field changed: subject, targets, scope, preserve, ...),
 ``claims`` (by label: added, removed, threshold or options changed), ``plan``
 (per step: backend, layers, edits, protected prompts, each parameter), and
@@ -37,7 +37,7 @@ from kmec.verify.report import Report
 
 Kind = Literal["spec", "build", "report"]
 SCORE_EPS = 1e-6
-SETTINGS = ("model", "seed", "order", "method", "budget")
+SETTINGS = ("model", "seed", "order", "method", "budget", "chat")
 
 
 class Side(BaseModel):
@@ -151,8 +151,8 @@ def diff(a: Side, b: Side) -> Diff:
 def _settings(a: Spec, b: Spec) -> Iterator[Change]:
     da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
     for key in SETTINGS:
-        if key == "method":
-            yield from _fields("settings", "method", da.get(key) or {}, db.get(key) or {})
+        if key in ("method", "chat") and da.get(key) is not None and db.get(key) is not None:
+            yield from _fields("settings", key, da[key], db[key])
         elif da.get(key) != db.get(key):
             yield Change(section="settings", what=key, before=da.get(key), after=db.get(key))
 

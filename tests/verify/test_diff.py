@@ -95,3 +95,15 @@ def test_two_verified_builds_name_the_retargeted_edit_and_the_scores_that_moved(
     assert cli("diff", a / "report" / "report.json", b / "report", "--md") == 1
     md = capsys.readouterr().out
     assert "### scores" in md and "`efficacy on france`" in md
+
+
+def test_the_chat_setting_is_a_setting_that_changed(tmp_path):
+    (tmp_path / "a.kmec").write_text(SPEC)
+    (tmp_path / "b.kmec").write_text('chat on\n' + SPEC)
+    (tmp_path / "c.kmec").write_text('chat on system "Answer in one word."\n' + SPEC)
+    d = diff(read_side(tmp_path / "a.kmec"), read_side(tmp_path / "b.kmec"))
+    assert [(c.what, c.before, c.after) for c in d.changes] == [
+        ("chat", None, {"kind": "chat", "system": None})]
+    d = diff(read_side(tmp_path / "b.kmec"), read_side(tmp_path / "c.kmec"))
+    assert [(c.what, c.before, c.after) for c in d.changes] == [
+        ("chat.system", None, "Answer in one word.")]
