@@ -225,6 +225,29 @@ from kmec.models.adapters import adapter_for
 from kmec.models.load import fingerprint_model
 
 
+def tiny_ft_pipeline(monkeypatch, *, steps: int):
+    """Make every model reference load one tiny Llama, and ``ft`` train ``steps`` steps:
+    a whole compile/verify on it runs in seconds with no statistics pass. Returns the
+    LoadedModel that ``load_model`` hands out."""
+    from kmec.backends import BACKENDS
+    from kmec.backends.finetune import FinetuneParams
+    from kmec.models.facts import facts_from_config
+    from kmec.models.load import LoadedModel, ModelRef, fingerprint_model
+
+    model = build_tiny_model("llama", seed=5)
+    facts = facts_from_config(model.config, name="tiny", fingerprint=fingerprint_model(model))
+    loaded = LoadedModel(model, SpaceLetterTokenizer(), facts, ModelRef("tiny", "folder", None))
+
+    def load(ref, **_):
+        return LoadedModel(model, loaded.tok, facts, ModelRef(str(ref), "folder", None))
+
+    monkeypatch.setattr("kmec.models.load.load_model", load)
+    monkeypatch.setattr("kmec.pipeline.resolve_ref", lambda ref: ModelRef(ref, "folder", None))
+    monkeypatch.setattr(type(BACKENDS["ft"]), "default_params",
+                        lambda self, facts: FinetuneParams(lr=1e-4, steps=steps))
+    return loaded
+
+
 def mlp_out_param(model, layer: int = 1) -> str:
     """The MLP output weight of ``layer`` in ``model``."""
     return adapter_for(model.config.model_type).site("mlp_out", layer) + ".weight"

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import SpaceLetterTokenizer, build_tiny_model
+from tests.conftest import tiny_ft_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = ROOT / "examples" / "ci" / "github-actions.yml"
@@ -58,23 +58,10 @@ def test_workflow_caches_kmec_home_pins_cpu_torch_and_uploads_reports():
 def tiny_project(monkeypatch, tmp_path):
     """A repository with one spec for a tiny Llama (``load_model`` returns it, whatever
     the reference), compiled with fine-tuning: no statistics pass."""
-    from kmec.backends import BACKENDS
-    from kmec.backends.finetune import FinetuneParams
     from kmec.grammar import format_spec
-    from kmec.models.facts import facts_from_config
-    from kmec.models.load import LoadedModel, ModelRef, fingerprint_model
     from kmec.spec import Claim, MethodHint, PromptEdit, Spec
 
-    model = build_tiny_model("llama", seed=5)
-    facts = facts_from_config(model.config, name="tiny", fingerprint=fingerprint_model(model))
-
-    def load(ref, **_):
-        return LoadedModel(model, SpaceLetterTokenizer(), facts, ModelRef(str(ref), "folder", None))
-
-    monkeypatch.setattr("kmec.models.load.load_model", load)
-    monkeypatch.setattr("kmec.pipeline.resolve_ref", lambda ref: ModelRef(ref, "folder", None))
-    monkeypatch.setattr(type(BACKENDS["ft"]), "default_params",
-                        lambda self, facts: FinetuneParams(lr=1e-4, steps=4))
+    tiny_ft_pipeline(monkeypatch, steps=4)
     spec = Spec(model="tiny", edits=(PromptEdit(name="q", prompt="Q: key? A:", target=" B"),),
                 method=MethodHint(max_delta=3.0, layers=(1, 2)),
                 # the pipeline is under test, not the edit: a claim a tiny random model meets

@@ -13,7 +13,7 @@ import torch
 from kmec.cli import _progress
 from kmec.cli._progress import LineReporter, reporting
 from kmec.errors import KmecError
-from tests.conftest import SpaceLetterTokenizer, build_tiny_model
+from tests.conftest import SpaceLetterTokenizer, build_tiny_model, tiny_ft_pipeline
 
 
 class Clock:
@@ -177,23 +177,10 @@ def test_target_values_report_each_edit_as_it_reaches_its_target():
 @pytest.fixture()
 def tiny_compile(monkeypatch, tmp_path):
     """A free-form edit that plans to ``ft`` (no statistics), for a tiny Llama."""
-    from kmec.backends import BACKENDS
-    from kmec.backends.finetune import FinetuneParams
     from kmec.grammar import format_spec
-    from kmec.models.facts import facts_from_config
-    from kmec.models.load import LoadedModel, ModelRef, fingerprint_model
     from kmec.spec import MethodHint, PromptEdit, Spec
 
-    model = build_tiny_model("llama", seed=5)
-    facts = facts_from_config(model.config, name="tiny", fingerprint=fingerprint_model(model))
-
-    def load(ref, **_):
-        return LoadedModel(model, SpaceLetterTokenizer(), facts, ModelRef(str(ref), "folder", None))
-
-    monkeypatch.setattr("kmec.models.load.load_model", load)
-    monkeypatch.setattr("kmec.pipeline.resolve_ref", lambda ref: ModelRef(ref, "folder", None))
-    monkeypatch.setattr(type(BACKENDS["ft"]), "default_params",
-                        lambda self, facts: FinetuneParams(lr=1e-4, steps=6))
+    tiny_ft_pipeline(monkeypatch, steps=6)
     monkeypatch.setenv("KMEC_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KMEC_PROGRESS_INTERVAL", "0")
     for name in ("FORCE_COLOR", "TTY_COMPATIBLE"):
