@@ -134,23 +134,29 @@ def compile_spec(spec_path: str | os.PathLike[str], *, out: str | os.PathLike[st
                  model: str | None = None, progress: Progress | None = None,
                  use_cache: bool = True, editors: tuple[str, ...] | None = None,
                  force: bool = False, root: str | os.PathLike[str] | None = None,
-                 budget: float | None = None) -> BuildResult:
+                 budget: float | None = None, dtype: str = "float32", device: str | None = None,
+                 device_map: str | Mapping[str, object] | None = None) -> BuildResult:
     """Compile a spec file into a build directory, as ``kmec compile`` does
-    (see :func:`kmec.pipeline.compile_spec` for the arguments)."""
+    (see :func:`kmec.pipeline.compile_spec` for the arguments; ``dtype``, ``device``
+    and ``device_map`` as for :func:`kmec.load_model`, recorded in the build)."""
     from kmec.pipeline import compile_spec as _compile
 
     return _compile(Path(spec_path), out=Path(out), model=model, progress=progress,
                     use_cache=use_cache, editors=editors, force=force,
-                    root=None if root is None else Path(root), budget=budget)
+                    root=None if root is None else Path(root), budget=budget, dtype=dtype,
+                    device=device, device_map=device_map)
 
 
 def verify_build(build: str | os.PathLike[str], *, spec_path: str | os.PathLike[str] | None = None,
                  max_examples: int | None = None,
                  report_dir: str | os.PathLike[str] | None = None,
                  db_dir: str | os.PathLike[str] | None = None, progress: Progress | None = None,
-                 force: bool = False, root: str | os.PathLike[str] | None = None) -> Report:
+                 force: bool = False, root: str | os.PathLike[str] | None = None,
+                 dtype: str = "float32", device: str | None = None,
+                 device_map: str | Mapping[str, object] | None = None) -> Report:
     """Verify a build directory and write its reports, as ``kmec verify`` does
-    (see :func:`kmec.pipeline.verify_build` for the arguments)."""
+    (see :func:`kmec.pipeline.verify_build` for the arguments; the base model is loaded
+    with ``dtype``, ``device`` or ``device_map``, whatever the build was compiled on)."""
     from kmec.pipeline import verify_build as _verify_build
 
     def path(p: str | os.PathLike[str] | None) -> Path | None:
@@ -158,7 +164,8 @@ def verify_build(build: str | os.PathLike[str], *, spec_path: str | os.PathLike[
 
     return _verify_build(Path(build), spec_path=path(spec_path), max_examples=max_examples,
                          report_dir=path(report_dir), db_dir=path(db_dir), progress=progress,
-                         force=force, root=path(root))
+                         force=force, root=path(root), dtype=dtype, device=device,
+                         device_map=device_map)
 
 
 class _Package(types.ModuleType):

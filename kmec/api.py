@@ -295,7 +295,8 @@ def _claim_line(c: object) -> str:
 
 
 def load_model(ref: str | os.PathLike[str], *, tok: PreTrainedTokenizerBase | None = None,
-               dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+               dtype: str = "float32", device: str | None = None,
+               device_map: str | Mapping[str, object] | None = None) -> LoadedModel:
     """Load a causal language model by alias, folder or hub id (what ``kmec.load_model`` does).
 
     A folder written by ``kmec apply`` comes back edited, with its external
@@ -307,16 +308,22 @@ def load_model(ref: str | os.PathLike[str], *, tok: PreTrainedTokenizerBase | No
         tok: a tokenizer to use instead of the model's own (an edited folder saved
             without tokenizer files needs one).
         dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``).
-        device: torch device for the weights.
+        device: where the weights go: ``cpu`` (None: the default), ``cuda``, ``cuda:N``
+            or ``auto`` (a GPU when there is one).
+        device_map: instead of ``device``, modules spread over devices by accelerate:
+            ``"auto"``, a mapping such as ``{"model.layers.0": 0, ...}``, or JSON text
+            or a ``.json`` file holding one (not for an edited folder).
 
     Returns:
         A :class:`kmec.models.load.LoadedModel`: ``.model`` (the torch model, in
         eval mode, no gradients), ``.tok`` (its tokenizer), ``.facts`` (the
         :class:`kmec.models.facts.ModelFacts` the planner reads: architecture,
-        sizes, dtype, fingerprint) and ``.ref`` (the resolved reference).
+        sizes, dtype, fingerprint), ``.ref`` (the resolved reference) and
+        ``.runtime`` (device or device map, and dtype).
 
     Raises:
-        ModelError: the reference does not resolve or the files do not load.
+        ModelError: the reference does not resolve, the files do not load, or the
+            dtype, device or device map is unknown or not on this machine.
         ArtifactError: an edited folder whose weights or memory changed.
     """
     import dataclasses
@@ -327,8 +334,11 @@ def load_model(ref: str | os.PathLike[str], *, tok: PreTrainedTokenizerBase | No
     if (folder / "kmec_edit.json").is_file():
         from kmec.artifacts.edited import load_edited
 
+        if device_map is not None:
+            raise KmecError("an edited folder loads on one device (device_map is not "
+                            "supported for it)", hint="pass device= instead")
         return load_edited(folder, tok=tok, dtype=dtype, device=device)
-    lm = _load(os.fspath(ref), dtype=dtype, device=device)
+    lm = _load(os.fspath(ref), dtype=dtype, device=device, device_map=device_map)
     return lm if tok is None else dataclasses.replace(lm, tok=tok)
 
 
@@ -339,11 +349,16 @@ def _reference(lm: LoadedModel) -> str:
     return lm.ref.text
 
 
-def _loaded(model: object, spec: Spec) -> tuple[LoadedModel, str]:
+def _loaded(model: object, spec: Spec, *, dtype: str, device: str | None,
+            device_map: str | Mapping[str, object] | None) -> tuple[LoadedModel, str]:
     from kmec.models.load import DEFAULT_MODEL, LoadedModel, fingerprint_model
 
     if isinstance(model, LoadedModel):
-        if fingerprint_model(model.model) != model.facts.fingerprint:
+        if dtype != "float32" or device is not None or device_map is not None:
+            raise KmecError("dtype, device and device_map choose how kmec loads a model; this "
+                            "one is loaded already",
+                            hint="pass them to kmec.load_model, or give edit a model reference")
+        if fingerprint_model(model.model) != model.loaded_fingerprint:
             raise KmecError("the model's weights differ from the ones it was loaded with (is an "
                             "earlier kmec.edit still applied to it?)",
                             hint="call .revert() on the earlier edit, or load the model again")
@@ -354,7 +369,8 @@ def _loaded(model: object, spec: Spec) -> tuple[LoadedModel, str]:
         raise KmecError(f"cannot edit a {type(model).__name__}",
                         hint="pass a model reference ('smollm2-135m', a folder) or what "
                         "kmec.load_model returns")
-    return load_model(model), os.fspath(model)
+    return load_model(model, dtype=dtype, device=device, device_map=device_map), \
+        os.fspath(model)
 
 
 # ---------------------------------------------------------------- the edit
@@ -509,7 +525,9 @@ def edit(model: str | os.PathLike[str] | LoadedModel | None,
          method: str | None = None, layers: Sequence[int] | None = None,
          max_delta: float | None = None, claims: Sequence[str | Claim] | None = None,
          seed: int | None = None, budget: float | None = None,
-         progress: Progress | None = None, cache: bool = True) -> Edited:
+         progress: Progress | None = None, cache: bool = True, dtype: str = "float32",
+         device: str | None = None,
+         device_map: str | Mapping[str, object] | None = None) -> Edited:
     """Edit a model in one call: plan, execute and apply, in place.
 
     >>> e = kmec.edit("smollm2-135m", [kmec.Fact(prompt="The capital of {subject} is",
@@ -537,6 +555,9 @@ def edit(model: str | os.PathLike[str] | LoadedModel | None,
             --budget`` (None: the spec's ``budget``, else 0: execute the plan once).
         progress: ``progress(message, done, total)``.
         cache: reuse cached statistics steps and target values (``$KMEC_HOME``).
+        dtype, device, device_map: how a model given by reference is loaded (see
+            :func:`load_model`; default: float32 on the CPU). The saved build records
+            them. A model loaded already keeps its own (passing them is an error).
 
     Returns:
         The :class:`Edited` model.
@@ -561,7 +582,11 @@ def edit(model: str | os.PathLike[str] | LoadedModel | None,
     read, path = _read_edits(edits, named)
     spec = _with_arguments(read, method=method, layers=layers, max_delta=max_delta,
                            claims=claims, seed=seed)
-    lm, reference = _loaded(model, spec)
+    if not isinstance(model, LoadedModel):
+        from kmec.pipeline import check_runtime
+
+        check_runtime(dtype, device, device_map)  # before the model loads
+    lm, reference = _loaded(model, spec, dtype=dtype, device=device, device_map=device_map)
     editors = planner_editors(lm.facts.fingerprint)
     planned = make_plan(spec, lm.facts, backends=BACKENDS, editors=editors)
     if budget is None:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -268,7 +268,9 @@ def _cuda_peak_mb() -> float:
 def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = None,
           model: str | None = None, limit: int | None = None, max_examples: int | None = None,
           editors: Sequence[str] | None = None, progress: Progress | None = None,
-          root: str | Path | None = None, prompts: Prompts = "held out") -> BenchResult:
+          root: str | Path | None = None, prompts: Prompts = "held out",
+          dtype: str = "float32", device: str | None = None,
+          device_map: str | Mapping[str, Any] | None = None) -> BenchResult:
     """Compile and verify ``spec_path`` with each of ``methods``; one row per method.
 
     Args:
@@ -286,6 +288,8 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
             (default: its repository, see :mod:`kmec.grammar.files`).
         prompts: ``held out`` (compile :func:`compile_view`, score the full spec) or
             ``declared`` (compile the spec as written).
+        dtype, device, device_map: where and in what precision the model runs (see
+            :func:`kmec.models.load.load_model`; default: the CPU, float32).
 
     Raises:
         KmecError: a bad spec, model or method (a method that fails part way
@@ -303,7 +307,7 @@ def bench(spec_path: str | Path, methods: Sequence[str], *, mode: Mode | None = 
             raise PlanError(f"{spec_path} declares no edits to benchmark")
 
     s = start(spec_path, model=model, root=root, editors=editors, limit=limit,
-              before_load=has_edits)
+              before_load=has_edits, dtype=dtype, device=device, device_map=device_map)
     spec, lm, editors = s.spec, s.lm, s.editors
     mode = mode or spec.order
     order = "sequence" if mode == "sequence" else "batch"

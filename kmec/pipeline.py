@@ -3,6 +3,7 @@
 Contents:
     Start           a parsed spec, its model loaded, the editors the planner may use
     start()         spec file -> Start (the first steps of compile and bench)
+    check_runtime() refuse a bad dtype / device / device map before anything slow runs
     compile_spec()  spec file -> parse -> plan -> execute -> build directory
     compile_loaded()  a Start and its plan -> Compiled (execute, score, repair; nothing written)
     write_compiled()  Compiled -> build directory
@@ -24,10 +25,10 @@ import copy
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from kmec._version import __version__
 from kmec.artifacts import MANIFEST, Artifact, apply, load_artifact
@@ -35,7 +36,7 @@ from kmec.artifacts.build import build_root, read_build, up_to_date, write_build
 from kmec.errors import ArtifactError, BackendError, VerifyError
 from kmec.grammar.files import find_root
 from kmec.hashing import spec_hash
-from kmec.models.load import DEFAULT_MODEL, LoadedModel, ModelRef, resolve_ref
+from kmec.models.load import DEFAULT_MODEL, LoadedModel, ModelRef, Runtime, resolve_ref
 from kmec.outputs import check_output, ensure_folder
 from kmec.planner.model import Plan
 from kmec.planner.repair import Miss
@@ -65,7 +66,8 @@ class Start:
 def start(spec_path: str | Path, *, model: str | None = None, root: str | Path | None = None,
           editors: Collection[str] | None = None, limit: int | None = None,
           before_load: Callable[[Spec, ModelRef], None] | None = None,
-          progress: Progress | None = None) -> Start:
+          progress: Progress | None = None, dtype: str = "float32", device: str | None = None,
+          device_map: str | Mapping[str, Any] | None = None) -> Start:
     """Parse ``spec_path`` and load its model.
 
     Args:
@@ -78,13 +80,17 @@ def start(spec_path: str | Path, *, model: str | None = None, root: str | Path |
         before_load: ``fn(spec, ref)`` called after parsing and before the
             (slow) model load, e.g. to check an output path against the inputs.
         progress: ``progress("loading model", 0 or 1, 1)`` around the model load.
+        dtype, device, device_map: where and in what precision the model is loaded
+            (see :func:`kmec.models.load.load_model`; default: the CPU, float32).
 
     Raises:
-        SpecError / ModelError: the spec or the model.
+        SpecError / ModelError: the spec or the model (an unknown dtype or device, or a
+            device this machine lacks, is refused before the spec is read).
     """
     from kmec.grammar import parse_file
     from kmec.models.load import load_model  # looked up at call time (tests replace it)
 
+    check_runtime(dtype, device, device_map)
     spec = parse_file(spec_path, root=root)
     if limit is not None:
         spec = spec.model_copy(update={"edits": spec.edits[:limit]})
@@ -94,7 +100,7 @@ def start(spec_path: str | Path, *, model: str | None = None, root: str | Path |
         before_load(spec, resolved)
     if progress:
         progress("loading model", 0, 1)
-    lm = load_model(resolved)
+    lm = load_model(resolved, dtype=dtype, device=device, device_map=device_map)
     if progress:
         progress("loading model", 1, 1)
     if editors is None:
@@ -102,6 +108,27 @@ def start(spec_path: str | Path, *, model: str | None = None, root: str | Path |
 
         editors = planner_editors(lm.facts.fingerprint)
     return Start(spec, ref, lm, tuple(editors))
+
+
+def check_runtime(dtype: str, device: str | None,
+                  device_map: str | Mapping[str, Any] | None) -> None:
+    """Refuse an unknown dtype or device, a device this machine lacks, or both a device and a
+    device map, before anything slow runs (:func:`kmec.models.load.load_model` checks the
+    same when it loads).
+
+    Raises:
+        ModelError: the message names what is available.
+    """
+    from kmec.errors import ModelError
+    from kmec.models.load import parse_device_map, resolve_device, resolve_dtype
+
+    resolve_dtype(dtype)
+    if parse_device_map(device_map) is not None:
+        if device is not None:
+            raise ModelError("give a device or a device map, not both",
+                             hint="a device map places every module itself")
+    else:
+        resolve_device(device)
 
 
 # ---------------------------------------------------------------- compile
@@ -170,12 +197,15 @@ class BuildResult:
     attempts: tuple[Attempt, ...] = ()
     verdict: str = ""
     report: Report | None = None
+    runtime: Runtime = field(default_factory=Runtime)  # the device (or device map) and dtype the build ran on
 
 
 def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str | None = None,
                  progress: Progress | None = None, use_cache: bool = True,
                  editors: tuple[str, ...] | None = None, force: bool = False,
-                 root: str | Path | None = None, budget: float | None = None) -> BuildResult:
+                 root: str | Path | None = None, budget: float | None = None,
+                 dtype: str = "float32", device: str | None = None,
+                 device_map: str | Mapping[str, Any] | None = None) -> BuildResult:
     """Parse, plan and execute a spec, repair what fails its claims; write the build directory.
 
     When the spec declares claims, the executed plan is scored with the verifier
@@ -200,9 +230,14 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
         budget: seconds the whole compile may take, repairs included (None: the
             spec's ``budget``, else :data:`DEFAULT_BUDGET_S`; 0: do not score the
             claims). A repair is started only when its estimated time fits.
+        dtype, device, device_map: where and in what precision the model runs (see
+            :func:`kmec.models.load.load_model`; default: the CPU, float32). The build
+            records them (``build.json``'s ``runtime``); a build made on another runtime
+            is not up to date.
 
     Raises:
         OutputError: ``out`` may not be written (checked before anything runs).
+        ModelError: an unknown dtype or device, or one this machine lacks.
     """
     from kmec.backends import BACKENDS
     from kmec.planner import plan as make_plan
@@ -216,26 +251,28 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
                                                        *([ref.path] if ref.path else [])])
 
     s = start(spec_path, model=model, root=root, editors=editors, before_load=inputs_are_safe,
-              progress=progress)
+              progress=progress, dtype=dtype, device=device, device_map=device_map)
     planned = make_plan(s.spec, s.lm.facts, backends=BACKENDS, editors=s.editors)
     out = Path(out)
     if budget is None:
         budget = s.spec.budget if s.spec.budget is not None else DEFAULT_BUDGET_S
     scored = bool(s.spec.claims) and budget > 0
-    existing = up_to_date(out, planned, budget=budget if scored else 0.0)
+    existing = up_to_date(out, planned, budget=budget if scored else 0.0,
+                          runtime=s.lm.runtime.to_json())
     if existing is not None:
         art, info = existing
         final = read_build(out)[0]
         ok = info.get("claims_ok")
         return BuildResult(out, final, art, time.perf_counter() - t0, True,
                            ok if isinstance(ok, bool) else None,
-                           verdict=str(info.get("verdict", "")))
+                           verdict=str(info.get("verdict", "")),
+                           runtime=Runtime.from_json(info.get("runtime")))
     subjects_root = Path(root) if root is not None else find_root(spec_path)
     c = compile_loaded(s, planned, progress=progress, use_cache=use_cache, budget=budget,
                        root=subjects_root, t0=t0)
     write_compiled(out, c, spec=s.spec, spec_path=spec_path, model=s.model)
     return BuildResult(out, c.plan, c.artifact, c.seconds, False, c.claims_ok, c.attempts,
-                       c.verdict, c.report)
+                       c.verdict, c.report, c.runtime)
 
 
 @dataclass(frozen=True)
@@ -257,6 +294,7 @@ class Compiled:
     verdict: str
     log: str
     report: Report | None = None  # the scoring of the best attempt (None: not scored)
+    runtime: Runtime = field(default_factory=Runtime)  # where the model ran (recorded in the build)
 
 
 def compile_loaded(s: Start, planned: Plan, *, progress: Progress | None = None,
@@ -284,7 +322,6 @@ def compile_loaded(s: Start, planned: Plan, *, progress: Progress | None = None,
 
     t0 = time.perf_counter() if t0 is None else t0
     scored = bool(s.spec.claims) and budget > 0
-    before = s.lm.facts.fingerprint
     with _Collect() as messages, tempfile.TemporaryDirectory(prefix="kmec-values-") as scratch:
         values = None if use_cache else Path(scratch)
         loop = _Loop(s, planned, progress, use_cache, values, root or find_root(None), t0,
@@ -293,7 +330,7 @@ def compile_loaded(s: Start, planned: Plan, *, progress: Progress | None = None,
             loop.run()
         else:
             loop.once()
-    if fingerprint_model(s.lm.model) != before:
+    if fingerprint_model(s.lm.model) != s.lm.loaded_fingerprint:
         raise BackendError("the model changed while compiling (a backend mutated it)",
                            step_id="compile")
     seconds = time.perf_counter() - t0
@@ -301,8 +338,9 @@ def compile_loaded(s: Start, planned: Plan, *, progress: Progress | None = None,
     verdict = loop.verdict()
     return Compiled(planned, plan, artifact, seconds, budget if scored else 0.0, loop.claims_ok,
                     tuple(loop.attempts), verdict,
-                    _compile_log(plan, artifact, seconds, messages.lines, loop.attempts, verdict),
-                    loop.best_report)
+                    _compile_log(plan, artifact, seconds, messages.lines, loop.attempts, verdict,
+                                 s.lm.runtime),
+                    loop.best_report, s.lm.runtime)
 
 
 def write_compiled(out: str | Path, c: Compiled, *, spec: Spec, spec_path: str | Path,
@@ -312,7 +350,7 @@ def write_compiled(out: str | Path, c: Compiled, *, spec: Spec, spec_path: str |
     return write_build(out, plan=c.plan, spec=spec, artifact=c.artifact, spec_path=spec_path,
                        model=model, log=c.log, planned=c.planned, budget=c.budget,
                        claims_ok=c.claims_ok, verdict=c.verdict,
-                       repairs=[a.to_json() for a in c.attempts])
+                       repairs=[a.to_json() for a in c.attempts], runtime=c.runtime.to_json())
 
 
 def _capability_miss(report: Report) -> tuple[Miss, ...]:
@@ -540,9 +578,10 @@ class _Collect(logging.Handler):
 
 def _compile_log(plan: Plan, artifact: Artifact, seconds: float,
                  messages: Sequence[str] = (), attempts: Sequence[Attempt] = (),
-                 verdict: str = "") -> str:
+                 verdict: str = "", runtime: Runtime | None = None) -> str:
     lines = [f"kmec {__version__} compiled plan {plan.sha256[:16]} for {plan.model} "
-             f"({plan.model_fingerprint[:12]}) in {seconds:.1f} s"]
+             f"({plan.model_fingerprint[:12]}) in {seconds:.1f} s",
+             f"runtime: {(runtime or Runtime()).describe()}"]
     if attempts and attempts[0].checks:
         lines.append(f"{len(attempts)} attempt(s); the build holds plan {plan.sha256[:16]}")
         for a in attempts:
@@ -575,6 +614,7 @@ class Inputs:
     artifact: Artifact
     root: Path  # the build directory (or the artifact folder)
     notes: tuple[str, ...] = ()
+    runtime: Runtime | None = None  # where the build was compiled (None: a bare artifact)
 
 
 def _parse(spec_path: Path, root: str | Path | None) -> Spec:
@@ -610,7 +650,8 @@ def load_inputs(target: str | Path, spec_path: str | Path | None = None, *,
             _refuse_stale(source, plan, root, spec_root)
             spec = spec.model_copy(update={"source": source})
         model = info.get("model") if isinstance(info.get("model"), str) else None
-        return Inputs(spec, plan, model or plan.model, artifact, root, tuple(notes))
+        return Inputs(spec, plan, model or plan.model, artifact, root, tuple(notes),
+                      Runtime.from_json(info.get("runtime")))
     if (root / MANIFEST).exists():
         if spec_path is None:
             raise VerifyError(f"{root} is an artifact without a build directory around it",
@@ -657,7 +698,9 @@ def _refuse_stale(source: str, plan: Plan, build: Path, root: str | Path | None)
 def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
                  max_examples: int | None = None, report_dir: str | Path | None = None,
                  db_dir: str | Path | None = None, progress: Progress | None = None,
-                 force: bool = False, root: str | Path | None = None) -> Report:
+                 force: bool = False, root: str | Path | None = None, dtype: str = "float32",
+                 device: str | None = None,
+                 device_map: str | Mapping[str, Any] | None = None) -> Report:
     """Verify a build directory (or an artifact folder with ``spec_path``).
 
     Args:
@@ -671,6 +714,10 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
         force: write into ``report_dir`` even if it holds files kmec did not write.
         root: the folder the spec's subjects files must lie under (default:
             the spec's repository, see :mod:`kmec.grammar.files`).
+        dtype, device, device_map: where and in what precision the base model is loaded
+            for verification (default: the CPU, float32), whatever the build was
+            compiled on; the payloads are added in the loaded weights' dtype. When the
+            two differ, the report's notes say both.
 
     Returns:
         The :class:`kmec.verify.Report`.
@@ -682,6 +729,7 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
     from kmec.verify import verify
     from kmec.verify.render import write_reports
 
+    check_runtime(dtype, device, device_map)
     inputs = load_inputs(build_dir, spec_path, spec_root=root)
     if report_dir is not None:  # before the minutes of verification, not after
         given = [build_dir, *([spec_path] if spec_path is not None else [])]
@@ -689,7 +737,7 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
         ensure_folder(report_dir, "report")
     if progress:
         progress("loading model", 0, 1)
-    lm = load_model(inputs.model)
+    lm = load_model(inputs.model, dtype=dtype, device=device, device_map=device_map)
     fp = lm.facts.fingerprint
     if fp != inputs.artifact.manifest.base_fingerprint:
         raise ArtifactError(
@@ -705,8 +753,12 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
                     max_examples=max_examples, root=subjects_root,
                     db_dir=db_dir if db_dir is not None else _default_db(inputs.root),
                     progress=progress, artifact=inputs.artifact)
-    if inputs.notes:
-        report = report.model_copy(update={"notes": report.notes + inputs.notes})
+    notes = inputs.notes
+    if inputs.runtime is not None and inputs.runtime != lm.runtime:
+        notes += (f"compiled on {inputs.runtime.describe()}; verified on "
+                  f"{lm.runtime.describe()}",)
+    if notes:
+        report = report.model_copy(update={"notes": report.notes + notes})
     if report_dir is not None:
         write_reports(report, report_dir)
     return report
@@ -742,6 +794,6 @@ def default_report_dir(target: str | Path) -> Path:
 
 
 __all__ = ["DEFAULT_BUDGET_S", "Attempt", "BuildResult", "Compiled", "Inputs", "Start",
-           "compile_loaded",
+           "check_runtime", "compile_loaded",
            "compile_spec", "default_report_dir", "load_inputs", "start", "verify_build",
            "write_compiled"]

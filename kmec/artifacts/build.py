@@ -4,6 +4,7 @@ Contents:
     PLAN / SPEC / INFO / ARTIFACT / LOG   the file names of a build directory
     write_build()    plan, spec, artifact, provenance and log -> a build directory (atomic)
     up_to_date()     the artifact and info of an existing build planned the same way, or None
+    build_runtime()  the device, dtype and device map a build.json records
     read_build()     (plan, spec, build info, artifact), every part checked against the others
     load_checked()   the artifact of a build (checked against its plan) or of a bare folder
 
@@ -11,7 +12,8 @@ A build directory::
 
     build/plan.json        the plan (canonical JSON; its sha256 is the plan hash)
     build/spec.json        the parsed spec (includes merged, without spans)
-    build/build.json       spec path, model reference, plan hash, artifact sha256, kmec version
+    build/build.json       spec path, model reference, plan hash, artifact sha256, kmec version,
+                           runtime (the device or device map and dtype the model ran in)
     build/artifact/        manifest.json + payloads.safetensors
     build/compile.log      what was done and why (the pipeline writes it)
     build/repairs.json     every attempt of the compile-verify-repair loop (when claims were scored)
@@ -39,12 +41,15 @@ from kmec.spec import Spec
 
 PLAN, SPEC, INFO, ARTIFACT, LOG = "plan.json", "spec.json", "build.json", "artifact", "compile.log"
 REPAIRS = "repairs.json"
+# what kmec.models.load.Runtime().to_json() gives: the CPU in float32 (tests check they agree)
+DEFAULT_RUNTIME: dict[str, Any] = {"device": "cpu", "dtype": "float32", "device_map": None}
 
 
 def write_build(out: str | Path, *, plan: Plan, spec: Spec, artifact: Artifact,
                 spec_path: str | Path, model: str, log: str, planned: Plan | None = None,
                 budget: float = 0.0, claims_ok: bool | None = None, verdict: str = "",
-                repairs: list[dict[str, Any]] | None = None) -> Path:
+                repairs: list[dict[str, Any]] | None = None,
+                runtime: dict[str, Any] | None = None) -> Path:
     """Write a build directory atomically (the caller checked ``out`` may be written).
 
     Args:
@@ -59,6 +64,8 @@ def write_build(out: str | Path, *, plan: Plan, spec: Spec, artifact: Artifact,
         claims_ok: whether the claims held on this build (None: not scored).
         verdict: what was out of reach, when they did not.
         repairs: the attempts of the repair loop, written to ``repairs.json``.
+        runtime: where the model ran, ``{"device", "dtype", "device_map"}``
+            (:meth:`kmec.models.load.Runtime.to_json`; None: the CPU in float32).
     """
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -70,7 +77,8 @@ def write_build(out: str | Path, *, plan: Plan, spec: Spec, artifact: Artifact,
             "plan_hash": plan.sha256, "base_fingerprint": plan.model_fingerprint,
             "planned_hash": (planned or plan).sha256, "budget": budget,
             "claims_ok": claims_ok, "verdict": verdict,
-            "kmec_version": __version__, "artifact_sha256": artifact.manifest.sha256}))
+            "kmec_version": __version__, "artifact_sha256": artifact.manifest.sha256,
+            "runtime": runtime or dict(DEFAULT_RUNTIME)}))
         save_artifact(artifact, tmp / ARTIFACT)
         (tmp / LOG).write_text(log)
         if repairs:
@@ -78,14 +86,15 @@ def write_build(out: str | Path, *, plan: Plan, spec: Spec, artifact: Artifact,
     return out
 
 
-def up_to_date(out: str | Path, planned: Plan, *, budget: float = 0.0
-               ) -> tuple[Artifact, dict[str, Any]] | None:
+def up_to_date(out: str | Path, planned: Plan, *, budget: float = 0.0,
+               runtime: dict[str, Any] | None = None) -> tuple[Artifact, dict[str, Any]] | None:
     """The artifact and ``build.json`` of an up-to-date build at ``out`` (None: compile again).
 
     Up to date: the build was compiled from a plan identical to ``planned`` (the
     planner's plan, before any repair), its files agree with each other, and its
     claims held — or were scored under the same ``budget`` (a larger budget may
-    repair what a smaller one could not). A build whose files were changed (a
+    repair what a smaller one could not) — and it ran on the same ``runtime`` (device or
+    device map and dtype; None and a build that records none: the CPU in float32). A build whose files were changed (a
     tampered manifest, payloads the plan does not declare, a build.json for another
     plan) is not up to date.
     """
@@ -103,6 +112,8 @@ def up_to_date(out: str | Path, planned: Plan, *, budget: float = 0.0
         return None
     if info.get("planned_hash", info.get("plan_hash")) != planned.sha256:
         return None
+    if build_runtime(info) != (runtime or DEFAULT_RUNTIME):
+        return None  # the target values differ with the device and the dtype
     if info.get("claims_ok") is not True and info.get("budget", 0.0) != budget:
         return None  # claims that failed, or were not scored, may fare otherwise now
     return art, info
@@ -138,6 +149,17 @@ def read_build(build: str | Path) -> tuple[Plan, Spec, dict[str, Any], Artifact]
         raise ArtifactError(f"{build}/{SPEC} is not the spec plan.json was planned from "
                             "(its hash differs from the plan's 'spec_hash')", hint=hint)
     return plan, spec, info, artifact
+
+
+def build_runtime(info: dict[str, Any]) -> dict[str, Any]:
+    """The runtime a ``build.json`` records; a build written before runtimes were recorded
+    ran on the CPU in float32.
+
+    >>> build_runtime({}) == DEFAULT_RUNTIME
+    True
+    """
+    runtime = info.get("runtime")
+    return runtime if isinstance(runtime, dict) else dict(DEFAULT_RUNTIME)
 
 
 def build_root(target: str | Path) -> Path:

@@ -72,9 +72,12 @@ from kmec.hashing import atomic_dir, canonical_json, sha256_tensor
 from kmec.models.load import (
     LoadedModel,
     ModelRef,
+    Runtime,
     fingerprint_model,
     load_model,
     require_safetensors,
+    resolve_device,
+    resolve_dtype,
     resolve_ref,
 )
 from kmec.outputs import check_output, write_marker
@@ -103,6 +106,10 @@ class EditedRecord(BaseModel):
     base_params: dict[str, str]  # parameter name -> sha256 of its original tensor
     tokenizer: Literal["copied", "saved", "none"]
     manifest: Manifest
+    # the dtype the folder's weights are stored in (kmec apply --dtype); in another dtype
+    # than float32, the fingerprint of the base weights in it (what revert restores)
+    dtype: str = "float32"
+    base_weights_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,8 +123,8 @@ class Written:
     tokenizer: str
 
 
-def load_weights(ref: str | ModelRef) -> tuple[Any, Any]:
-    """Load a causal LM in float32 on CPU; return ``(model, tokenizer or None)``.
+def load_weights(ref: str | ModelRef, *, dtype: str = "float32") -> tuple[Any, Any]:
+    """Load a causal LM on CPU (float32 unless ``dtype``); return ``(model, tokenizer or None)``.
 
     Weights are read from safetensors only; pickle files are never loaded.
 
@@ -128,16 +135,17 @@ def load_weights(ref: str | ModelRef) -> tuple[Any, Any]:
     Raises:
         ModelError: the reference does not resolve or the files do not load.
     """
+    dtype = resolve_dtype(dtype)
     if isinstance(ref, str):
         ref = resolve_ref(ref)
     if ref.path is None:
-        lm = load_model(ref)
+        lm = load_model(ref, dtype=dtype)
         return lm.model, lm.tok
     from transformers import AutoModelForCausalLM
 
     require_safetensors(ref.path)  # pickle weights are never loaded (they can run code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=getattr(torch, dtype),
                                                      use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -160,7 +168,8 @@ def _write_tokenizer(src: Path | None, tok: Any, dest: Path) -> Literal["copied"
 
 
 def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = None,
-                 inputs: Sequence[str | Path] = (), force: bool = False) -> Written:
+                 inputs: Sequence[str | Path] = (), force: bool = False, dtype: str = "float32",
+                 device: str | None = None) -> Written:
     """Apply ``artifact`` to its base model and write the edited model folder.
 
     Args:
@@ -170,6 +179,15 @@ def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = Non
         model: the base model reference; defaults to the manifest's ``base_model``.
         inputs: where the artifact was read from (``out`` may not be or hold it).
         force: replace ``out`` even if it is not an edited model folder kmec wrote.
+        dtype: the dtype the edited folder stores its weights in: the base is loaded
+            and checked in float32, cast, and the payloads are added in ``dtype``
+            (``kmec revert`` then restores the base in ``dtype``).
+        device: where the payloads are added (``cpu``, ``cuda``, ``auto``; the folder is
+            written from the CPU either way).
+
+    The recorded ``edited_fingerprint`` is the float32 fingerprint of the edited weights
+    (of their exact upcast when ``dtype`` is lower), the one
+    :func:`kmec.models.load.load_model` gives the folder in any dtype.
 
     External-memory payloads are not applied to the weights: they are saved in
     ``kmec_memory/`` and installed by :func:`load_edited`.
@@ -196,12 +214,16 @@ def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = Non
                             hint="write the edited model to a new folder")
     check_output(out, "edited-model", force=force,
                  inputs=[*inputs, *([ref.path] if ref.path is not None else [])])
+    dtype, target = resolve_dtype(dtype), resolve_device(device)
     weights, tok = load_weights(ref)
     base_fp = fingerprint_model(weights)
     check_base(m, base_fp, model=name)
-    applied = apply(weights_part, weights, fingerprint=base_fp)
-    edited_fp = fingerprint_model(weights)
-    originals = {k: v.contiguous() for k, v in applied.originals.items()}
+    weights.to(device=target, dtype=getattr(torch, dtype))
+    cast_fp = None if dtype == "float32" else fingerprint_model(weights)
+    applied = apply(weights_part, weights, fingerprint=base_fp, check=False)
+    weights.to("cpu")
+    edited_fp = fingerprint_model(weights, as_float32=True)
+    originals = {k: v.cpu().contiguous() for k, v in applied.originals.items()}
     with atomic_dir(out) as tmp:
         write_marker(tmp, "edited-model")
         weights.save_pretrained(tmp)
@@ -211,7 +233,8 @@ def write_edited(artifact: Artifact, out: str | Path, *, model: str | None = Non
             save_artifact(memory_part, tmp / MEMORY_DIR)
         record = EditedRecord(kmec_version=__version__, base_model=name, base_fingerprint=base_fp,
                             edited_fingerprint=edited_fp, tokenizer=tokenizer, manifest=m,
-                            base_params={k: sha256_tensor(v) for k, v in originals.items()})
+                            base_params={k: sha256_tensor(v) for k, v in originals.items()},
+                            dtype=dtype, base_weights_fingerprint=cast_fp)
         (tmp / EDIT_RECORD).write_text(canonical_json(record.model_dump(mode="json")))
     log.info("wrote edited model %s (%d parameter(s) changed, %d memory table(s))", out,
              len(originals), 0 if memory_part is None else len(memory_part.manifest.payloads))
@@ -292,15 +315,16 @@ class EditedModel(LoadedModel):
 
 
 def load_edited(folder: str | Path, *, tok: Any = None, dtype: str = "float32",
-                device: str = "cpu") -> EditedModel:
+                device: str | None = None) -> EditedModel:
     """Load a folder written by :func:`write_edited`, with its external memory installed.
 
     Args:
         folder: the edited model folder.
         tok: a tokenizer to use instead of the folder's (required when the
             folder has none and holds a retrieval memory).
-        dtype, device: as :func:`kmec.models.load.load_model`. In float32 the
-            weights are checked against the fingerprint ``kmec apply`` recorded.
+        dtype, device: as :func:`kmec.models.load.load_model`. The weights (their
+            float32 fingerprint, whatever ``dtype``) are checked against the one
+            ``kmec apply`` recorded.
 
     Raises:
         ArtifactError: not a kmec-edited folder, weights changed since ``kmec
@@ -309,20 +333,24 @@ def load_edited(folder: str | Path, *, tok: Any = None, dtype: str = "float32",
             has no tokenizer.
     """
     folder = Path(folder)
+    dtype = resolve_dtype(dtype)
     record = read_record(folder)
     ref = ModelRef(str(folder), "folder", folder.resolve())
     if record.tokenizer == "none":
         from kmec.models.facts import facts_from_config
 
         model, _ = load_weights(ref)
-        model.to(device=device, dtype=getattr(torch, dtype))
-        facts = facts_from_config(model.config, name=str(folder), fingerprint=fingerprint_model(model),
+        fp = fingerprint_model(model)  # of the float32 weights, as load_model's facts have it
+        target = resolve_device(device)
+        model.to(device=target, dtype=getattr(torch, dtype))
+        facts = facts_from_config(model.config, name=str(folder), fingerprint=fp,
                                   n_params=sum(p.numel() for p in model.parameters()), dtype=dtype)
-        lm = LoadedModel(model, tok, facts, ref)
+        lm = LoadedModel(model, tok, facts, ref, runtime=Runtime(target, dtype),
+                         weights_fingerprint="" if dtype == "float32" else fingerprint_model(model))
     else:
         lm = load_model(ref, dtype=dtype, device=device)
         lm.tok = tok if tok is not None else lm.tok
-    if dtype == "float32" and lm.facts.fingerprint != record.edited_fingerprint:
+    if lm.facts.fingerprint != record.edited_fingerprint:
         raise ArtifactError(
             f"the weights in {folder} changed after kmec apply wrote them (fingerprint "
             f"{lm.facts.fingerprint[:12]}, recorded {record.edited_fingerprint[:12]})",
@@ -360,8 +388,9 @@ def revert_folder(edited: str | Path, out: str | Path, *, force: bool = False) -
     check_output(out, "base-model", inputs=[edited], force=force)
     record = read_record(edited)
     originals = read_base_params(edited, record)
-    model, _ = load_weights(ModelRef(str(edited), "folder", edited.resolve()))
-    now = fingerprint_model(model)
+    model, _ = load_weights(ModelRef(str(edited), "folder", edited.resolve()),
+                            dtype=record.dtype)
+    now = fingerprint_model(model, as_float32=True)
     if now != record.edited_fingerprint:
         raise ArtifactError(
             f"the weights in {edited} changed after kmec apply wrote them (fingerprint "
@@ -376,7 +405,7 @@ def revert_folder(edited: str | Path, out: str | Path, *, force: bool = False) -
                                     f"{tuple(original.shape)} and dtype {original.dtype}")
             w.copy_(original)
     restored = fingerprint_model(model)
-    if restored != record.base_fingerprint:
+    if restored != (record.base_weights_fingerprint or record.base_fingerprint):
         raise ArtifactError(
             f"the restored model has fingerprint {restored[:12]}, not the recorded base "
             f"{record.base_fingerprint[:12]}", hint=f"load the base model {record.base_model!r}")

@@ -6,6 +6,7 @@ import typer
 
 from kmec.cli._console import out_console, print_json
 from kmec.cli._progress import reporting
+from kmec.cli._runtime import device_option
 
 
 def apply_cmd(
@@ -16,6 +17,10 @@ def apply_cmd(
     force: bool = typer.Option(False, "--force", help="Replace --out even if kmec did not "
                                "write it (everything in it is lost)."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON on stdout."),
+    device: str = device_option(),
+    dtype: str = typer.Option("float32", "--dtype", help="Precision of the edited folder's "
+                              "weights: float32, bfloat16 or float16 (the base is checked in "
+                              "float32, then cast; kmec revert restores it in this dtype)."),
 ) -> None:
     """Apply an artifact to its base model and save the edited model as a Hugging Face folder.
 
@@ -26,19 +31,23 @@ def apply_cmd(
     """
     from kmec.artifacts.build import load_checked
     from kmec.artifacts.edited import write_edited
+    from kmec.models.load import resolve_device, resolve_dtype
     from kmec.outputs import check_output
 
+    resolve_dtype(dtype), resolve_device(device)  # a bad flag before anything is read
     check_output(out, "edited-model", inputs=[target], force=force)
     artifact = load_checked(target)
     with reporting("apply") as progress, \
             progress.stage("loading the base model and applying the artifact"):
-        w = write_edited(artifact, out, model=model, inputs=[target], force=force)
+        w = write_edited(artifact, out, model=model, inputs=[target], force=force, dtype=dtype,
+                         device=device)
     n = len(artifact.manifest.payloads)
     memory = sum(e.kind == "memory" for e in artifact.manifest.payloads)
     if as_json:
         print_json({"out": str(w.path), "base_model": model or artifact.manifest.base_model,
                     "base_fingerprint": w.base_fingerprint,
                     "edited_fingerprint": w.edited_fingerprint, "params": list(w.params),
+                    "dtype": resolve_dtype(dtype),
                     "payloads": n - memory, "memory_tables": memory,
                     "memory_dir": str(w.path / "kmec_memory") if memory else None,
                     "tokenizer": w.tokenizer})

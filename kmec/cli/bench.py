@@ -20,6 +20,7 @@ from rich.table import Column, Table
 
 from kmec.cli._console import out_console as _out_console
 from kmec.cli._progress import reporting
+from kmec.cli._runtime import device_map_option, device_option, dtype_option
 
 out_console = _out_console(highlight=False)
 
@@ -64,6 +65,9 @@ def bench_cmd(
                                   "paraphrases, scope, preserve and neighbour prompts shown to "
                                   "the compiler). Default: keep every scored prompt out of "
                                   "compilation."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    device_map: str = device_map_option(),
 ) -> None:
     """Compile and verify SPEC with each method; print efficacy, generality, locality, ... per method."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -82,7 +86,8 @@ def bench_cmd(
     with reporting("bench") as progress:
         result = bench(spec, methods.split(","), mode=chosen[0] if chosen else None, model=model,
                        limit=limit, max_examples=max_examples, progress=progress, root=root,
-                       prompts="declared" if declared else "held out")
+                       prompts="declared" if declared else "held out", dtype=dtype,
+                       device=device, device_map=device_map)
     if md:
         from kmec.hashing import atomic_write_text
         from kmec.outputs import BENCH_TABLE_HEAD

@@ -8,6 +8,7 @@ import typer
 
 from kmec.cli._console import out_console, print_json
 from kmec.cli._progress import reporting
+from kmec.cli._runtime import device_map_option, device_option, dtype_option
 
 
 def compile_cmd(
@@ -27,20 +28,24 @@ def compile_cmd(
                                  "`budget`, else 300]; 0 skips scoring the claims."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON on stdout "
                                  "(build dir, plan hash, steps, attempts, claims)."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    device_map: str = device_map_option(),
 ) -> None:
     """Compile a spec into an artifact (build/plan.json, build/artifact/, ...).
 
     When the spec declares claims, compile scores them as `kmec verify` would and, while
     some fail, tries the repairs of docs/compile.md within the budget. Exit codes: 0 built
     (and every claim held), 1 built, but some claims are out of reach (the best build is
-    written), 2 bad input.
+    written), 2 bad input. The build records the device and dtype it was compiled on.
     """
     from kmec.pipeline import compile_spec
 
     console = out_console(stderr=True, highlight=False, soft_wrap=True)
     with reporting("compile") as progress:
         result = compile_spec(spec, out=out, model=model, progress=progress,
-                              use_cache=not no_cache, force=force, root=root, budget=budget)
+                              use_cache=not no_cache, force=force, root=root, budget=budget,
+                              dtype=dtype, device=device, device_map=device_map)
     from kmec.verify.summary import append_step_summary, compile_summary
 
     append_step_summary(compile_summary(  # the CI job page, when $GITHUB_STEP_SUMMARY is set
@@ -59,6 +64,8 @@ def compile_cmd(
     claims = {None: "", True: ", claims hold", False: ", claims FAIL"}[result.claims_ok]
     console.print(f"{spec}: {state}: {len(plan.steps)} step(s), {n_edits} edit(s), "
                   f"plan {plan.sha256[:12]}{claims} -> {result.out}/", markup=False)
+    if not result.runtime.is_default:
+        console.print(f"  compiled on {result.runtime.describe()}", markup=False)
     if result.claims_ok is False:
         for line in result.verdict.splitlines():
             console.print(f"  {line}", markup=False)
@@ -77,6 +84,7 @@ def _as_json(spec: str, result: Any) -> dict[str, Any]:
                    "layers": list(s.layers)} for s in plan.steps],
         "edits": sum(len(s.edits) for s in plan.steps),
         "claims_ok": result.claims_ok,
+        "runtime": result.runtime.to_json(),
         "attempts": [a.to_json() for a in result.attempts],
         "verdict": result.verdict,
     }

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from kmec.cli._console import out_console, print_json
 from kmec.cli._progress import reporting
+from kmec.cli._runtime import device_map_option, device_option, dtype_option
 from kmec.errors import StatsError
 
 
@@ -92,8 +93,9 @@ def stats(
     tokens: int = typer.Option(None, "--tokens", help="Token budget [default: 100000]."),
     max_len: int = typer.Option(None, "--max-len", help="Tokens per window [default: 256]."),
     samples: int = typer.Option(None, "--samples", help="Optional sample (window) budget."),
-    dtype: str = typer.Option("float32", "--dtype", help="Model dtype for the pass."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
+    device_map: str = device_map_option(),
     kernel: str = typer.Option(None, "--kernel", help="torch | triton [default: by device]."),
     products: str = typer.Option("bfloat16", "--products",
                                  help="Precision of the k·kᵀ products: bfloat16 (keys rounded "
@@ -112,11 +114,14 @@ def stats(
         raise StatsError("kmec stats needs a MODEL and --layers (or --list)",
                          hint="e.g. kmec stats smollm2-135m --layers 3-8")
     from kmec.models.adapters import adapter_for
-    from kmec.models.load import load_model
+    from kmec.models.load import load_model, resolve_device, resolve_dtype
     from kmec.planner.model import StatsRequest
     from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, distributed, provider
 
-    dist = distributed.init_from_env(device)
+    dtype = resolve_dtype(dtype)
+    if device_map is None:
+        device = resolve_device(device)
+    dist = distributed.init_from_env(device or "cpu")
     request = StatsRequest(layers=parse_layers(layers), corpus=corpus,
                            tokens=tokens or DEFAULT_TOKENS, max_len=max_len or DEFAULT_MAX_LEN,
                            dtype=dtype, products=_products(products))
@@ -124,7 +129,8 @@ def stats(
     # statistics take minutes: keep the finished bar on a terminal (transient=False)
     with reporting("stats", transient=False, enabled=dist.is_main) as progress:
         with progress.stage(f"loading {model}"):
-            lm = load_model(model, dtype=dtype, device=device)
+            lm = load_model(model, dtype=dtype, device=None if device_map else device,
+                            device_map=device_map)
         adapter = adapter_for(lm.facts.model_type)
         stats_provider = provider(lm.model, lm.tok, lm.facts, adapter, request,
                                   progress=progress, kernel=kernel,

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from kmec.cli._console import out_console
 from kmec.cli._progress import Reporter, reporting
+from kmec.cli._runtime import device_map_option, device_option, dtype_option
 
 # markup=False: prompts and subjects are printed verbatim, brackets included.
 console = out_console(highlight=False, markup=False)
@@ -176,6 +177,19 @@ def _write_out(out: Path, results: list[Any], data: dict[str, Any], model: str) 
                                                       curves_svg=curves_svg))
 
 
+def _cache_identity(lm: Any) -> str:
+    """What keys a model's traces in the cache: its fingerprint, and the device and dtype
+    it ran on when they are not the default (the CPU in float32), since they change the
+    numbers a little (the default keeps the keys traces were always cached under)."""
+    from kmec.hashing import canonical_json, sha256_text
+
+    runtime = getattr(lm, "runtime", None)
+    if runtime is None or runtime.is_default:
+        return str(lm.facts.fingerprint)
+    return sha256_text(canonical_json({"weights": lm.facts.fingerprint,
+                                       "runtime": runtime.to_json()}))
+
+
 def _trace_all(lm: Any, jobs: list[tuple[str, str, str | None]], kinds: list[str],
                params: dict[str, Any], *, refresh: bool, progress: Reporter
                ) -> tuple[list[Any], int]:
@@ -194,7 +208,7 @@ def _trace_all(lm: Any, jobs: list[tuple[str, str, str | None]], kinds: list[str
             args = (lm.model, lm.tok, adapter, prompt, subject)
             if lm.facts.fingerprint:
                 r, hit = trace_cached(*args, target=answer, kind=kind, refresh=refresh,
-                                      fingerprint=lm.facts.fingerprint, **params)
+                                      fingerprint=_cache_identity(lm), **params)
                 hits += hit
             else:
                 r = trace(*args, target=answer, kind=kind, **params)
@@ -228,11 +242,15 @@ def trace_command(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     force: bool = typer.Option(False, "--force", help="Write into --out even if it holds "
                                "files kmec did not write."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    device_map: str = device_map_option(),
 ) -> None:
     """Causal tracing (ROME §2.1): which layers carry the fact behind a prompt's answer."""
     from kmec.hashing import canonical_json
     from kmec.models.load import load_model
     from kmec.models.trace import KINDS
+    from kmec.pipeline import check_runtime
 
     kinds = list(dict.fromkeys(k.strip() for k in kind.split(",") if k.strip()))
     if not kinds or any(k not in KINDS for k in kinds) or positions not in ("all", "key"):
@@ -243,10 +261,11 @@ def trace_command(
 
         check_output(out, "trace", inputs=[target] if Path(target).exists() else [],
                      force=force)
+    check_runtime(dtype, device, device_map)
     spec, ref = _source(target, subject, answer, model)
     with reporting("trace") as progress:
         with progress.stage(f"loading {ref}"):
-            lm = load_model(ref)
+            lm = load_model(ref, dtype=dtype, device=device, device_map=device_map)
         jobs = (_spec_jobs(spec, lm.facts) if spec is not None
                 else [(target, subject or "", answer)])
         params = {"samples": samples, "noise": noise, "seed": seed, "window": window,

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from kmec.cli._console import out_console, print_json
 from kmec.cli._progress import reporting
+from kmec.cli._runtime import device_map_option, device_option, dtype_option
 
 
 def _curve_table(curve: list[dict[str, float]]) -> Table:
@@ -61,14 +62,19 @@ def train_editor_cmd(
                                 help="Continue an interrupted identical run, or start over."),
     as_json: bool = typer.Option(False, "--json", help="Print the editor's manifest (loss "
                                  "curve, held-out scores) as JSON on stdout."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    device_map: str = device_map_option(),
 ) -> None:
     """Train a MEND hypernetwork editor for MODEL on edit records (saved by fingerprint)."""
     from kmec.backends.mend import DataInfo, TrainConfig, read_records, split_records, train_editor
     from kmec.cli.stats import parse_layers
     from kmec.hashing import sha256_file
     from kmec.models.load import load_model
+    from kmec.pipeline import check_runtime
     from kmec.planner.layers import check_layers, default_layers
 
+    check_runtime(dtype, device, device_map)
     dataset, records = read_records(data)
     total = len(records)
     if limit is not None:
@@ -81,7 +87,7 @@ def train_editor_cmd(
     console = out_console(highlight=False, soft_wrap=True)
     with reporting("train-editor", transient=False) as progress:
         with progress.stage(f"loading {model}"):
-            lm = load_model(model)
+            lm = load_model(model, dtype=dtype, device=device, device_map=device_map)
         chosen = (check_layers(parse_layers(layers), lm.facts) if layers
                   else default_layers(lm.facts, "mend").layers)
         overrides = {k: v for k, v in {"steps": steps, "batch": batch}.items() if v is not None}

@@ -21,6 +21,7 @@ from rich.table import Table
 from kmec.cli._console import out_console as _out_console
 from kmec.cli._console import print_json
 from kmec.cli._progress import reporting
+from kmec.cli._runtime import device_map_option, device_option, dtype_option
 
 out_console = _out_console(highlight=False)
 
@@ -77,6 +78,23 @@ def _part(score: float | None) -> str:
     return "–" if score is None else f"{score:.3f}"
 
 
+def _runtime_line(target: str, device: str | None, dtype: str, device_map: str | None) -> str:
+    """Where the build was compiled and where it was verified."""
+    import json
+
+    from kmec.artifacts.build import INFO, build_root, build_runtime
+    from kmec.models.load import Runtime, resolve_device, resolve_dtype
+
+    info_path = build_root(target) / INFO
+    try:
+        compiled = Runtime.from_json(build_runtime(json.loads(info_path.read_text())))
+        where = f"compiled on {compiled.describe()}; "
+    except (OSError, ValueError, AttributeError):
+        where = ""  # a bare artifact records no runtime
+    here = "device map " + device_map if device_map else resolve_device(device)
+    return f"{where}verified on {here}, {resolve_dtype(dtype)}"
+
+
 def verify_cmd(
     target: str = typer.Argument(..., help="Build directory (kmec compile's output) or artifact folder."),
     spec: str = typer.Option(None, "--spec", help="Spec file to take the claims from "
@@ -91,6 +109,9 @@ def verify_cmd(
                                "even if it holds files kmec did not write."),
     root: str = typer.Option(None, "--root", help="Folder the spec's subjects files must lie "
                              "under [default: the repository of --spec, or of the build]."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    device_map: str = device_map_option(),
 ) -> None:
     """Verify every claim of the spec on the edited model; write JSON/JUnit/Markdown/HTML reports."""
     _passive_omp()
@@ -100,7 +121,8 @@ def verify_cmd(
     folder = Path(report_dir) if report_dir else default_report_dir(target)
     with reporting("verify") as progress:
         report = verify_build(target, spec_path=spec, max_examples=max_examples,
-                              report_dir=folder, progress=progress, force=force, root=root)
+                              report_dir=folder, progress=progress, force=force, root=root,
+                              dtype=dtype, device=device, device_map=device_map)
     from kmec.verify.summary import append_step_summary, verify_summary
 
     append_step_summary(verify_summary(report, target=target, report_dir=folder))  # CI job page
@@ -110,6 +132,8 @@ def verify_cmd(
         out_console.print(_summary_table(report))
         style = "green" if report.ok else "bold red"
         out_console.print(report.summary, style=style, markup=False, soft_wrap=True)
+        out_console.print(_runtime_line(target, device, dtype, device_map), markup=False,
+                          soft_wrap=True)
         out_console.print(f"reports: {folder}/report.html (also report.json, junit.xml, report.md)",
                           markup=False, soft_wrap=True)
     raise typer.Exit(report.exit_code)

