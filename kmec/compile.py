@@ -48,11 +48,17 @@ from kmec.progress import Progress
 log = logging.getLogger("kmec")
 
 
-def _step_key(step: Step, fingerprint: str, previous: str, seed: int) -> str:
+def _step_key(step: Step, fingerprint: str, previous: str, seed: int,
+              runtime: dict[str, Any] | None = None) -> str:
     # the plan's seed reaches the backend (context prefixes, initialisations): a step
-    # compiled under another seed is another result
-    return sha256_text(canonical_json({"step": step.model_dump(mode="json"), "base": fingerprint,
-                                       "kmec": __version__, "previous": previous, "seed": seed}))
+    # compiled under another seed is another result; so is one computed on another device or
+    # in another dtype (δ differs). The default runtime (CPU, float32) is left out of the key
+    # so the steps cached before runtimes existed stay valid.
+    key = {"step": step.model_dump(mode="json"), "base": fingerprint, "kmec": __version__,
+           "previous": previous, "seed": seed}
+    if runtime is not None:
+        key["runtime"] = runtime
+    return sha256_text(canonical_json(key))
 
 
 def stats_for_step(step: Step, lm: LoadedModel, progress: Progress | None = None
@@ -120,7 +126,9 @@ def execute(plan: Plan, lm: LoadedModel, *, progress: Progress | None = None,
             if frame is not None:
                 step = chat_step(step, frame)
             history = previous if plan.order == "sequence" else ""
-            key = _step_key(step, lm.facts.fingerprint, history, plan.seed)
+            runtime = getattr(lm, "runtime", None)  # test doubles may lack it: the default
+            key = _step_key(step, lm.facts.fingerprint, history, plan.seed,
+                            None if runtime is None or runtime.is_default else runtime.to_json())
             previous = key
             payloads = _cached_step(cache_root / key, step) if use_cache else None
             if payloads is None:

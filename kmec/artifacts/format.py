@@ -220,7 +220,12 @@ def _payload_tensors(pid: str, p: Payload) -> dict[str, torch.Tensor]:
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous()
+    """On the CPU, and floating tensors in float32: an artifact stores its payloads in one
+    dtype whatever device and dtype computed them (apply casts to the weights' dtype)."""
+    t = t.detach().to("cpu")
+    if t.is_floating_point() and t.dtype != torch.float32:
+        t = t.float()
+    return t.contiguous()
 
 
 def save_artifact(artifact: Artifact, path: str | Path) -> Path:

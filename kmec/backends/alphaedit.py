@@ -232,7 +232,8 @@ class AlphaEdit:
                                       cache=value_cache(ctx.cache_dir, ctx.weights))
         ctx.log.info("alphaedit: %d target(s), mean target prob %.3f, %d protected key(s)",
                      len(edits), float(prob.mean()), len(p.protect))
-        z = residual_at(model, tok, adapter, top, edits) + delta
+        h = residual_at(model, tok, adapter, top, edits)  # on the top layer's device
+        z = h + delta.to(h.device)
 
         def solve(layer: int, k: torch.Tensor, resid: torch.Tensor):
             basis, alpha = _projection(ctx, step, layer, stats.second_moment(layer), p)

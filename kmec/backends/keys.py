@@ -53,7 +53,8 @@ def context_prefixes(model: Any, tok: Any, *, n: int, length: int, seed: int,
         return [""]
     path = None
     if cache_dir is not None and fingerprint:
-        path = Path(cache_dir) / "prefixes" / f"{fingerprint[:24]}-{n}-{length}-{seed}.json"
+        path = Path(cache_dir) / "prefixes" / f"{fingerprint[:24]}-{n}-{length}-{seed}" \
+            f"{_runtime_tag(model)}.json"
         if path.exists():
             try:
                 return json.loads(path.read_text())
@@ -63,6 +64,20 @@ def context_prefixes(model: Any, tok: Any, *, n: int, length: int, seed: int,
     if path is not None:
         atomic_write_text(path, json.dumps(out))
     return out
+
+
+def _runtime_tag(model: Any) -> str:
+    """``""`` for a model in float32 on the CPU (the names prefixes were always cached
+    under), else ``-<device>-<dtype>``: sampled on another device or in another precision,
+    the texts differ.
+
+    >>> _runtime_tag(torch.nn.Linear(2, 2)), _runtime_tag(torch.nn.Linear(2, 2).bfloat16())
+    ('', '-cpu-bfloat16')
+    """
+    p = next(model.parameters())
+    if p.device.type == "cpu" and p.dtype == torch.float32:
+        return ""
+    return f"-{p.device.type}-{str(p.dtype).removeprefix('torch.')}"
 
 
 @torch.no_grad()
@@ -169,7 +184,8 @@ def compute_keys(
         with TraceDict(model, paths, retain_input=True, stop=True) as td:
             model(input_ids=batch.input_ids[sl], attention_mask=batch.attention_mask[sl])
         for layer, path in zip(layers, paths):
-            k = td[path].input[rows[sl] - sl.start, batch.lookup[sl]].float()
+            x = td[path].input  # on the layer's device (a device_map spreads the layers)
+            k = x[(rows[sl] - sl.start).to(x.device), batch.lookup[sl].to(x.device)].float()
             if per_context:  # rows are edit-major: row = edit · n_prefixes + prefix
                 if sums[layer] is None:
                     sums[layer] = torch.zeros(n_rows, k.shape[-1], device=k.device)
@@ -297,7 +313,8 @@ def context_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[in
     share = torch.where(is_main, 1 / (1 + w[req_owner]),
                         w[req_owner] / ((1 + w[req_owner]) * n_scope[req_owner].clamp_min(1)))
     weight = (share / n_pref).repeat_interleave(n_pref)
-    return {layer: ContextKeys(k.reshape(-1, k.shape[-1]), owner, weight)
+    return {layer: ContextKeys(k.reshape(-1, k.shape[-1]), owner.to(k.device),
+                               weight.to(k.device))
             for layer, k in per.items()}
 
 
@@ -321,7 +338,8 @@ def prompt_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[int
             model(input_ids=ids, attention_mask=mask)
         real = mask.bool()
         for layer, path in zip(layers, paths):
-            out[layer].append(td[path].input[real].float())
+            x = td[path].input
+            out[layer].append(x[real.to(x.device)].float())
         lengths = mask.sum(1).float()
         weights.append((1 / lengths)[:, None].expand_as(mask)[real])
     if not prompts:
@@ -346,7 +364,7 @@ def residual_at(
             model(input_ids=batch.input_ids[sl], attention_mask=batch.attention_mask[sl])
         h = td[path].output
         idx = torch.arange(h.shape[0], device=h.device)
-        outs.append(h[idx, batch.lookup[sl]].float())
+        outs.append(h[idx, batch.lookup[sl].to(h.device)].float())
     return torch.cat(outs)
 
 

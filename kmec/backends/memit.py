@@ -191,7 +191,8 @@ class Memit:
                                       seed=ctx.seed, progress=tick,
                                       cache=value_cache(ctx.cache_dir, ctx.weights))
         ctx.log.info("memit: %d targets, mean target prob %.3f", len(edits), float(prob.mean()))
-        z = residual_at(model, tok, adapter, top, edits) + delta
+        h = residual_at(model, tok, adapter, top, edits)  # on the top layer's device
+        z = h + delta.to(h.device)
         lam = p.lambda_rel * ctx.facts.d_mlp
         protected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if step.protect and p.locality_weight > 0:

@@ -323,7 +323,10 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
             Trace(model, adapter.site("layer", layer), edit_output=keep_block, stop=True):
         model.base_model(input_ids=ids, attention_mask=mask)
     first_rows = main * len(prefixes)
-    v0 = mt.output[first_rows, rw.lookup[first_rows]].float()
+    # δ and the bookkeeping live on the inputs' device; a device_map may put the edited
+    # layer and the head elsewhere, so indices go to them and their results come back
+    out = mt.output
+    v0 = out[first_rows.to(out.device), rw.lookup[first_rows].to(out.device)].float().to(device)
     v0_norm = v0.norm(dim=-1).clamp_min(1e-6)
     lower = hidden_of(block["out"]).detach().float()
     template = block.pop("out")
@@ -351,7 +354,7 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
         new_row[keep] = torch.arange(keep.numel(), device=device)
         t_keep = active[t_edit]
         w = int(mask[keep].sum(1).max())
-        cur.update(ids=ids[keep, :w], mask=mask[keep, :w], lower=lower[keep, :w],
+        cur.update(ids=ids[keep, :w], mask=mask[keep, :w], lower=lower[keep.to(lower.device), :w],
                    rows=torch.arange(keep.numel(), device=device),
                    look=look_all[keep], edit_of_row=rows_all[keep], t_rows=new_row[t_rows[t_keep]],
                    t_pos=t_pos[t_keep], t_tok=t_tok[t_keep], t_req=t_req[t_keep],
@@ -361,7 +364,8 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
     def residual() -> torch.Tensor:
         """The edited layer's output with δ added at the lookup positions (summed in fp32)."""
         add = torch.zeros_like(cur["lower"])
-        add[cur["rows"], cur["look"]] = delta[cur["edit_of_row"]]
+        at = add.device
+        add[cur["rows"].to(at), cur["look"].to(at)] = delta[cur["edit_of_row"]].to(at)
         return (cur["lower"] + add).to(cdtype)
 
     kl_base = torch.zeros(n, 0, device=device)
@@ -377,7 +381,9 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
             stored["h"] = residual()
             h = body(input_ids=cur["ids"], attention_mask=cur["mask"]).last_hidden_state
             edits_now = cur["edits"]
-            logits_t = head(h[cur["t_rows"], cur["t_pos"]]).float().log_softmax(-1)
+            hd = h.device
+            logits_t = head(h[cur["t_rows"].to(hd), cur["t_pos"].to(hd)]).float() \
+                .log_softmax(-1).to(device)
             logp = logits_t.gather(1, cur["t_tok"][:, None])[:, 0]
             # per request: mean over its target tokens under every prefix; per edit: its own
             # prompt's, averaged with its scope prompts' mean at weight w (none: its own alone)
@@ -390,7 +396,8 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
                 scope_mean = scope_sum / n_scope.clamp_min(1)
                 w = w_scope[edits_now]
                 nll = (nll + w * scope_mean[edits_now]) / (1 + w)
-            ess_logp = head(h[cur["ess_rows"], cur["ess_last"]]).float().log_softmax(-1)
+            ess_logp = head(h[cur["ess_rows"].to(hd), cur["ess_last"].to(hd)]).float() \
+                .log_softmax(-1).to(device)
             if step == 0:
                 kl_base = ess_logp.detach()
             kl = torch.nn.functional.kl_div(ess_logp, kl_base[edits_now], log_target=True,

@@ -534,8 +534,10 @@ def _check_resident(model: Any) -> None:
             hint="map those modules to a GPU with room, or load the whole model with --device cpu")
 
 
-def _placed_map(model: Any, device: str) -> dict[str, str] | None:
-    """The device map accelerate applied (``hf_device_map``), devices written as torch does."""
+def _placed_map(model: Any) -> dict[str, str] | None:
+    """The device map accelerate applied (``hf_device_map``), devices written as torch does
+    (None: transformers placed the model without recording a map, as it does when every
+    module goes to one device)."""
     placed = getattr(model, "hf_device_map", None)
     if not placed:
         return None
@@ -656,7 +658,8 @@ def load_model(ref: str | ModelRef, *, dtype: str = "float32", device: str | Non
         tok.pad_token = tok.eos_token
     first = str(next(model.parameters()).device)
     runtime = Runtime(device=target or first, dtype=dtype,
-                      device_map=_placed_map(model) if placed is not None else None)
+                      device_map=None if placed is None else _placed_map(model) or (
+                          placed if isinstance(placed, dict) else {"": first}))
     n_params = sum(p.numel() for p in model.parameters())
     facts = facts_from_config(model.config, name=ref.text,
                               fingerprint=_fingerprint_for(ref, model, dtype),
