@@ -73,7 +73,9 @@ def bench_cmd(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from kmec.bench import bench, render_markdown
     from kmec.errors import KmecError
+    from kmec.pipeline import check_runtime
 
+    check_runtime(dtype, device, device_map)  # a bad flag before the spec is read
     chosen = [m for m, on in (("single", single), ("batch", batch), ("sequence", sequence)) if on]
     if len(chosen) > 1:
         raise KmecError(f"choose one mode, not {' and '.join('--' + m for m in chosen)}")

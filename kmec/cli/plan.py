@@ -51,6 +51,10 @@ def plan_command(
         return
     console = out_console(highlight=False)
     console.print(explain_tree(result) if explain else summary_table(result))
+    if executed is not None:
+        where = _compiled_on(spec)
+        if where:
+            console.print(where, markup=False)
     if executed is None:
         console.print(estimate_note(result, facts, model or parsed.model or DEFAULT_MODEL),
                       markup=False)
@@ -111,6 +115,24 @@ def _cached_layers(facts: Any, ref: str, request: Any) -> tuple[int, ...]:
     except (KmecError, OSError, ValueError) as e:
         logging.getLogger("kmec").debug("cannot look the statistics cache up: %s", e)
         return ()
+
+
+def _compiled_on(path: Path) -> str:
+    """``compiled on cpu, float32``: where the build around ``path`` ran ("" when ``path``
+    is a plan.json outside a build)."""
+    import json
+
+    from kmec.artifacts.build import INFO, build_runtime
+    from kmec.models.load import Runtime
+
+    info = (path if path.is_dir() else path.parent) / INFO
+    try:
+        data = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    return f"compiled on {Runtime.from_json(build_runtime(data)).describe()}"
 
 
 def _executed_plan(path: Path) -> Any:
