@@ -128,7 +128,8 @@ def test_the_verify_verb_survives_importing_the_verify_package():
 
 def test_load_model_says_what_it_returns():
     doc = kmec.load_model.__doc__ or ""
-    assert {f.name for f in dataclasses.fields(LoadedModel)} == {"model", "tok", "facts", "ref"}
-    for field in ("model", "tok", "facts", "ref"):
+    assert {f.name for f in dataclasses.fields(LoadedModel)} == {
+        "model", "tok", "facts", "ref", "runtime", "weights_fingerprint"}
+    for field in ("model", "tok", "facts", "ref", "runtime"):
         assert f"``.{field}``" in doc, field
     assert typing.get_type_hints(kmec.load_model, _namespace("kmec.api"))["return"] is LoadedModel
