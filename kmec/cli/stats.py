@@ -115,9 +115,11 @@ def stats(
                          hint="e.g. kmec stats smollm2-135m --layers 3-8")
     from kmec.models.adapters import adapter_for
     from kmec.models.load import load_model, resolve_device, resolve_dtype
+    from kmec.pipeline import check_runtime
     from kmec.planner.model import StatsRequest
     from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, distributed, provider
 
+    check_runtime(dtype, device, device_map)  # before the model loads
     dtype = resolve_dtype(dtype)
     if device_map is None:
         device = resolve_device(device)
