@@ -53,3 +53,29 @@ def test_the_easyedit_protocol_reads_argmax_tokens_at_the_target_positions():
     assert "locality" not in rows[0]
     again, _ = bench.easyedit_scores(model, tok, [rec], before)
     assert again[0]["locality"] == 1.0  # the same model keeps every argmax token
+
+
+def test_the_edit_speed_benchmark_ends_with_its_line(tmp_path):
+    """bench_edit_speed on a tiny model with tiny sizes: ROME and MEMIT timed against the unit,
+    the last line in its exact format with positive numbers."""
+    import re
+
+    from kmec.backends.base import ExecContext
+    from kmec.models.adapters import adapter_for
+    from kmec.models.facts import facts_from_config
+    from tests.conftest import CorpusStats, SpaceLetterTokenizer, build_tiny_model
+
+    bench = _load("bench_edit_speed")
+    model, tok = build_tiny_model("llama"), SpaceLetterTokenizer()
+    adapter = adapter_for(model.config.model_type)
+    ctx = ExecContext(model=model, tok=tok, adapter=adapter,
+                      facts=facts_from_config(model.config, name="tiny"),
+                      stats=CorpusStats(model, adapter, range(4)), cache_dir=tmp_path, seed=0)
+    lines: list[str] = []
+    result = bench.measure(ctx, bench.builtin_records()[:4], rome_edits=2, memit_batch=3,
+                           memit_rounds=1, unit_rows=4, unit_tokens=6, log=lines.append)
+    line = bench.last_line(result)
+    m = re.fullmatch(r"rome_units=(\S+) memit_units_per_edit=(\S+) unit_s=(\S+)", line)
+    assert m and all(float(x) > 0 for x in m.groups()), line
+    assert [x.split(":")[0] for x in lines] == ["rome", "rome", "memit"]
+    assert not list((tmp_path / "values").glob("*"))  # no δ was cached, none reused

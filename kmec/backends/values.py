@@ -59,6 +59,7 @@ from kmec.backends.keys import build_batch, declared_prompts
 from kmec.hashing import atomic_write_bytes, canonical_json, sha256_text
 from kmec.models.adapters import ArchAdapter
 from kmec.models.hooks import Trace, device_of, hidden_of, replay_below
+from kmec.models.prefix_kv import PrefixKV, align_at, cache_kwarg, forward_suffix
 from kmec.planner.model import EditRequest
 
 
@@ -85,7 +86,7 @@ class ValueParams(BaseModel):
 
 
 # Bump when the optimisation's arithmetic changes, so stale cached δ are not reused.
-_ALGORITHM = 2
+_ALGORITHM = 3
 log = logging.getLogger("kmec")
 
 
@@ -330,6 +331,15 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
     v0_norm = v0.norm(dim=-1).clamp_min(1e-6)
     lower = hidden_of(block["out"]).detach().float()
     template = block.pop("out")
+    # Each row shifted so that its δ position lands on one column: nothing before that
+    # column depends on δ, so the upper blocks' keys/values there are computed once here
+    # and each step runs only the columns from it on (see kmec.models.prefix_kv).
+    al = align_at(ids, mask, look_all, pad_id)
+    lower = al.place(lower)
+    sfx = al.split  # first column of the part the steps run
+    prefix = PrefixKV.compute(run, adapter.layers, layer, template, al,
+                              lower[:, :sfx].to(cdtype))
+    kwarg = cache_kwarg(run.base_model)
 
     body, head = run.base_model, run.get_output_embeddings()
     delta = torch.zeros(n, v0.shape[-1], device=device, requires_grad=True)
@@ -340,6 +350,8 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
     t_tok = torch.tensor([t for _, _, t in rw.target_pos], device=device)
     t_req = rw.edit_index[t_rows]  # target token -> request
     t_edit = owner[t_req]
+    t_pos = t_pos + al.shift[t_rows] - sfx  # positions in the steps' columns
+    ess_last = ess_last + al.shift[ess_rows] - sfx
     tokens_per_req = torch.zeros(n_prompts, device=device).index_add_(
         0, t_req, torch.ones_like(t_req, dtype=torch.float))
 
@@ -347,19 +359,23 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
     # affect other edits' rows, so only the unfinished edits' rows are run
     # (trimmed to their longest row), which makes later steps cheaper.
     cur: dict[str, torch.Tensor] = {}
+    pkv: dict[str, PrefixKV] = {}
 
     def select(active: torch.Tensor) -> None:
         keep = active[rows_all].nonzero()[:, 0]
         new_row = torch.full((ids.shape[0],), -1, dtype=torch.long, device=device)
         new_row[keep] = torch.arange(keep.numel(), device=device)
         t_keep = active[t_edit]
-        w = int(mask[keep].sum(1).max())
-        cur.update(ids=ids[keep, :w], mask=mask[keep, :w], lower=lower[keep.to(lower.device), :w],
+        w = sfx + int(al.suffix_lengths()[keep].max())
+        cur.update(ids=al.ids[keep, sfx:w], mask=al.mask[keep, :w], pos=al.pos[keep, sfx:w],
+                   lower=lower[keep.to(lower.device), sfx:w],
                    rows=torch.arange(keep.numel(), device=device),
-                   look=look_all[keep], edit_of_row=rows_all[keep], t_rows=new_row[t_rows[t_keep]],
+                   look=torch.zeros_like(keep), edit_of_row=rows_all[keep],
+                   t_rows=new_row[t_rows[t_keep]],
                    t_pos=t_pos[t_keep], t_tok=t_tok[t_keep], t_req=t_req[t_keep],
                    ess_rows=new_row[ess_rows[active]], ess_last=ess_last[active],
                    edits=active.nonzero()[:, 0])
+        pkv["now"] = prefix.select(keep)
 
     def residual() -> torch.Tensor:
         """The edited layer's output with δ added at the lookup positions (summed in fp32)."""
@@ -379,7 +395,7 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
         for step in range(params.steps):
             opt.zero_grad()
             stored["h"] = residual()
-            h = body(input_ids=cur["ids"], attention_mask=cur["mask"]).last_hidden_state
+            h = forward_suffix(body, cur["ids"], cur["mask"], cur["pos"], pkv["now"], kwarg)
             edits_now = cur["edits"]
             hd = h.device
             logits_t = head(h[cur["t_rows"].to(hd), cur["t_pos"].to(hd)]).float() \
