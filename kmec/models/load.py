@@ -615,6 +615,9 @@ def load_model(ref: str | ModelRef, *, dtype: str = "float32", device: str | Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kmec.models.threads import apply_thread_policy
+
+    apply_thread_policy()  # once per process: every command and kmec.edit loads through here
     dtype = resolve_dtype(dtype)
     placed = parse_device_map(device_map)
     if placed is not None and device is not None:
