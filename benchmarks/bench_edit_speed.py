@@ -223,10 +223,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from kmec.planner.model import StatsRequest
     from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, provider
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    else:
-        apply_thread_policy()
+    if args.threads:  # through the policy, which load_model applies
+        os.environ["KMEC_THREADS"] = str(args.threads)
+    apply_thread_policy()
     torch.manual_seed(0)
     lm = load_model(args.model, device=args.device)
     adapter = adapter_for(lm.facts.model_type)

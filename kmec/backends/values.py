@@ -398,8 +398,12 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
             h = forward_suffix(body, cur["ids"], cur["mask"], cur["pos"], pkv["now"], kwarg)
             edits_now = cur["edits"]
             hd = h.device
-            logits_t = head(h[cur["t_rows"].to(hd), cur["t_pos"].to(hd)]).float() \
-                .log_softmax(-1).to(device)
+            # one product with the (large) output head for the target and essence positions
+            at_rows = torch.cat([cur["t_rows"], cur["ess_rows"]]).to(hd)
+            at_pos = torch.cat([cur["t_pos"], cur["ess_last"]]).to(hd)
+            logp_all = head(h[at_rows, at_pos]).float().log_softmax(-1).to(device)
+            n_t = cur["t_rows"].shape[0]
+            logits_t, ess_logp = logp_all[:n_t], logp_all[n_t:]
             logp = logits_t.gather(1, cur["t_tok"][:, None])[:, 0]
             # per request: mean over its target tokens under every prefix; per edit: its own
             # prompt's, averaged with its scope prompts' mean at weight w (none: its own alone)
@@ -412,8 +416,6 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
                 scope_mean = scope_sum / n_scope.clamp_min(1)
                 w = w_scope[edits_now]
                 nll = (nll + w * scope_mean[edits_now]) / (1 + w)
-            ess_logp = head(h[cur["ess_rows"].to(hd), cur["ess_last"].to(hd)]).float() \
-                .log_softmax(-1).to(device)
             if step == 0:
                 kl_base = ess_logp.detach()
             kl = torch.nn.functional.kl_div(ess_logp, kl_base[edits_now], log_target=True,
