@@ -79,3 +79,18 @@ def test_the_edit_speed_benchmark_ends_with_its_line(tmp_path):
     assert m and all(float(x) > 0 for x in m.groups()), line
     assert [x.split(":")[0] for x in lines] == ["rome", "rome", "memit"]
     assert not list((tmp_path / "values").glob("*"))  # no δ was cached, none reused
+
+
+def test_the_edit_speed_benchmark_reads_both_counterfact_formats(tmp_path):
+    import json
+
+    bench = _load("bench_edit_speed")
+    rome = {"requested_rewrite": {"subject": "Peru", "prompt": "The capital of {} is",
+                                  "target_new": {"str": "Quito"}, "target_true": {"str": "Lima"}}}
+    easy = {"subject": "Peru", "prompt": "The capital of Peru is", "target_new": "Quito",
+            "ground_truth": "Lima"}
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([rome, easy]))
+    want = {"subject": "Peru", "prompt": "The capital of Peru is", "new": "Quito", "true": "Lima"}
+    assert bench.read_records(path) == [want, want]
+    assert [r.target_new for r in bench.requests([want], 3, 1)] == ["Quito"] * 3

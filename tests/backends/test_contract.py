@@ -159,7 +159,10 @@ def test_nothing_declared_gives_the_papers_edit(name, home):
     what they did before declared prompts entered the edit (#10): the golden entry
     ``<name>:undeclared`` holds the hashes recorded before that change, re-recorded once
     when the δ optimisation began replaying the layers below the edited one (#11; δ moved
-    by at most 4e-7 on the four tiny families, see tests/models/test_replay.py)."""
+    by at most 4e-7 on the four tiny families, see tests/models/test_replay.py), and again
+    when each step began running only the columns from the subject's last token on, the
+    upper blocks' keys/values before it computed once (#17; δ moved by at most 1e-6, see
+    tests/models/test_prefix_kv.py)."""
     model, tok, facts = _lm()
     bare = tuple(e.model_copy(update={"scope": ()}) for e in EDITS)
     step = _step(name, facts, {}).model_copy(update={"edits": bare})
