@@ -1,6 +1,6 @@
-"""The thread policy (kmec.models.threads): KMEC_THREADS, the user's OpenMP/MKL choice, else
-the free cores by the load average; applied once per process; a malformed value is a clear
-error."""
+"""The thread policy (kmec.models.threads): KMEC_THREADS (a count, ``auto``: the free cores
+by the load average, or ``torch``), else a fixed count (the user's OpenMP/MKL choice or
+torch's); applied once per process; a malformed value is a clear error."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from kmec.models import threads
 
 
 @pytest.mark.parametrize(("env", "cores", "load", "want"), [
-    ({}, 2, 0.0, 2),  # a quiet box: every core
-    ({}, 2, 0.9, 1),  # another CPU-heavy process: the core it leaves
-    ({}, 2, 5.0, 1),  # never fewer than one
-    ({}, 16, 3.2, 13),
+    ({}, 2, 0.9, None),  # by default a fixed count whatever the load: same weights
+    ({"KMEC_THREADS": "auto"}, 2, 0.0, 2),  # a quiet box: every core
+    ({"KMEC_THREADS": "auto"}, 2, 0.9, 1),  # another CPU-heavy process: the core it leaves
+    ({"KMEC_THREADS": "auto"}, 2, 5.0, 1),  # never fewer than one
+    ({"KMEC_THREADS": "Auto"}, 16, 3.2, 13),
     ({"KMEC_THREADS": "4"}, 2, 5.0, 4),  # the user's word wins
     ({"KMEC_THREADS": " torch "}, 2, 0.0, None),
     ({"OMP_NUM_THREADS": "3"}, 2, 0.0, None),
