@@ -370,17 +370,24 @@ def residual_at(
 
 # ---------------------------------------------------------------- cost model (planner units)
 
-CONTEXTS = 11  # keys/values are averaged over ~10 context prefixes plus the bare prompt
-VALUE_STEPS = 25  # v*/z optimisation steps (ROME 20, MEMIT 25 in the published hparams)
+CONTEXTS = 11  # keys are averaged over ~10 context prefixes plus the bare prompt
+# The target-value (δ) optimisation per edit, in units of benchmarks/bench_edit_speed.py: one
+# unit is a forward+backward of 40 × 20 tokens through the whole model. Measured on the 2-core
+# box on 2026-12-03 (BENCHMARKS.md, "Edit speed"): ROME 1.05-1.07 units per single edit,
+# MEMIT 0.65-0.69 per edit of a 20-edit batch (AlphaEdit runs MEMIT's loop).
+VALUE_UNITS = {"rome": 1.07}
+VALUE_UNITS_BATCHED = 0.69
+UNIT_TOKEN_FORWARDS = 40 * 20 * costs.FWD_BWD
 
 
 def locate_then_edit_cost(step: Step, facts: ModelFacts, setup: bool) -> Work:
-    """ROME / MEMIT / AlphaEdit: per edit ``VALUE_STEPS`` forward+backward passes over
-    ``CONTEXTS`` prompts (the value optimisation) plus key forwards at each layer, and a
-    ``d_mlp³`` solve per layer (two for the batched solves)."""
+    """ROME / MEMIT / AlphaEdit: per edit the δ optimisation (``VALUE_UNITS``, measured),
+    key forwards at each layer over ``CONTEXTS`` prompts, and a ``d_mlp³`` solve per layer
+    (two for the batched solves)."""
     p, n, L = costs.model_params(facts), len(step.edits), max(len(step.layers), 1)
     d, m = facts.d_model, facts.d_mlp
-    value = costs.seconds(n * VALUE_STEPS * CONTEXTS * costs.PROMPT_TOKENS * costs.FWD_BWD, p)
+    units = VALUE_UNITS.get(step.backend, VALUE_UNITS_BATCHED)
+    value = costs.seconds(n * units * UNIT_TOKEN_FORWARDS, p)
     keys = costs.seconds(n * L * CONTEXTS * costs.PROMPT_TOKENS, p)
     solve = L * m**3 * (1 if step.backend == "rome" else 2) / costs.CPU_FLOPS
     extra = (costs.activations_mb(facts, CONTEXTS * costs.PROMPT_TOKENS)
