@@ -17,9 +17,6 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# torch's own thread count in tests: the thread policy (kmec.models.threads) follows the
-# box's load, and a count that changed with whatever else ran would make results depend on it
-os.environ.setdefault("KMEC_THREADS", "torch")
 
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama")
 
