@@ -234,7 +234,8 @@ def main() -> None:
                     help="skip the first records (tune on records the table does not score)")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
-                    help="override a backend parameter, e.g. --param max_delta=0.01")
+                    help="override a backend parameter, e.g. --param max_delta=0.01 "
+                         "or a nested one, --param value.lr=1.0")
     ap.add_argument("--layers", help="edit these layers instead of the planner's (e.g. 3-8 or 2,5,8)")
     ap.add_argument("--reuse-values", action="store_true",
                     help="reuse target values (δ) cached by an earlier run on the same records and "
@@ -267,7 +268,11 @@ def main() -> None:
     params = backend.default_params(lm.facts).model_dump(mode="json")
     for kv in args.param:
         key, value = kv.split("=", 1)
-        params[key] = json.loads(value)
+        *path, last = key.split(".")  # value.lr=1.0 sets one field of a nested group
+        node = params
+        for part in path:
+            node = node[part]
+        node[last] = json.loads(value)
     t_start = time.perf_counter()
 
     def progress(message: str, done: int, total: int) -> None:  # batch mode: a line per chunk

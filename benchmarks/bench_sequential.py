@@ -1,7 +1,13 @@
 """Sequential CounterFact edits on the embedded model, with and without null-space projection.
 
     .venv/bin/python benchmarks/bench_sequential.py [--n 20] [--variants alphaedit,noproj]
-        [--data ../shared/data/counterfact_easyedit/counterfact-edit.json] [--json OUT]
+        [--batch-size 1] [--data ../shared/data/counterfact_easyedit/counterfact-edit.json]
+        [--json OUT]
+
+The AlphaEdit paper's protocol (sequential batches of 100 edits), on 1,000 records:
+
+    .venv/bin/python benchmarks/bench_sequential.py --n 1000 --batch-size 100 \
+        --variants alphaedit --json seq1000.json
 
 The first ``--n`` records of the CounterFact file (EasyEdit format) become
 free-form edits ``prompt -> target_new`` keyed on ``subject``, in a spec with
@@ -9,6 +15,9 @@ free-form edits ``prompt -> target_new`` keyed on ``subject``, in a spec with
 edit (layers, statistics and the ``protect`` lists as the planner chooses).
 Each step is executed on the model that already carries the earlier edits,
 exactly as ``kmec.compile.execute`` does, and its payloads are then applied.
+With ``--batch-size B`` consecutive runs of B steps are merged into one step
+(the batch's edits together, protecting the edits of the batches before it,
+as the planner's ``protect`` list would): sequential batches of B edits.
 
 Variants (same plan, different params):
 
@@ -23,7 +32,7 @@ Reported after all ``n`` edits (CounterFact protocol, length-normalised
 target log-probability, targets scored with their leading space):
 
 * efficacy: P(new) > P(old) on the edit prompt, over all n edits;
-* immediate efficacy: the same, right after the edit's own step;
+* immediate efficacy: the same, right after the edit's own step (its batch);
 * paraphrase: P(new) > P(old) on the rephrased prompt;
 * neighbourhood: P(locality truth) > P(new) on the locality prompt;
 * seconds per edit (backend execution only; the statistics are cached).
@@ -103,36 +112,76 @@ def evaluate(model: Any, tok: Any, records: list[dict[str, Any]]) -> dict[str, f
     return {"efficacy": mean(eff), "paraphrase": mean(para), "neighbourhood": mean(neigh)}
 
 
-def run_variant(lm: Any, records: list[dict[str, Any]], variant: str, log: Any = print
-                ) -> dict[str, Any]:
+def batched_steps(steps: tuple[Step, ...], size: int) -> list[Step]:
+    """Consecutive runs of ``size`` one-edit steps merged into one step each: its edits
+    together, protecting the earlier batches' edits (the first step's ``protect`` list,
+    which the planner filled with every edit before it)."""
+    if size <= 1:
+        return list(steps)
+    out = []
+    for b in range(0, len(steps), size):
+        group = steps[b:b + size]
+        first = group[0]
+        out.append(first.model_copy(update={
+            "id": f"batch{b // size}", "edits": tuple(e for s in group for e in s.edits)}))
+    return out
+
+
+def batch_plan(records: list[dict[str, Any]], lm: Any, size: int) -> list[Step]:
+    """The steps of sequential batches of ``size`` edits. The planner is asked for the
+    first batch's step (layers, params, statistics), which is then repeated with each
+    batch's edits and the earlier batches' edits protected: planning 1,000 one-edit
+    steps would list ~500,000 protected edits for nothing."""
+    if size <= 1:
+        return list(make_plan(sequence_spec(records), lm.facts, backends=BACKENDS).steps)
+    first = make_plan(sequence_spec(records[:size]), lm.facts, backends=BACKENDS).steps
+    merged = batched_steps(first, size)[0]
+    steps, earlier = [], []
+    for b in range(0, len(records), size):
+        part = make_plan(sequence_spec(records[b:b + size]), lm.facts, backends=BACKENDS).steps
+        edits = tuple(e for s in part for e in s.edits)
+        params = dict(merged.params, protect=list(earlier))
+        steps.append(merged.model_copy(update={"id": f"batch{b // size}", "edits": edits,
+                                               "params": params}))
+        earlier += [{"name": e.name, "prompt": e.prompt, "subject": e.subject} for e in edits]
+    return steps
+
+
+def run_variant(lm: Any, records: list[dict[str, Any]], variant: str, log: Any = print,
+                batch_size: int = 1) -> dict[str, Any]:
     """Execute the sequence under ``variant``; evaluate; restore the model exactly."""
     adapter = adapter_for(lm.facts.model_type)
-    plan = make_plan(sequence_spec(records), lm.facts, backends=BACKENDS)
-    stats = provider(lm.model, lm.tok, lm.facts, adapter, plan.steps[0].needs_stats)
+    steps = batch_plan(records, lm, batch_size)
+    stats = provider(lm.model, lm.tok, lm.facts, adapter, steps[0].needs_stats)
     stats.prepare()
     applied, immediate, seconds = [], [], 0.0
+    size = max(batch_size, 1)
+    done = 0
     try:
-        for i, (step, rec) in enumerate(zip(plan.steps, records)):
+        for i, step in enumerate(steps):
+            recs = records[i * size:(i + 1) * size]
             step = variant_step(step, variant)
             ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts,
                               stats=stats, cache_dir=kmec_home() / "backends", seed=plan.seed)
             t0 = time.perf_counter()
             payloads = list(get_backend(step.backend).execute(step, ctx))
             seconds += time.perf_counter() - t0
-            art = build_artifact([(step.id, payloads)], base_model=plan.model,
+            art = build_artifact([(step.id, payloads)], base_model="smollm2-135m",
                                  base_fingerprint=lm.facts.fingerprint, base_arch=lm.facts.arch,
-                                 weight_layout=adapter.weight_layout, plan_hash=plan.sha256)
+                                 weight_layout=adapter.weight_layout, plan_hash="bench")
             applied.append(apply(art, lm.model, check=False))
             immediate += wins(lm.model, lm.tok, [(rec["prompt"], rec["target_new"],
-                                                  rec["ground_truth"])])
-            if (i + 1) % 5 == 0 or i + 1 == len(records):
-                log(f"  {variant}: {i + 1}/{len(records)} edits, {seconds / (i + 1):.1f} s/edit, "
-                    f"immediate efficacy so far {sum(immediate) / len(immediate):.2f}")
+                                                  rec["ground_truth"]) for rec in recs])
+            done += len(recs)
+            if size > 1 or done % 5 == 0 or done == len(records):
+                log(f"  {variant}: {done}/{len(records)} edits, {seconds / done:.1f} s/edit, "
+                    f"immediate efficacy so far {sum(immediate) / len(immediate):.2f}", flush=True)
         out = evaluate(lm.model, lm.tok, records)
     finally:
         for a in reversed(applied):
             a.revert()
-    out.update(variant=variant, n=len(records), immediate=sum(immediate) / len(immediate),
+    out.update(variant=variant, n=len(records), batch_size=size,
+               immediate=sum(immediate) / len(immediate),
                seconds_per_edit=seconds / len(records), seconds=seconds)
     return out
 
@@ -142,6 +191,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--variants", default="alphaedit,noproj")
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="edits per sequential step (the AlphaEdit paper: 100)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -157,7 +208,7 @@ def main() -> None:
           f"{base['paraphrase']:.2f}, neighbourhood {base['neighbourhood']:.2f}")
     results = [dict(base, variant="base", n=len(records))]
     for v in variants:
-        r = run_variant(lm, records, v)
+        r = run_variant(lm, records, v, batch_size=args.batch_size)
         results.append(r)
         print(f"{v}: after {r['n']} sequential edits: efficacy {r['efficacy']:.2f} (immediate "
               f"{r['immediate']:.2f}), paraphrase {r['paraphrase']:.2f}, neighbourhood "

@@ -153,7 +153,8 @@ def verify_build(build: str | os.PathLike[str], *, spec_path: str | os.PathLike[
                  db_dir: str | os.PathLike[str] | None = None, progress: Progress | None = None,
                  force: bool = False, root: str | os.PathLike[str] | None = None,
                  dtype: str = "float32", device: str | None = None,
-                 device_map: str | Mapping[str, object] | None = None) -> Report:
+                 device_map: str | Mapping[str, object] | None = None,
+                 use_cache: bool = True) -> Report:
     """Verify a build directory and write its reports, as ``kmec verify`` does
     (see :func:`kmec.pipeline.verify_build` for the arguments; the base model is loaded
     with ``dtype``, ``device`` or ``device_map``, whatever the build was compiled on)."""
@@ -165,7 +166,7 @@ def verify_build(build: str | os.PathLike[str], *, spec_path: str | os.PathLike[
     return _verify_build(Path(build), spec_path=path(spec_path), max_examples=max_examples,
                          report_dir=path(report_dir), db_dir=path(db_dir), progress=progress,
                          force=force, root=path(root), dtype=dtype, device=device,
-                         device_map=device_map)
+                         device_map=device_map, use_cache=use_cache)
 
 
 class _Package(types.ModuleType):

@@ -36,7 +36,7 @@ from kmec.artifacts.build import build_root, read_build, up_to_date, write_build
 from kmec.errors import ArtifactError, BackendError, VerifyError
 from kmec.grammar.files import find_root
 from kmec.hashing import spec_hash
-from kmec.models.load import DEFAULT_MODEL, LoadedModel, ModelRef, Runtime, resolve_ref
+from kmec.models.load import DEFAULT_MODEL, LoadedModel, ModelRef, Runtime, kmec_home, resolve_ref
 from kmec.outputs import check_output, ensure_folder
 from kmec.planner.model import Plan
 from kmec.planner.repair import Miss
@@ -44,6 +44,7 @@ from kmec.progress import Progress
 from kmec.spec import Spec
 
 if TYPE_CHECKING:
+    from kmec.verify.drawstore import DrawStore
     from kmec.verify.report import Report
     from kmec.verify.runner import VerifyMemo
 
@@ -405,7 +406,7 @@ class _Loop:
         from kmec.verify.runner import VerifyMemo
 
         if self.memo is None:
-            self.memo = VerifyMemo()
+            self.memo = VerifyMemo(draws=draw_store()) if self.use_cache else VerifyMemo()
         lm = self.s.lm
         edited = copy.deepcopy(lm.model)
         apply(artifact, edited, fingerprint=lm.facts.fingerprint, tok=lm.tok)
@@ -695,12 +696,20 @@ def _refuse_stale(source: str, plan: Plan, build: Path, root: str | Path | None)
         f"the spec it was compiled from with --spec FILE")
 
 
+def draw_store() -> DrawStore:
+    """The drawn neighbourhoods kept under ``$KMEC_HOME/verify/draws``."""
+    from kmec.verify.drawstore import DrawStore
+
+    return DrawStore(kmec_home() / "verify" / "draws")
+
+
 def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
                  max_examples: int | None = None, report_dir: str | Path | None = None,
                  db_dir: str | Path | None = None, progress: Progress | None = None,
                  force: bool = False, root: str | Path | None = None, dtype: str = "float32",
                  device: str | None = None,
-                 device_map: str | Mapping[str, Any] | None = None) -> Report:
+                 device_map: str | Mapping[str, Any] | None = None,
+                 use_cache: bool = True) -> Report:
     """Verify a build directory (or an artifact folder with ``spec_path``).
 
     Args:
@@ -718,6 +727,9 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
             for verification (default: the CPU, float32), whatever the build was
             compiled on; the payloads are added in the loaded weights' dtype. When the
             two differ, the report's notes say both.
+        use_cache: read the neighbourhoods compile (or an earlier verification) drew from
+            ``$KMEC_HOME/verify/draws`` instead of drawing them again (the same prompts
+            either way: the draw is seeded); False draws everything here.
 
     Returns:
         The :class:`kmec.verify.Report`.
@@ -728,6 +740,7 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
     from kmec.models.load import load_model  # looked up at call time (tests replace it)
     from kmec.verify import verify
     from kmec.verify.render import write_reports
+    from kmec.verify.runner import VerifyMemo
 
     check_runtime(dtype, device, device_map)
     inputs = load_inputs(build_dir, spec_path, spec_root=root)
@@ -752,7 +765,8 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
     report = verify(inputs.spec, inputs.plan, lm.model, edited, lm.tok, seed=None,
                     max_examples=max_examples, root=subjects_root,
                     db_dir=db_dir if db_dir is not None else _default_db(inputs.root),
-                    progress=progress, artifact=inputs.artifact)
+                    progress=progress, artifact=inputs.artifact,
+                    memo=VerifyMemo(draws=draw_store()) if use_cache else None)
     notes = inputs.notes
     if inputs.runtime is not None and inputs.runtime != lm.runtime:
         notes += (f"compiled on {inputs.runtime.describe()}; verified on "
@@ -795,5 +809,5 @@ def default_report_dir(target: str | Path) -> Path:
 
 __all__ = ["DEFAULT_BUDGET_S", "Attempt", "BuildResult", "Compiled", "Inputs", "Start",
            "check_runtime", "compile_loaded",
-           "compile_spec", "default_report_dir", "load_inputs", "start", "verify_build",
+           "compile_spec", "default_report_dir", "draw_store", "load_inputs", "start", "verify_build",
            "write_compiled"]

@@ -94,3 +94,26 @@ def test_the_edit_speed_benchmark_reads_both_counterfact_formats(tmp_path):
     want = {"subject": "Peru", "prompt": "The capital of Peru is", "new": "Quito", "true": "Lima"}
     assert bench.read_records(path) == [want, want]
     assert [r.target_new for r in bench.requests([want], 3, 1)] == ["Quito"] * 3
+
+
+def test_sequential_batches_protect_exactly_the_earlier_batches(tiny_models):
+    """--batch-size 100 (the AlphaEdit paper's protocol): each step holds its batch's
+    edits and protects every edit of the batches before it, none of its own."""
+    from types import SimpleNamespace
+
+    from kmec.models.facts import facts_from_config
+
+    bench = _load("bench_sequential")
+    model = tiny_models["llama"]
+    lm = SimpleNamespace(facts=facts_from_config(model.config, name="tiny", fingerprint="f" * 64,
+                                                 n_params=1000))
+    records = [{"case_id": i, "prompt": f"{s} was born in", "subject": s, "target_new": "Rome",
+                "ground_truth": "Paris"} for i, s in enumerate(("Ann", "Bo", "Cy", "Di", "Ed"))]
+    steps = bench.batch_plan(records, lm, 2)
+    assert [len(s.edits) for s in steps] == [2, 2, 1]
+    assert [s.backend for s in steps] == ["alphaedit"] * 3
+    for b, s in enumerate(steps):
+        protected = [p["name"] for p in s.params["protect"]]
+        assert protected == [f"cf{i}" for i in range(2 * b)]
+        assert [e.name for e in s.edits] == [f"cf{i}" for i in range(2 * b, min(2 * b + 2, 5))]
+    assert len(bench.batch_plan(records, lm, 1)) == 5

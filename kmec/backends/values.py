@@ -69,7 +69,7 @@ class ValueParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: int = 25
-    lr: float = 0.5
+    lr: float = 1.0  # 0.5 until 2026-12-03: 1.0 takes ~30 % fewer steps (see BENCHMARKS.md)
     kl_weight: float = 0.0625
     weight_decay: float = 0.5
     clamp: float = 4.0

@@ -109,6 +109,9 @@ def verify_cmd(
                                "even if it holds files kmec did not write."),
     root: str = typer.Option(None, "--root", help="Folder the spec's subjects files must lie "
                              "under [default: the repository of --spec, or of the build]."),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Draw every neighbourhood here instead of reading the ones "
+        "compile drew from $KMEC_HOME (the same seeded prompts either way)."),
     device: str = device_option(),
     dtype: str = dtype_option(),
     device_map: str = device_map_option(),
@@ -122,7 +125,8 @@ def verify_cmd(
     with reporting("verify") as progress:
         report = verify_build(target, spec_path=spec, max_examples=max_examples,
                               report_dir=folder, progress=progress, force=force, root=root,
-                              dtype=dtype, device=device, device_map=device_map)
+                              dtype=dtype, device=device, device_map=device_map,
+                              use_cache=not no_cache)
     from kmec.verify.summary import append_step_summary, verify_summary
 
     append_step_summary(verify_summary(report, target=target, report_dir=folder))  # CI job page

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,12 @@ class VerifyMemo:
     """What verifications of several edited models against one base model, spec, plan
     edits and seed share (compile's repair loop passes one to each attempt): the
     base model's scores, the sampled neighbourhoods and the base perplexity. A
-    verification with a memo gives the report it would give without one."""
+    verification with a memo gives the report it would give without one. ``draws``
+    may be a :class:`kmec.verify.drawstore.DrawStore`, which keeps them across
+    processes (compile draws what ``kmec verify`` then reads)."""
 
     base: BaseMemo = field(default_factory=BaseMemo)
-    draws: dict[str, list[Draw]] = field(default_factory=dict)
+    draws: MutableMapping[str, list[Draw]] = field(default_factory=dict)
     base_ppl: float | None = None
 
 
@@ -170,7 +173,8 @@ class _Run:
                 job = _Job(ci, claim, declared, case, space, key=f"{case.name}|{label}|{space.digest}",
                            seed_value=_seed_for(self.seed, case.name, label),
                            n=self.max_examples or claim.sample or DEFAULT_SAMPLE)
-                memo = self.memo.draws if self.memo is not None else {}
+                memo: MutableMapping[str, list[Draw]] = \
+                    self.memo.draws if self.memo is not None else {}
                 key = f"{job.key}|{job.n}|{job.seed_value}"
                 if key not in memo:
                     memo[key] = sample(space, job.n, key=job.key, seed_value=job.seed_value)
@@ -198,7 +202,8 @@ class _Run:
                     continue
                 self.variants[(case.name, family)] = heldout_checks(
                     case.name, family, checks, n[family], seed=self.seed,
-                    draw=self.heldout_draw, exclude=self.compiled | in_scope(self.cases))
+                    draw=self.heldout_draw, exclude=self.compiled | in_scope(self.cases),
+                    store=self.memo.draws if self.memo is not None else None)
         self.timed("sampling_s", t0)
 
     def probe_items(self) -> list[Item]:

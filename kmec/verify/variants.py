@@ -29,11 +29,11 @@ those it was selected on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 from hypothesis import strategies as st
 
-from kmec.hashing import sha256_text
+from kmec.hashing import canonical_json, sha256_text
 from kmec.verify import canaries
 from kmec.verify.claims import Check
 from kmec.verify.strategies import Draw, context_prefix, draw_from, in_context
@@ -62,7 +62,9 @@ def variants(prompts: Sequence[str], *, exclude: frozenset[str] = frozenset(),
 
 
 def heldout_checks(name: str, family: str, checks: Sequence[Check], n: int, *, seed: int,
-                   draw: str, exclude: frozenset[str]) -> tuple[tuple[str, Check], ...]:
+                   draw: str, exclude: frozenset[str],
+                   store: MutableMapping[str, list[Draw]] | None = None,
+                   ) -> tuple[tuple[str, Check], ...]:
     """``n`` held-out variants of ``checks`` (same targets), as ``(source, check)``.
 
     Args:
@@ -73,6 +75,8 @@ def heldout_checks(name: str, family: str, checks: Sequence[Check], n: int, *, s
         seed: the verification seed.
         draw: ``verify`` or ``compile`` (other variants for compile's repair loop).
         exclude: prompts the compiler was shown.
+        store: drawn prompts kept by a key of everything the draw depends on
+            (:class:`kmec.verify.drawstore.DrawStore`); None: drawn every time.
     """
     if not checks or n <= 0:
         return ()
@@ -80,8 +84,15 @@ def heldout_checks(name: str, family: str, checks: Sequence[Check], n: int, *, s
     key = f"heldout|{draw}|{family}|{name}"
     seed_value = int(sha256_text(f"{seed}|{key}")[:16], 16)
     out: dict[str, tuple[str, Check]] = {}
-    for d in draw_from(variants(tuple(by_prompt), exclude=exclude), n, key=key,
-                       seed_value=seed_value):
+    memo_key = "|".join((key, str(n), str(seed_value), sha256_text(canonical_json(
+        {"prompts": list(by_prompt), "exclude": sorted(exclude)}))))
+    drawn = store.get(memo_key) if store is not None else None
+    if drawn is None:
+        drawn = draw_from(variants(tuple(by_prompt), exclude=exclude), n, key=key,
+                          seed_value=seed_value)
+        if store is not None:
+            store[memo_key] = drawn
+    for d in drawn:
         base = by_prompt[max((p for p in by_prompt if d.prompt.endswith(p)), key=len)]
         out.setdefault(d.prompt, (d.source, base.model_copy(update={"prompt": d.prompt})))
     return tuple(out.values())

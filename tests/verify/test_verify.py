@@ -223,3 +223,51 @@ def test_a_shared_memo_gives_the_reports_a_fresh_verification_gives(setup, good)
             r.pop("timing")
         assert a == b
     assert memo.base.scores and memo.draws and memo.base_ppl is not None
+
+
+def test_drawn_neighbourhoods_on_disk_give_the_same_report_without_drawing_again(
+        setup, good, tmp_path, monkeypatch):
+    """A DrawStore keeps what compile drew for `kmec verify` in another process: a fresh
+    store on the same folder serves every draw (hypothesis is not run), and the report is
+    the one a verification without a store gives."""
+    from kmec.verify import runner, variants
+    from kmec.verify.drawstore import DrawStore
+    from kmec.verify.runner import VerifyMemo
+
+    claims = (*CLAIMS, Claim(metric="generality", threshold=0.0, heldout=True))
+    fresh = run_verify(setup, [good], claims, max_examples=20)
+    first = run_verify(setup, [good], claims, max_examples=20,
+                       memo=VerifyMemo(draws=DrawStore(tmp_path / "draws")))
+    files = sorted((tmp_path / "draws").glob("*.json"))
+    assert files
+
+    def no_draw(*_a, **_k):
+        raise AssertionError("drew again although the store had the draws")
+
+    monkeypatch.setattr(runner, "sample", no_draw)
+    monkeypatch.setattr(variants, "draw_from", no_draw)
+    again = run_verify(setup, [good], claims, max_examples=20,
+                       memo=VerifyMemo(draws=DrawStore(tmp_path / "draws")))
+    a, b, c = (json.loads(to_json(r)) for r in (fresh, first, again))
+    for r in (a, b, c):
+        r.pop("timing")
+    assert a == b == c
+
+
+def test_a_damaged_draw_file_is_a_miss_not_an_error(tmp_path):
+    from kmec.verify.drawstore import DrawStore
+    from kmec.verify.strategies import Draw
+
+    store = DrawStore(tmp_path / "d")
+    store["k"] = [Draw("neighbour", "The capital of Spain is")]
+    assert DrawStore(tmp_path / "d")["k"] == [Draw("neighbour", "The capital of Spain is")]
+    (path,) = (tmp_path / "d").glob("*.json")
+    for text in ("{", '{"format": "kmec-draws/1", "key": "other", "draws": []}',
+                 '{"format": "kmec-draws/1", "key": "k", "draws": [["a"]]}'):
+        path.write_text(text)
+        assert "k" not in DrawStore(tmp_path / "d")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    store = DrawStore(blocked / "d")  # cannot be created: kept in memory, a warning
+    store["k"] = []
+    assert store["k"] == []
