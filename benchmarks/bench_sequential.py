@@ -162,7 +162,8 @@ def run_variant(lm: Any, records: list[dict[str, Any]], variant: str, log: Any =
             recs = records[i * size:(i + 1) * size]
             step = variant_step(step, variant)
             ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts,
-                              stats=stats, cache_dir=kmec_home() / "backends", seed=plan.seed)
+                              stats=stats, cache_dir=kmec_home() / "backends",
+                              seed=sequence_spec(records[:1]).seed)
             t0 = time.perf_counter()
             payloads = list(get_backend(step.backend).execute(step, ctx))
             seconds += time.perf_counter() - t0

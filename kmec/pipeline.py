@@ -329,6 +329,8 @@ def compile_loaded(s: Start, planned: Plan, *, progress: Progress | None = None,
                      budget)
         if scored:
             loop.run()
+            if loop.kept is not None:  # what `kmec verify` will score on the base again
+                loop.kept.save()
         else:
             loop.once()
     if fingerprint_model(s.lm.model) != s.lm.loaded_fingerprint:
@@ -377,6 +379,7 @@ class _Loop:
         self.claims_ok: bool | None = None
         self.stopped = ""
         self.memo: VerifyMemo | None = None  # the base side of the scoring, shared
+        self.kept: _KeptMemo | None = None  # the memo's copy on disk (with the cache)
 
     @property
     def best_plan(self) -> Plan:
@@ -406,7 +409,11 @@ class _Loop:
         from kmec.verify.runner import VerifyMemo
 
         if self.memo is None:
-            self.memo = VerifyMemo(draws=draw_store()) if self.use_cache else VerifyMemo()
+            if self.use_cache:
+                self.kept = _KeptMemo(self.s.lm, self.s.spec)
+                self.memo = self.kept.memo
+            else:
+                self.memo = VerifyMemo()
         lm = self.s.lm
         edited = copy.deepcopy(lm.model)
         apply(artifact, edited, fingerprint=lm.facts.fingerprint, tok=lm.tok)
@@ -703,6 +710,35 @@ def draw_store() -> DrawStore:
     return DrawStore(kmec_home() / "verify" / "draws")
 
 
+class _KeptMemo:
+    """A :class:`VerifyMemo` read from and written back to ``$KMEC_HOME/verify``: the
+    base model's scores compile computed, for ``kmec verify`` (:mod:`kmec.verify.memostore`),
+    and the drawn neighbourhoods (:mod:`kmec.verify.drawstore`)."""
+
+    def __init__(self, lm: LoadedModel, spec: Spec) -> None:
+        from kmec.verify.memostore import load_memo, memo_key
+        from kmec.verify.runner import VerifyMemo
+
+        self.root = kmec_home() / "verify" / "base"
+        self.key = memo_key(fingerprint=lm.facts.fingerprint, runtime=lm.runtime.to_json(),
+                            spec_sha=spec_hash(spec))
+        self.memo = load_memo(self.root, self.key) or VerifyMemo()
+        self.memo.draws = draw_store()
+        self._size = self._measure()
+
+    def _measure(self) -> tuple[int, bool, int]:
+        m = self.memo
+        return len(m.base.scores), m.base_ppl is not None, len(m.base_greedy)
+
+    def save(self) -> None:
+        """Write the memo back when this run added to it."""
+        from kmec.verify.memostore import save_memo
+
+        if self._measure() != self._size:
+            save_memo(self.root, self.key, self.memo)
+            self._size = self._measure()
+
+
 def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
                  max_examples: int | None = None, report_dir: str | Path | None = None,
                  db_dir: str | Path | None = None, progress: Progress | None = None,
@@ -727,9 +763,11 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
             for verification (default: the CPU, float32), whatever the build was
             compiled on; the payloads are added in the loaded weights' dtype. When the
             two differ, the report's notes say both.
-        use_cache: read the neighbourhoods compile (or an earlier verification) drew from
-            ``$KMEC_HOME/verify/draws`` instead of drawing them again (the same prompts
-            either way: the draw is seeded); False draws everything here.
+        use_cache: read what compile (or an earlier verification) kept in
+            ``$KMEC_HOME/verify`` instead of computing it again: the drawn neighbourhoods
+            (seeded, so the same prompts) and the base model's scores, perplexity and
+            greedy text for the same model, runtime and spec (:mod:`kmec.verify.memostore`;
+            the report is the same either way). False computes everything here.
 
     Returns:
         The :class:`kmec.verify.Report`.
@@ -740,7 +778,6 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
     from kmec.models.load import load_model  # looked up at call time (tests replace it)
     from kmec.verify import verify
     from kmec.verify.render import write_reports
-    from kmec.verify.runner import VerifyMemo
 
     check_runtime(dtype, device, device_map)
     inputs = load_inputs(build_dir, spec_path, spec_root=root)
@@ -762,11 +799,14 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
     if progress:
         progress("loading model", 1, 1)
     subjects_root = root if root is not None else _subjects_root(spec_path, inputs)
+    kept = _KeptMemo(lm, inputs.spec) if use_cache else None
     report = verify(inputs.spec, inputs.plan, lm.model, edited, lm.tok, seed=None,
                     max_examples=max_examples, root=subjects_root,
                     db_dir=db_dir if db_dir is not None else _default_db(inputs.root),
                     progress=progress, artifact=inputs.artifact,
-                    memo=VerifyMemo(draws=draw_store()) if use_cache else None)
+                    memo=kept.memo if kept is not None else None)
+    if kept is not None:
+        kept.save()
     notes = inputs.notes
     if inputs.runtime is not None and inputs.runtime != lm.runtime:
         notes += (f"compiled on {inputs.runtime.describe()}; verified on "

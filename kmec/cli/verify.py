@@ -110,8 +110,9 @@ def verify_cmd(
     root: str = typer.Option(None, "--root", help="Folder the spec's subjects files must lie "
                              "under [default: the repository of --spec, or of the build]."),
     no_cache: bool = typer.Option(
-        False, "--no-cache", help="Draw every neighbourhood here instead of reading the ones "
-        "compile drew from $KMEC_HOME (the same seeded prompts either way)."),
+        False, "--no-cache", help="Compute everything here instead of reading what compile "
+        "kept in $KMEC_HOME/verify (the drawn neighbourhoods, the base model's scores); "
+        "the report is the same either way."),
     device: str = device_option(),
     dtype: str = dtype_option(),
     device_map: str = device_map_option(),

@@ -38,7 +38,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 from kmec._version import __version__
 from kmec.artifacts import Artifact
 from kmec.errors import VerifyError
-from kmec.hashing import sha256_text, spec_hash
+from kmec.hashing import canonical_json, sha256_text, spec_hash
 from kmec.models.chat import chat_frame
 from kmec.planner.model import Plan
 from kmec.progress import Progress
@@ -103,6 +103,8 @@ class VerifyMemo:
     base: BaseMemo = field(default_factory=BaseMemo)
     draws: MutableMapping[str, list[Draw]] = field(default_factory=dict)
     base_ppl: float | None = None
+    # the base model's greedy continuations of the edit prompts, by :func:`_greedy_key`
+    base_greedy: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _seed_for(seed: int, *parts: str) -> int:
@@ -343,6 +345,27 @@ def _capability(run: _Run) -> CapabilitySection:
     return section
 
 
+def _greedy_key(prompts: list[str], n: int, run: _Run) -> str:
+    """Greedy text depends on the whole left-padded batch, so the key is all of it."""
+    frame = None if run.chat is None else [run.chat.head, run.chat.tail]
+    return sha256_text(canonical_json({"prompts": prompts, "n": n, "chat": frame}))
+
+
+def _greedy(run: _Run, prompts: list[str], n: int) -> list[tuple[str, ...]]:
+    """Greedy continuations on (base, edited); the base's from the memo when it has them."""
+    key = _greedy_key(prompts, n, run)
+    known = run.memo.base_greedy.get(key) if run.memo is not None else None
+    if known is not None and len(known) == len(prompts):
+        edited = greedy_continuations([run.edited], run.tok, prompts, max_new_tokens=n,
+                                      chat=run.chat)
+        return [(b, *e) for b, e in zip(known, edited)]
+    both = greedy_continuations([run.base, run.edited], run.tok, prompts, max_new_tokens=n,
+                                chat=run.chat)
+    if run.memo is not None:
+        run.memo.base_greedy[key] = tuple(g[0] for g in both)
+    return both
+
+
 def general_questions(cases: tuple[Case, ...]) -> tuple[str, ...]:
     """The general-question canaries that no edit declares in scope: a spec that moves
     the capital of Japan is meant to change what "The capital of Japan is" answers."""
@@ -416,10 +439,7 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
     t0 = time.perf_counter()
     longest = max(len(run.cache.get(Item(c.efficacy.prompt, c.efficacy.target))[0].target_ids)
                   for c in run.cases)
-    greedy = greedy_continuations([base_model, edited_model], tok,
-                                  [c.efficacy.prompt for c in run.cases],
-                                  max_new_tokens=min(GREEDY_TOKENS, longest + 3),
-                                  chat=run.chat)
+    greedy = _greedy(run, [c.efficacy.prompt for c in run.cases], min(GREEDY_TOKENS, longest + 3))
     run.timed("greedy_s", t0)
     rows = tuple(edit_row(c, run.cache, run.dec, g, results) for c, g in zip(run.cases, greedy))
     t0 = time.perf_counter()
