@@ -373,10 +373,10 @@ def residual_at(
 CONTEXTS = 11  # keys are averaged over ~10 context prefixes plus the bare prompt
 # The target-value (δ) optimisation per edit, in units of benchmarks/bench_edit_speed.py: one
 # unit is a forward+backward of 40 × 20 tokens through the whole model. Measured on the 2-core
-# box on 2026-12-03 (BENCHMARKS.md, "Edit speed"): ROME 1.05-1.07 units per single edit,
-# MEMIT 0.65-0.69 per edit of a 20-edit batch (AlphaEdit runs MEMIT's loop).
-VALUE_UNITS = {"rome": 1.07}
-VALUE_UNITS_BATCHED = 0.69
+# box on 2026-12-03 (BENCHMARKS.md, "Edit speed"), with Adam's lr 1.0: ROME 0.78 units per
+# single edit, MEMIT 0.47 per edit of a 20-edit batch (AlphaEdit runs MEMIT's loop).
+VALUE_UNITS = {"rome": 0.78}
+VALUE_UNITS_BATCHED = 0.47
 UNIT_TOKEN_FORWARDS = 40 * 20 * costs.FWD_BWD
 
 
