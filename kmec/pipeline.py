@@ -725,6 +725,15 @@ class _KeptMemo:
         self.memo = load_memo(self.root, self.key) or VerifyMemo()
         self.memo.draws = draw_store()
         self._size = self._measure()
+        self.loaded = self._size[0]  # base scores read from the disk
+
+    def note(self) -> tuple[str, ...]:
+        """The report's note when the base side came from the cache (auditors: --no-cache)."""
+        if not self.loaded:
+            return ()
+        return (f"the base model's scores of up to {self.loaded} prompts were read from "
+                f"compile's cache ({self.root.parent}); `kmec verify --no-cache` recomputes "
+                "them",)
 
     def _measure(self) -> tuple[int, bool, int]:
         m = self.memo
@@ -807,7 +816,7 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
                     memo=kept.memo if kept is not None else None)
     if kept is not None:
         kept.save()
-    notes = inputs.notes
+    notes = inputs.notes + (kept.note() if kept is not None else ())
     if inputs.runtime is not None and inputs.runtime != lm.runtime:
         notes += (f"compiled on {inputs.runtime.describe()}; verified on "
                   f"{lm.runtime.describe()}",)

@@ -64,7 +64,11 @@ def test_verify_after_compile_reads_the_base_side_and_reports_the_same(compiled,
     monkeypatch.setattr(runner, "perplexity", counting)
     cached = verify_build(compiled / "build")
     assert calls == [1]  # the edited model only: the base perplexity came from the memo
-    assert _plain(cached) == _plain(fresh)
+    a, b = _plain(cached), _plain(fresh)
+    said = [n for n in a.pop("notes") if "--no-cache" in n]
+    assert len(said) == 1 and "compile's cache" in said[0]  # the report says where
+    b.pop("notes")
+    assert a == b
     assert cached.timing["items_scored"] == fresh.timing["items_scored"]
 
 
