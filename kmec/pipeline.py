@@ -329,7 +329,8 @@ def compile_loaded(s: Start, planned: Plan, *, progress: Progress | None = None,
                      budget)
         if scored:
             loop.run()
-            if loop.kept is not None:  # what `kmec verify` will score on the base again
+            if loop.kept is not None:  # the base side of what `kmec verify` will score
+                loop.prime()
                 loop.kept.save()
         else:
             loop.once()
@@ -423,6 +424,20 @@ class _Loop:
                           report_heldout=False, progress=self.progress)
         finally:
             del edited
+
+    def prime(self) -> None:
+        """Score on the base model what ``kmec verify`` of the best build will score and
+        this loop did not (its held-out variants, drawn with verify's seed): the base
+        model only, after the last attempt, so no edit is shaped by them."""
+        from kmec.verify.runner import prime_base
+
+        assert self.memo is not None
+        t = time.perf_counter()
+        n = prime_base(self.s.spec, self.best_plan, self.s.lm.model, self.s.lm.tok, self.memo,
+                       root=self.root, progress=self.progress)
+        if n:
+            log.info("scored %d prompts on the base model for kmec verify (%.1f s)", n,
+                     time.perf_counter() - t)
 
     def run(self) -> None:
         from kmec.planner.repair import costly, next_repair

@@ -2,6 +2,7 @@
 
 Contents:
     verify()        Spec + Plan + base/edited models -> Report (reads models, never writes them)
+    prime_base()    the base model's side of a later verify(), into its memo (compile)
     PPL_TOLERANCE   how much the corpus-slice perplexity may rise
 
 The run, in order:
@@ -223,6 +224,13 @@ class _Run:
                 items.append(Item(p.prompt, p.old))
         return items
 
+    def items(self, jobs: list[_Job], plus: list[tuple[str, str]]) -> list[Item]:
+        """Every item the batched scoring pass scores (the shrinker may ask for more)."""
+        items = self.probe_items() + [Item(d.prompt) for j in jobs for d in j.draws]
+        if jobs:
+            items += [Item(q) for q in canaries.GENERAL_QUESTIONS]
+        return items + [Item(p) for _, p in plus]
+
     # -------------------------------------------------------------- claims
 
     def shrink(self, job: _Job) -> Counterexample | None:
@@ -427,12 +435,8 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
     jobs = run.locality_jobs()
     run.draw_variants()
     t0 = time.perf_counter()
-    items = run.probe_items() + [Item(d.prompt) for j in jobs for d in j.draws]
-    if jobs:
-        items += [Item(q) for q in canaries.GENERAL_QUESTIONS]
     plus = plus_items(spec, run.cases, root=root)
-    items += [Item(p) for _, p in plus]
-    run.cache.prefetch(items, progress=run.progress)
+    run.cache.prefetch(run.items(jobs, plus), progress=run.progress)
     run.timed("scoring_s", t0)
     results = run.claim_results(jobs)
     cap = _capability(run)
@@ -465,6 +469,24 @@ def verify(spec: Spec, plan: Plan | None, base_model: Any, edited_model: Any, to
         plan=plan.model_dump(mode="json") if plan else None, claims=tuple(results),
         edits=rows, aggregate=agg, audit=audit, capability=cap,
         plus=plus_rows(plus, run.cache, run.dec), notes=notes, timing=dict(run.timing))
+
+
+def prime_base(spec: Spec, plan: Plan | None, base_model: Any, tok: Any, memo: VerifyMemo, *,
+               seed: int | None = None, root: str | Path | None = None,
+               progress: Progress | None = None) -> int:
+    """Score on the base model alone what :func:`verify` (default draws) will score and
+    ``memo`` lacks, into ``memo``: compile, after its last attempt, prepares the base side
+    of ``kmec verify``'s held-out variants, which its own scoring draws differently. No
+    edited model is involved, so nothing here can shape an edit. Returns how many items
+    were scored."""
+    run = _Run(spec, plan, base_model, None, tok, spec.seed if seed is None else seed, None,
+               None, progress, root, memo)
+    jobs = run.locality_jobs()
+    run.draw_variants()
+    missing = [it for it in dict.fromkeys(run.items(jobs, plus_items(spec, run.cases, root=root)))
+               if it not in memo.base.scores]
+    memo.base.fill(base_model, tok, missing, chat=run.chat, progress=run.progress)
+    return len(missing)
 
 
 SOURCE_LIMIT = 256_000  # characters of the .kmec file a report embeds (specs are far smaller)

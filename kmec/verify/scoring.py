@@ -389,6 +389,20 @@ class BaseMemo:
 
     scores: dict[Item, tuple[ItemScore, torch.Tensor]] = field(default_factory=dict)
 
+    def fill(self, base: Any, tok: Any, items: Sequence[Item], *, chat: ChatFrame | None = None,
+             max_batch_tokens: int = 2048, topk: int = 5,
+             progress: Progress | None = None) -> None:
+        """Score ``items`` (those not known yet) on ``base`` alone and keep them."""
+        new = [it for it in dict.fromkeys(items) if it not in self.scores]
+        if not new:
+            return
+        refs: dict[int, torch.Tensor] = {}
+        scores = score_encoded([base], [encode_item(tok, it, chat) for it in new],
+                               pad_id=pad_id_of(tok), max_batch_tokens=max_batch_tokens,
+                               topk=topk, progress=progress, refs=refs)
+        for i, (it, sc) in enumerate(zip(new, scores)):
+            self.scores[it] = (sc[0], refs[i])
+
 
 class ScoreCache:
     """Scores of items on fixed models, computed once per item.

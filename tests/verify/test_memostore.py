@@ -62,8 +62,20 @@ def test_verify_after_compile_reads_the_base_side_and_reports_the_same(compiled,
         return real(models, *a, **k)
 
     monkeypatch.setattr(runner, "perplexity", counting)
+    scoring = importlib.import_module("kmec.verify.scoring")
+    runs: list[int] = []
+    real_score = scoring.score_encoded
+
+    def scoring_counted(models, *a, **k):
+        runs.append(len(models))
+        return real_score(models, *a, **k)
+
+    monkeypatch.setattr(scoring, "score_encoded", scoring_counted)
     cached = verify_build(compiled / "build")
     assert calls == [1]  # the edited model only: the base perplexity came from the memo
+    # compile primed the base side of verify's own held-out variants too: the base model
+    # scores nothing here
+    assert runs and set(runs) == {1}
     a, b = _plain(cached), _plain(fresh)
     said = [n for n in a.pop("notes") if "--no-cache" in n]
     assert len(said) == 1 and "compile's cache" in said[0]  # the report says where
