@@ -21,7 +21,6 @@ never call each other upward (``tests/test_imports.py``). The CLI and
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from kmec._version import __version__
-from kmec.artifacts import MANIFEST, Artifact, apply, load_artifact
+from kmec.artifacts import MANIFEST, Artifact, apply, copy_for, load_artifact
 from kmec.artifacts.build import build_root, read_build, up_to_date, write_build
 from kmec.errors import ArtifactError, BackendError, VerifyError
 from kmec.grammar.files import find_root
@@ -416,7 +415,7 @@ class _Loop:
             else:
                 self.memo = VerifyMemo()
         lm = self.s.lm
-        edited = copy.deepcopy(lm.model)
+        edited = copy_for(lm.model, artifact)
         apply(artifact, edited, fingerprint=lm.facts.fingerprint, tok=lm.tok)
         try:
             return verify(self.s.spec, plan, lm.model, edited, lm.tok, seed=None, root=self.root,
@@ -818,7 +817,7 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
             f"the artifact was compiled for a model with fingerprint "
             f"{inputs.artifact.manifest.base_fingerprint[:12]}, but {inputs.model!r} now has {fp[:12]}",
             hint="recompile the spec for the installed model")
-    edited = copy.deepcopy(lm.model)
+    edited = copy_for(lm.model, inputs.artifact)
     apply(inputs.artifact, edited, fingerprint=fp, tok=lm.tok)
     if progress:
         progress("loading model", 1, 1)

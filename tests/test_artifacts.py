@@ -14,6 +14,7 @@ from kmec.artifacts import (
     MANIFEST,
     apply,
     audit,
+    copy_for,
     load_artifact,
     save_artifact,
 )
@@ -53,6 +54,28 @@ def test_apply_revert_is_bit_exact_in_memory(tiny_family):
     assert audit(build_tiny_model(tiny_family, seed=2), model, art).ok
     handle.revert()
     assert_identical(model, before)
+
+
+def test_copy_for_shares_what_the_artifact_does_not_write(tiny_family):
+    """The verifier's edited model: the written parameters are copies, the rest is the
+    base's own tensors; applying to it edits it as a whole copy would and leaves the
+    base bit for bit."""
+    import copy
+
+    model = build_tiny_model(tiny_family, seed=2)
+    before = snapshot(model)
+    written = mlp_out_param(model)
+    art = artifact_for(model, [rank_one(model)])
+    edited = copy_for(model, art)
+    apply(art, edited)
+    whole = copy.deepcopy(model)
+    apply(art, whole)
+    assert_identical(model, before)
+    for name, p in edited.named_parameters():
+        assert (p.data_ptr() == model.get_parameter(name).data_ptr()) == (name != written), name
+        assert torch.equal(p, whole.get_parameter(name))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(edited(ids).logits, whole(ids).logits)
 
 
 def test_apply_revert_via_folders_is_bit_exact(tiny_family, tmp_path):

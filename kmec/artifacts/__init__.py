@@ -4,7 +4,8 @@ Contents (modules):
     payloads   LowRank, Dense, MemoryTable: the three things a backend returns
     format     Manifest, Artifact, build / save / load / select, and the checks
                (sealed manifest, against the plan, against the base model)
-    apply      apply() / Applied.revert() and temporarily_added: every parameter write
+    apply      apply() / Applied.revert() and temporarily_added: every parameter write;
+               copy_for(): a model copy that shares what an artifact does not write
     memory     the runtime of external memories (codebook and retrieval hooks)
     scope      the retrieval memory's sentence encoder and scope classifier
     audit      prove an edited model differs from its base only as declared
@@ -19,7 +20,7 @@ common names.
 
 from __future__ import annotations
 
-from kmec.artifacts.apply import Applied, apply, low_rank_delta, temporarily_added
+from kmec.artifacts.apply import Applied, apply, copy_for, low_rank_delta, temporarily_added
 from kmec.artifacts.audit import AuditResult, audit
 from kmec.artifacts.format import (
     FORMAT,
@@ -41,6 +42,7 @@ from kmec.artifacts.payloads import Dense, LowRank, MemoryTable, Payload
 __all__ = [
     "FORMAT", "MANIFEST", "TENSORS", "Applied", "Artifact", "AuditResult", "Dense", "LowRank",
     "Manifest", "MemoryTable", "Payload", "PayloadEntry", "apply", "audit", "build_artifact",
-    "check_against_plan", "check_base", "check_format", "load_artifact", "low_rank_delta",
+    "check_against_plan", "check_base", "check_format", "copy_for", "load_artifact",
+    "low_rank_delta",
     "save_artifact", "select", "temporarily_added",
 ]

@@ -3,6 +3,7 @@
 Contents:
     Applied             an artifact applied in place; ``revert()`` restores exact bytes
     apply()             add an artifact's payloads to a model (checked first, all or nothing)
+    copy_for()          a copy of a model to apply an artifact to, sharing what it does not write
     low_rank_delta()    a LowRank payload as a dense delta in the parameter's storage layout
     temporarily_added   context manager: add ``u vᵀ`` deltas for a computation, restore on exit
 
@@ -16,6 +17,7 @@ installed as a forward hook (:mod:`kmec.artifacts.memory`).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -136,6 +138,18 @@ def apply(artifact: Artifact, model: Any, *, fingerprint: str | None = None,
         applied.revert()
         raise
     return applied
+
+
+def copy_for(model: Any, artifact: Artifact) -> Any:
+    """A copy of ``model`` to :func:`apply` ``artifact`` to: the parameters the artifact's
+    payloads write are copied; every other parameter is ``model``'s own tensor, shared
+    (modules, buffers and hooks are copied). A rank-one edit writes a few matrices, so
+    this costs a fraction of copying the whole model (the embedded model: 0.5 GB and
+    ~1.7 s). Neither model may then be written anywhere but through :func:`apply`,
+    which writes only the copied parameters."""
+    written = {e.param for e in artifact.manifest.payloads if e.param}
+    shared = {id(p): p for name, p in model.named_parameters() if name not in written}
+    return copy.deepcopy(model, shared)
 
 
 class temporarily_added:

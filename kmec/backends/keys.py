@@ -10,6 +10,7 @@ Contents:
     ContextKeys / context_keys()   every context key of every declared prompt, weighted
     prompt_keys()         the keys at every token of the declared locality set
     residual_at()         hidden state (residual stream) after a layer at lookup positions
+    Below                 the blocks below the first edited layer, run once and replayed
 
 ROME/MEMIT average the key over a few random context prefixes so the edit
 fires whatever text precedes the subject. The reference code samples these
@@ -21,7 +22,8 @@ how the target follows the prompt are :mod:`kmec.models.tokens`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from kmec.hashing import atomic_write_text
 from kmec.models.adapters import ArchAdapter
 from kmec.models.batching import right_pad
 from kmec.models.facts import ModelFacts
-from kmec.models.hooks import TraceDict, device_of
+from kmec.models.hooks import Trace, TraceDict, device_of, hidden_of, replay_below
 from kmec.models.tokens import subject_position, target_text
 from kmec.planner import costs
 from kmec.planner.backend_info import Work
@@ -155,6 +157,66 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _around(below: Below | None, model: Any, key: tuple[Any, ...], ids: torch.Tensor,
+            mask: torch.Tensor) -> Any:
+    return nullcontext() if below is None else below.around(model, key, ids, mask)
+
+
+class Below:
+    """The output of block ``layer`` for each batch of rows, kept from the first forward
+    pass and replayed on the next ones (:func:`kmec.models.hooks.replay_below`).
+
+    MEMIT's layer loop computes keys and residuals once per edited layer, each time
+    with the updates of the layers before it in place; the blocks below the first
+    edited layer carry no update, so their output is the same on every pass. Replayed,
+    a pass runs the blocks above only: the same tensors, so the same weights. Rows are
+    kept up to ``max_bytes`` in all; beyond that a batch is computed each time.
+
+    Args:
+        layer: the last block that is run once (the first edited layer − 1; < 0: none).
+        max_bytes: how much memory the kept outputs may take.
+    """
+
+    def __init__(self, adapter: ArchAdapter, layer: int, *, max_bytes: int = 1 << 30) -> None:
+        self.adapter, self.layer, self.max_bytes = adapter, layer, max_bytes
+        self._kept: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]] = {}
+        self._bytes = 0
+        self.replayed = 0  # passes that ran only the blocks above
+
+    @contextmanager
+    def around(self, model: Any, key: tuple[Any, ...], ids: torch.Tensor,
+               mask: torch.Tensor) -> Iterator[None]:
+        """Run the ``with`` body's forward pass of the rows ``ids`` / ``mask``, named by
+        ``key`` (the same key for the same rows on every pass; other rows under a key
+        are computed)."""
+        if self.layer < 0:
+            yield
+            return
+        kept = self._kept.get(key)
+        if kept is not None and torch.equal(kept[0], ids) and torch.equal(kept[1], mask):
+            hidden, template = kept[2], kept[3]
+            self.replayed += 1
+            with replay_below(model, self.adapter.layers, self.layer, template, lambda: hidden):
+                yield
+            return
+        box: dict[str, Any] = {}
+
+        def keep(output: Any, _path: str) -> Any:
+            box["out"] = output
+            return output
+
+        try:
+            with Trace(model, self.adapter.site("layer", self.layer), edit_output=keep):
+                yield
+        finally:  # the pass may end by StopForward above: the block ran all the same
+            if "out" in box and key not in self._kept:
+                hidden = hidden_of(box["out"])
+                size = hidden.numel() * hidden.element_size()
+                if self._bytes + size <= self.max_bytes:
+                    self._kept[key] = (ids.clone(), mask.clone(), hidden, box["out"])
+                    self._bytes += size
+
+
 @torch.no_grad()
 def compute_keys(
     model: Any,
@@ -166,12 +228,14 @@ def compute_keys(
     *,
     batch_size: int = 64,
     per_context: bool = False,
+    below: Below | None = None,
 ) -> dict[int, torch.Tensor]:
     """k* per edit for each layer: the MLP key at the subject's last token,
     averaged over prefixes. One forward pass per chunk for all layers, stopped
     after the deepest layer. Returns ``{layer: [n_edits, d_mlp] float32}``,
     or with ``per_context`` every context's key, ``[n_edits, n_prefixes, d_mlp]``
-    (in ``prefixes`` order: the bare prompt first).
+    (in ``prefixes`` order: the bare prompt first). ``below``: the blocks under the
+    layers are replayed from an earlier pass over the same rows (:class:`Below`).
     """
     device = device_of(model)
     batch = build_batch(tok, edits, prefixes, with_targets=False, device=device)
@@ -181,8 +245,10 @@ def compute_keys(
     n_rows = batch.input_ids.shape[0]
     rows = torch.arange(n_rows, device=device)
     for sl in _chunks(n_rows, batch_size):
-        with TraceDict(model, paths, retain_input=True, stop=True) as td:
-            model(input_ids=batch.input_ids[sl], attention_mask=batch.attention_mask[sl])
+        ids, mask = batch.input_ids[sl], batch.attention_mask[sl]
+        with TraceDict(model, paths, retain_input=True, stop=True) as td, \
+                _around(below, model, ("keys", sl.start), ids, mask):
+            model(input_ids=ids, attention_mask=mask)
         for layer, path in zip(layers, paths):
             x = td[path].input  # on the layer's device (a device_map spreads the layers)
             k = x[(rows[sl] - sl.start).to(x.device), batch.lookup[sl].to(x.device)].float()
@@ -295,12 +361,13 @@ class ContextKeys:
 
 def context_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[int],
                  edits: Sequence[EditRequest], prefixes: Sequence[str],
-                 scope_weight: float) -> dict[int, ContextKeys]:
+                 scope_weight: float, *, below: Below | None = None) -> dict[int, ContextKeys]:
     """:class:`ContextKeys` per layer for ``edits``: each declared prompt (the edit's own
     and, with ``scope_weight > 0``, its scope prompts) keyed at its subject's last token
     under every prefix (see :func:`declared_prompts`)."""
     prompts, owner_list, main_list = declared_prompts(edits, scope_weight)
-    per = compute_keys(model, tok, adapter, layers, prompts, prefixes, per_context=True)
+    per = compute_keys(model, tok, adapter, layers, prompts, prefixes, per_context=True,
+                       below=below)
     n_pref = len(prefixes)
     device = next(iter(per.values())).device if per else torch.device("cpu")
     owner = torch.tensor(owner_list, device=device).repeat_interleave(n_pref)
@@ -351,7 +418,7 @@ def prompt_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[int
 @torch.no_grad()
 def residual_at(
     model: Any, tok: Any, adapter: ArchAdapter, layer: int, edits: Sequence[EditRequest],
-    *, batch_size: int = 64,
+    *, batch_size: int = 64, below: Below | None = None,
 ) -> torch.Tensor:
     """Residual stream after block ``layer`` at each edit's lookup position (bare
     prompt, no prefix): ``[n_edits, d_model]`` float32."""
@@ -360,8 +427,10 @@ def residual_at(
     path = adapter.site("layer", layer)
     outs = []
     for sl in _chunks(batch.input_ids.shape[0], batch_size):
-        with TraceDict(model, [path], retain_output=True, stop=True) as td:
-            model(input_ids=batch.input_ids[sl], attention_mask=batch.attention_mask[sl])
+        ids, mask = batch.input_ids[sl], batch.attention_mask[sl]
+        with TraceDict(model, [path], retain_output=True, stop=True) as td, \
+                _around(below, model, ("residual", sl.start), ids, mask):
+            model(input_ids=ids, attention_mask=mask)
         h = td[path].output
         idx = torch.arange(h.shape[0], device=h.device)
         outs.append(h[idx, batch.lookup[sl].to(h.device)].float())

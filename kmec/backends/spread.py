@@ -6,7 +6,8 @@ Contents:
 
 Each edit i has a target hidden state zᵢ at the top layer. Layer by layer,
 with the earlier layers' updates in place (added temporarily and restored
-exactly), the remaining residual rᵢ = (zᵢ − hᵢ(current)) / (layers left) is
+exactly; the blocks below the first layer run once, see
+:class:`~kmec.backends.keys.Below`), the remaining residual rᵢ = (zᵢ − hᵢ(current)) / (layers left) is
 handed to the backend's ``solve``; the factors are bounded by ``max_delta``
 (‖ΔW‖_F ≤ max_delta · ‖W‖_F) and returned as ``LowRank`` payloads
 (MEMIT, Meng et al. 2023, Alg. 1).
@@ -22,7 +23,7 @@ import torch
 from kmec.artifacts.apply import temporarily_added
 from kmec.artifacts.payloads import LowRank, Payload
 from kmec.backends.base import ExecContext
-from kmec.backends.keys import compute_keys, context_keys, residual_at
+from kmec.backends.keys import Below, compute_keys, context_keys, residual_at
 from kmec.backends.linalg import bound_relative_change
 from kmec.planner.model import EditRequest
 
@@ -43,12 +44,14 @@ def spread_over_layers(ctx: ExecContext, name: str, layers: Sequence[int],
     layers = sorted(layers)
     top = layers[-1]
     payloads: list[Payload] = []
+    below = Below(adapter, layers[0] - 1)  # no update below the first layer: run it once
     with temporarily_added(model, adapter.weight_layout) as tmp:
         for j, layer in enumerate(layers):
-            k = (context_keys(model, tok, adapter, [layer], edits, prefixes, scope_weight)[layer]
+            k = (context_keys(model, tok, adapter, [layer], edits, prefixes, scope_weight,
+                              below=below)[layer]
                  if per_context else compute_keys(model, tok, adapter, [layer], edits,
-                                                  prefixes)[layer])
-            cur = residual_at(model, tok, adapter, top, edits)
+                                                  prefixes, below=below)[layer])
+            cur = residual_at(model, tok, adapter, top, edits, below=below)
             u, v = solve(layer, k, (z - cur) / (len(layers) - j))
             param = f"{adapter.site('mlp_out', layer)}.weight"
             scale, ratio = bound_relative_change(u, v, tmp.params[param], max_delta)

@@ -1,11 +1,19 @@
 """Every registered backend keeps the backend contract, on a tiny model.
 
 For each backend in ``BACKENDS``: ``execute`` leaves the model bit-identical,
-its payloads are the ones recorded in ``fixtures/golden_payloads.json`` (sha256
-of every tensor: deterministic, and unchanged by refactoring; regenerate with
-``KMEC_UPDATE_GOLDEN=1`` only when a change is meant to change the numbers),
-the artifact survives a save/load round trip, and apply → revert restores
-every parameter bit for bit.
+gives the same bytes when run again (determinism), its payloads are the ones
+recorded in ``fixtures/golden_payloads.safetensors`` (regenerate with
+``KMEC_UPDATE_GOLDEN=1`` only when a change is meant to change the numbers, and
+with ``-n 0``: the workers would race on the file), the artifact survives a
+save/load round trip, and apply → revert restores every parameter bit for bit.
+
+The recorded payloads are compared within ``GOLDEN_RTOL`` (relative Frobenius
+error per tensor), not by hash: the same code gives other last bits on another
+CPU (measured 2026-12-03: AVX-512 against AVX2 kernels, via
+``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``, moved the tiny
+payloads by at most 9e-5 relative, ROME's v), while a change of method or
+setting moves them by percents. Bit-for-bit determinism is checked on the
+machine the test runs on.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ from tests.conftest import (
     snapshot,
 )
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden_payloads.json"
+GOLDEN = Path(__file__).parent / "fixtures" / "golden_payloads.json"  # params per entry
+GOLDEN_TENSORS = GOLDEN.with_suffix(".safetensors")  # "<entry>/<tensor>"
+GOLDEN_RTOL = 1e-3
 UPDATE = os.environ.get("KMEC_UPDATE_GOLDEN") == "1"
 EDITS = (EditRequest(name="e1", prompt="Key of abc", subject="abc", target_new="Q",
                      scope=("abc key",), preserve=("Key of xyz",)),
@@ -108,6 +118,52 @@ def _recorded() -> dict:
     return json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
 
 
+def _golden_tensors() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(GOLDEN_TENSORS)) if GOLDEN_TENSORS.exists() else {}
+
+
+def _hashes(payloads: list) -> list[dict[str, str]]:
+    return [{k: sha256_tensor(v) for k, v in vars(p).items() if isinstance(v, torch.Tensor)}
+            for p in payloads]
+
+
+def _rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (got.double() - ref.double()).norm()
+    return float(diff / ref.double().norm().clamp_min(1e-30)) if diff > 0 else 0.0
+
+
+def check_golden(entry: str, tensors: dict[str, torch.Tensor], params: dict | None = None) -> None:
+    """``tensors`` (and ``params``) are the ones recorded under ``entry``, the tensors
+    within :data:`GOLDEN_RTOL` (see the module docstring); records them with
+    ``KMEC_UPDATE_GOLDEN=1``."""
+    recorded, stored = _recorded(), _golden_tensors()
+    if UPDATE:
+        recorded[entry] = {"params": params, "tensors": sorted(tensors)}
+        stored = {k: v for k, v in stored.items() if not k.startswith(f"{entry}/")}
+        stored.update({f"{entry}/{k}": v.detach().cpu().contiguous() for k, v in tensors.items()})
+        atomic_write_text(GOLDEN, canonical_json(recorded))
+        from safetensors.torch import save_file
+
+        tmp = GOLDEN_TENSORS.with_suffix(".tmp")
+        save_file(dict(sorted(stored.items())), str(tmp))
+        os.replace(tmp, GOLDEN_TENSORS)
+    assert entry in recorded, f"no golden payloads for {entry}: run with KMEC_UPDATE_GOLDEN=1"
+    assert recorded[entry] == {"params": params, "tensors": sorted(tensors)}, (
+        f"{entry}'s payloads changed shape; if intended, regenerate with KMEC_UPDATE_GOLDEN=1")
+    for name, got in sorted(tensors.items()):
+        ref = stored[f"{entry}/{name}"]
+        assert got.shape == ref.shape and got.dtype == ref.dtype, (entry, name)
+        if not got.is_floating_point():
+            assert torch.equal(got.cpu(), ref), f"{entry}/{name} changed"
+            continue
+        err = _rel_error(got, ref)
+        assert err <= GOLDEN_RTOL, (
+            f"{entry}/{name} moved by {err:.2e} (relative) from the recorded payload; "
+            "if intended, regenerate with KMEC_UPDATE_GOLDEN=1")
+
+
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 def test_backend_contract(name, home, tmp_path_factory):
     model, tok, facts = _lm()
@@ -127,15 +183,11 @@ def test_backend_contract(name, home, tmp_path_factory):
     art = build_artifact([(step.id, payloads)], base_model="tiny",
                          base_fingerprint=facts.fingerprint, base_arch=facts.arch,
                          weight_layout=adapter.weight_layout, plan_hash="h" * 64)
-    hashes = {k: sha256_tensor(v) for k, v in sorted(art.tensors.items())}
     params = {e.id: e.param or e.site for e in art.manifest.payloads}
-    recorded = _recorded()
-    if UPDATE:
-        recorded[name] = {"tensors": hashes, "params": params}
-        atomic_write_text(GOLDEN, canonical_json(recorded))
-    assert name in recorded, f"no golden payloads for {name}: run with KMEC_UPDATE_GOLDEN=1"
-    assert recorded[name] == {"tensors": hashes, "params": params}, (
-        f"{name}'s payloads changed; if intended, regenerate with KMEC_UPDATE_GOLDEN=1")
+    check_golden(name, art.tensors, params)
+    again = list(BACKENDS[name].execute(step, ExecContext(
+        model=model, tok=tok, adapter=adapter, facts=facts, stats=stats, seed=0)))
+    assert _hashes(again) == _hashes(payloads), f"{name} is not deterministic"
 
     folder = tmp_path_factory.mktemp(f"art-{name}")
     save_artifact(art, folder / "artifact")
@@ -157,12 +209,10 @@ def test_backend_contract(name, home, tmp_path_factory):
 def test_nothing_declared_gives_the_papers_edit(name, home):
     """With no scope prompts and no protected prompts the rank-one backends compute exactly
     what they did before declared prompts entered the edit (#10): the golden entry
-    ``<name>:undeclared`` holds the hashes recorded before that change, re-recorded once
-    when the δ optimisation began replaying the layers below the edited one (#11; δ moved
-    by at most 4e-7 on the four tiny families, see tests/models/test_replay.py), and again
-    when each step began running only the columns from the subject's last token on, the
-    upper blocks' keys/values before it computed once (#17; δ moved by at most 1e-6, see
-    tests/models/test_prefix_kv.py)."""
+    ``<name>:undeclared`` holds those payloads (first recorded before that change, as
+    hashes; since then re-recorded only where the δ loop changed its rounding, by at most
+    1e-6, see tests/models/test_replay.py and tests/models/test_prefix_kv.py, and for
+    lr 1.0)."""
     model, tok, facts = _lm()
     bare = tuple(e.model_copy(update={"scope": ()}) for e in EDITS)
     step = _step(name, facts, {}).model_copy(update={"edits": bare})
@@ -173,13 +223,7 @@ def test_nothing_declared_gives_the_papers_edit(name, home):
     art = build_artifact([(step.id, payloads)], base_model="tiny",
                          base_fingerprint=facts.fingerprint, base_arch=facts.arch,
                          weight_layout=adapter.weight_layout, plan_hash="h" * 64)
-    hashes = {k: sha256_tensor(v) for k, v in sorted(art.tensors.items())}
-    key = f"{name}:undeclared"
-    recorded = _recorded()
-    if UPDATE:
-        recorded[key] = {"tensors": hashes}
-        atomic_write_text(GOLDEN, canonical_json(recorded))
-    assert recorded.get(key) == {"tensors": hashes}
+    check_golden(f"{name}:undeclared", art.tensors)
 
 
 def test_declared_scope_prompts_reach_the_edit(home):

@@ -7,7 +7,7 @@ import torch
 
 from kmec.artifacts import apply, audit, build_artifact
 from kmec.backends import get_backend
-from kmec.backends.keys import compute_keys, context_prefixes
+from kmec.backends.keys import Below, compute_keys, context_prefixes, residual_at
 from kmec.backends.linalg import spd_solve
 from kmec.backends.memit import batch_update
 from kmec.backends.rome import rank_one, rank_one_contexts
@@ -166,6 +166,46 @@ def test_per_context_keys_average_to_the_mean_keys(tiny_models):
         assert torch.allclose(each[layer].mean(1), mean[layer], atol=1e-5)
         solo = compute_keys(model, tok, adapter, [layer], [edits[1]], [prefixes[2]])[layer][0]
         assert torch.allclose(each[layer][1, 2], solo, atol=1e-5)
+
+
+def test_replayed_lower_blocks_give_the_same_keys_bit_for_bit(tiny_family):
+    """MEMIT's layer loop runs the blocks below its first layer once (keys.Below): with an
+    update in place at that layer, the replayed keys and residuals are the full pass's,
+    bit for bit, on every family; rows it has not seen are computed, not replayed."""
+    from kmec.artifacts.apply import temporarily_added
+
+    model = build_tiny_model(tiny_family, seed=3)
+    tok, adapter = SpaceLetterTokenizer(), adapter_for(tiny_family)
+    edits = [EDIT, EditRequest(name="f", prompt="A door of xyz", subject="xyz", target_new="R")]
+    prefixes = ["", "x y. ", "Two words here. "]
+    below = Below(adapter, 0)  # blocks 0 runs once; layers 1.. are edited
+    first = compute_keys(model, tok, adapter, [1], edits, prefixes, batch_size=4, below=below)
+    unedited = compute_keys(model, tok, adapter, [2], edits, prefixes, batch_size=4)
+    assert below.replayed == 0
+    param = f"{adapter.site('mlp_out', 1)}.weight"
+    with temporarily_added(model, adapter.weight_layout) as tmp:
+        w = tmp.params[param]
+        out, inp = (w.shape[0], w.shape[1]) if adapter.weight_layout == "out_in" else w.shape[::-1]
+        g = torch.Generator().manual_seed(0)
+        tmp.add(param, torch.randn(out, 1, generator=g), torch.randn(inp, 1, generator=g))
+        plain = {}
+        for layer in (1, 2):
+            plain[layer] = compute_keys(model, tok, adapter, [layer], edits, prefixes,
+                                        batch_size=4)[layer]
+            replayed = compute_keys(model, tok, adapter, [layer], edits, prefixes, batch_size=4,
+                                    below=below)
+            assert torch.equal(plain[layer], replayed[layer])
+        assert torch.equal(plain[1], first[1])  # layer 1's own update is not in its keys
+        assert not torch.equal(plain[2], unedited[2])  # but is in layer 2's
+        assert torch.equal(residual_at(model, tok, adapter, 2, edits),
+                           residual_at(model, tok, adapter, 2, edits, below=below))
+        residual_at(model, tok, adapter, 2, edits, below=below)
+    assert below.replayed == 2 * 2 + 1  # two passes of two chunks, then the residual rows
+    other = [EditRequest(name="g", prompt="The key of mno", subject="mno", target_new="S")]
+    before = below.replayed
+    assert torch.equal(compute_keys(model, tok, adapter, [1], other, prefixes, below=below)[1],
+                       compute_keys(model, tok, adapter, [1], other, prefixes)[1])
+    assert below.replayed == before  # other rows under the same key: computed, not replayed
 
 
 def test_batch_update_matches_dense_formula():
