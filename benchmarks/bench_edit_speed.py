@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_edit_speed.py [--rome 5] [--memit-batch 20]
         [--memit-rounds 2] [--records counterfact.json] [--device cpu] [--threads N]
+        [--compute float32|bfloat16|auto]
 
 The **unit** is one fp32 forward+backward of 40 sequences of 20 tokens through
 the same model, with a δ (the only tensor that needs a gradient) added to the
@@ -141,12 +142,14 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 def measure(ctx: ExecContext, records: Sequence[dict[str, Any]], *, rome_edits: int = 5,
             memit_batch: int = 20, memit_rounds: int = 2, unit_rows: int = 40,
-            unit_tokens: int = 20, unit_layer: int = 5,
+            unit_tokens: int = 20, unit_layer: int = 5, compute: str | None = None,
             log: Callable[[str], None] = lambda _m: None) -> dict[str, float]:
     """Time ROME single edits and MEMIT batches interleaved with units; returns the medians.
 
     Keys: ``rome_units`` (one ROME edit / unit), ``memit_units_per_edit`` (one MEMIT batch
     / unit / batch size), ``unit_s`` (median unit in seconds), ``rome_s``, ``memit_s``.
+    ``compute``: the δ loop's precision (``value.compute``: float32, bfloat16, auto; None:
+    the backends' default); the unit stays fp32.
     """
     model = ctx.model
     device = next(model.parameters()).device
@@ -156,6 +159,8 @@ def measure(ctx: ExecContext, records: Sequence[dict[str, Any]], *, rome_edits: 
     memit_layers = default_layers(ctx.facts, memit.info.layer_role).layers
     rome_params = rome.default_params(ctx.facts).model_dump(mode="json")
     memit_params = memit.default_params(ctx.facts).model_dump(mode="json")
+    if compute is not None:
+        rome_params["value"]["compute"] = memit_params["value"]["compute"] = compute
 
     def rome_step(i: int) -> Callable[[], Any]:
         step = Step(id=f"r{i}", backend="rome", edits=requests(records, 1, i),
@@ -215,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--offset", type=int, default=0, help="first record of --records to use")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch threads (default: kmec's thread policy)")
+    ap.add_argument("--compute", choices=("float32", "bfloat16", "auto"),
+                    help="precision of the δ loop (default: the backends'; the unit stays fp32)")
     args = ap.parse_args(argv)
 
     from kmec.models.adapters import adapter_for
@@ -247,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"model {args.model} on {args.device}, torch threads {torch.get_num_threads()}, "
               f"{len(records)} records", flush=True)
         result = measure(ctx, records, rome_edits=args.rome, memit_batch=args.memit_batch,
-                         memit_rounds=args.memit_rounds, log=lambda m: print(m, flush=True))
+                         memit_rounds=args.memit_rounds, compute=args.compute,
+                         log=lambda m: print(m, flush=True))
     print(json.dumps({k: round(v, 4) for k, v in result.items()}))
     print(last_line(result))
 

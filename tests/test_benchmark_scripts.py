@@ -79,6 +79,21 @@ def test_the_edit_speed_benchmark_ends_with_its_line(tmp_path):
     assert m and all(float(x) > 0 for x in m.groups()), line
     assert [x.split(":")[0] for x in lines] == ["rome", "rome", "memit"]
     assert not list((tmp_path / "values").glob("*"))  # no δ was cached, none reused
+    seen: list[str] = []
+    body = type(ctx.model.base_model)  # what the δ loop's steps run
+    real = body.forward
+
+    def spy(self, *a, **k):
+        seen.append(str(next(self.parameters()).dtype))
+        return real(self, *a, **k)
+
+    body.forward = spy
+    try:  # --compute bfloat16: the δ loop runs a bf16 copy, the unit stays fp32
+        bench.measure(ctx, bench.builtin_records()[:4], rome_edits=1, memit_batch=2,
+                      memit_rounds=1, unit_rows=4, unit_tokens=6, compute="bfloat16")
+    finally:
+        body.forward = real
+    assert {"torch.bfloat16", "torch.float32"} <= set(seen)
 
 
 def test_the_edit_speed_benchmark_reads_both_counterfact_formats(tmp_path):
