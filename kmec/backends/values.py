@@ -79,9 +79,10 @@ class ValueParams(BaseModel):
     scope_weight: float = 1.0  # weight of the declared in-scope prompts against the edit prompt
     # precision of the blocks above the edited layer during the optimisation: "auto" is
     # bfloat16 where the device computes it natively (CUDA; CPUs with AMX or AVX-512 bf16),
-    # else the model's own; δ, Adam's state and the loss stay in float32 either way. The
-    # default stays float32 until bf16's effect on the CounterFact tables is measured on a
-    # machine that has it (this project's CPUs lack AVX-512 bf16: bf16 ran 7x slower).
+    # else the model's own; δ, Adam's state and the loss stay in float32 either way. On an
+    # AVX-512 bf16 CPU bf16 made a ROME edit 2.6x faster and kept the ROME 200 table within
+    # one point (BENCHMARKS.md); on an AVX2-only CPU it ran 7x slower. The default stays
+    # float32 until MEMIT's 1,000-edit table and the README demo are measured with it.
     compute: Literal["auto", "float32", "bfloat16"] = "float32"
 
 
