@@ -21,6 +21,7 @@ never call each other upward (``tests/test_imports.py``). The CLI and
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 import time
@@ -415,6 +416,8 @@ class _Loop:
             else:
                 self.memo = VerifyMemo()
         lm = self.s.lm
+        # shares the parameters the artifact does not write; a write to one of them would
+        # move the base model too, which the fingerprint check after the loop refuses
         edited = copy_for(lm.model, artifact)
         apply(artifact, edited, fingerprint=lm.facts.fingerprint, tok=lm.tok)
         try:
@@ -817,7 +820,9 @@ def verify_build(build_dir: str | Path, *, spec_path: str | Path | None = None,
             f"the artifact was compiled for a model with fingerprint "
             f"{inputs.artifact.manifest.base_fingerprint[:12]}, but {inputs.model!r} now has {fp[:12]}",
             hint="recompile the spec for the installed model")
-    edited = copy_for(lm.model, inputs.artifact)
+    # a whole copy, not copy_for: the audit compares the two models' weights, and a write
+    # to a shared tensor (a broken apply, a tampered artifact runtime) would move both
+    edited = copy.deepcopy(lm.model)
     apply(inputs.artifact, edited, fingerprint=fp, tok=lm.tok)
     if progress:
         progress("loading model", 1, 1)

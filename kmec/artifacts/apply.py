@@ -146,7 +146,9 @@ def copy_for(model: Any, artifact: Artifact) -> Any:
     (modules, buffers and hooks are copied). A rank-one edit writes a few matrices, so
     this costs a fraction of copying the whole model (the embedded model: 0.5 GB and
     ~1.7 s). Neither model may then be written anywhere but through :func:`apply`,
-    which writes only the copied parameters."""
+    which writes only the copied parameters; an audit of the two (:func:`audit`) cannot
+    see a write to a shared tensor, so verification keeps a whole copy and compile's
+    loop, which uses this, checks the base model's fingerprint afterwards."""
     written = {e.param for e in artifact.manifest.payloads if e.param}
     shared = {id(p): p for name, p in model.named_parameters() if name not in written}
     return copy.deepcopy(model, shared)

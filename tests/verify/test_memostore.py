@@ -121,3 +121,26 @@ def test_a_large_memo_is_not_kept_and_old_ones_are_removed(tmp_path, monkeypatch
     for k in ("k1", "k2", "k3"):
         assert memostore.save_memo(tmp_path, k, memo)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_compile_refuses_an_apply_that_writes_a_shared_weight(monkeypatch, tmp_path):
+    """Compile's scoring copies only the parameters an artifact writes (copy_for); a write
+    to any other (a broken apply) would move the base model too: compile refuses it."""
+    from kmec.artifacts import apply as real_apply
+    from kmec.errors import BackendError
+    from kmec.pipeline import compile_spec
+
+    def leaky_apply(artifact, model, **kw):
+        applied = real_apply(artifact, model, **kw)
+        with torch.no_grad():
+            model.get_parameter("model.layers.0.mlp.gate_proj.weight")[0, 0] += 1e-3
+        return applied
+
+    tiny_ft_pipeline(monkeypatch, steps=4)
+    monkeypatch.setenv("KMEC_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("kmec.pipeline.apply", leaky_apply)
+    path = tmp_path / "spec.kmec"
+    path.write_text(SPEC)
+    with pytest.raises(BackendError, match="the model changed while compiling"):
+        compile_spec(path, out=tmp_path / "build", budget=60)
+    assert not (tmp_path / "build").exists()  # nothing written
