@@ -7,10 +7,10 @@ Contents:
 Each edit i has a target hidden state zᵢ at the top layer. Layer by layer,
 with the earlier layers' updates in place (added temporarily and restored
 exactly; the blocks below the first layer run once, see
-:class:`~kmec.backends.keys.Below`), the remaining residual rᵢ = (zᵢ − hᵢ(current)) / (layers left) is
-handed to the backend's ``solve``; the factors are bounded by ``max_delta``
-(‖ΔW‖_F ≤ max_delta · ‖W‖_F) and returned as ``LowRank`` payloads
-(MEMIT, Meng et al. 2023, Alg. 1).
+:class:`~kmec.backends.keys.Below`), the remaining residual
+rᵢ = (zᵢ − hᵢ(current)) / (layers left) is handed to the backend's ``solve``;
+the factors are bounded by ``max_delta`` (‖ΔW‖_F ≤ max_delta · ‖W‖_F) and
+returned as ``LowRank`` payloads (MEMIT, Meng et al. 2023, Alg. 1).
 """
 
 from __future__ import annotations
