@@ -55,6 +55,17 @@ def test_the_easyedit_protocol_reads_argmax_tokens_at_the_target_positions():
     assert again[0]["locality"] == 1.0  # the same model keeps every argmax token
 
 
+def test_the_editing_benchmark_gives_a_columns_standard_error():
+    """Per-record scores of 0/1 on 4 records: sample sd / √n; one record has no error bar."""
+    import math
+
+    bench = _load("bench_editing")
+    rows = [{"rephrase": x} for x in (0.0, 1.0, 1.0, 0.0)]
+    assert bench.standard_error(rows, "rephrase") == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert bench.standard_error([{"rephrase": 1.0}] * 5, "rephrase") == 0.0
+    assert math.isnan(bench.standard_error(rows[:1], "rephrase"))
+
+
 def test_the_edit_speed_benchmark_ends_with_its_line(tmp_path):
     """bench_edit_speed on a tiny model with tiny sizes: ROME and MEMIT timed against the unit,
     the last line in its exact format with positive numbers."""
