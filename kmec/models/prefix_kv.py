@@ -90,9 +90,19 @@ def align_at(ids: torch.Tensor, mask: torch.Tensor, at: torch.Tensor, pad: int) 
 
 
 def cache_kwarg(model: nn.Module) -> str:
-    """``cache`` (transformers ≥ 5.x releases that renamed it) or ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    """``cache`` (transformers ≥ 5.x releases that renamed it) or ``past_key_values``.
+
+    Read from the class's ``forward`` as well as the instance's: an instance whose
+    ``forward`` is wrapped (a spy, a hook library taking ``*args, **kwargs``) still names
+    the argument its class takes.
+    """
+    for fn in (model.forward, type(model).forward):
+        params = inspect.signature(inspect.unwrap(fn)).parameters
+        if "cache" in params:
+            return "cache"
+        if "past_key_values" in params:
+            return "past_key_values"
+    return "past_key_values"
 
 
 class PrefixKV:

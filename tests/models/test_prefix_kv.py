@@ -83,3 +83,18 @@ def test_a_split_at_zero_needs_no_cache():
     al = align_at(ids, mask, torch.tensor([0]), pad=0)
     with TraceDict(model, [adapter.site("layer", 1)]):
         assert not PrefixKV.compute(model, adapter.layers, 1, None, al, torch.zeros(1, 0, 32)).used
+
+
+def test_the_cache_argument_is_named_by_the_class_when_forward_is_wrapped():
+    """A spy replacing an instance's forward with ``(*args, **kwargs)`` hides the argument's
+    name; it is read from the class then, so the deprecated name is not used by mistake."""
+    body = build_tiny_model("llama").base_model
+    name = cache_kwarg(body)
+    real = body.forward
+    body.forward = lambda *args, **kwargs: real(*args, **kwargs)
+    assert cache_kwarg(body) == name
+    assert name in ("cache", "past_key_values")
+
+
+def test_a_module_without_either_argument_gets_the_older_name():
+    assert cache_kwarg(torch.nn.Linear(2, 2)) == "past_key_values"
