@@ -69,6 +69,7 @@ def test_the_editing_benchmark_gives_a_columns_standard_error():
 def test_the_edit_speed_benchmark_ends_with_its_line(tmp_path):
     """bench_edit_speed on a tiny model with tiny sizes: ROME and MEMIT timed against the unit,
     the last line in its exact format with positive numbers."""
+    import functools
     import re
 
     from kmec.backends.base import ExecContext
@@ -94,6 +95,7 @@ def test_the_edit_speed_benchmark_ends_with_its_line(tmp_path):
     body = type(ctx.model.base_model)  # what the δ loop's steps run
     real = body.forward
 
+    @functools.wraps(real)  # cache_kwarg reads the wrapped signature
     def spy(self, *a, **k):
         seen.append(str(next(self.parameters()).dtype))
         return real(self, *a, **k)
