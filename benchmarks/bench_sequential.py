@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_sequential.py [--n 20] [--variants alphaedit,noproj]
         [--batch-size 1] [--data ../shared/data/counterfact_easyedit/counterfact-edit.json]
-        [--json OUT]
+        [--param KEY=JSON ...] [--layers 3-9] [--json OUT]
 
 The AlphaEdit paper's protocol (sequential batches of 100 edits), on 1,000 records:
 
@@ -28,6 +28,11 @@ Variants (same plan, different params):
 * ``memit``: the same steps run by the MEMIT backend (sequential MEMIT, the
   AlphaEdit paper's baseline).
 
+``--param KEY=JSON`` (repeatable) overrides a backend parameter of every
+variant after the variant's own change, e.g. a wider null space for the
+capacity question of issue #17 (``--param null_space_rel=0.03``); ``--layers
+3-9`` edits other layers than the planner's (the statistics follow).
+
 Reported after all ``n`` edits (CounterFact protocol, length-normalised
 target log-probability, targets scored with their leading space):
 
@@ -41,6 +46,7 @@ target log-probability, targets scored with their leading space):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -81,17 +87,44 @@ def sequence_spec(records: list[dict[str, Any]]) -> Spec:
     return Spec(model="smollm2-135m", order="sequence", edits=edits)
 
 
-def variant_step(step: Step, variant: str) -> Step:
-    """``step`` with the variant's backend and params."""
+def variant_step(step: Step, variant: str, overrides: tuple[str, ...] = (),
+                 layers: tuple[int, ...] | None = None) -> Step:
+    """``step`` with the variant's backend and params, then the ``--param`` overrides
+    (``KEY=JSON``, a dotted key for a nested field: ``value.lr=1.0``) and the ``--layers``
+    (the statistics request follows the layers)."""
     if variant == "memit":
-        return step.model_copy(update={"backend": "memit",
+        step = step.model_copy(update={"backend": "memit",
                                        "params": MemitParams().model_dump(mode="json")})
-    params = dict(step.params)
+    params = copy.deepcopy(dict(step.params))
     if variant == "noproj":
         params["project"] = False
     elif variant == "noprotect":
         params["protect"] = []
-    return step.model_copy(update={"params": params})
+    for kv in overrides:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--param {kv!r}: expected KEY=JSON")
+        *path, last = key.split(".")
+        node = params
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = json.loads(value)
+    update: dict[str, Any] = {"params": params}
+    if layers is not None:
+        update["layers"] = tuple(layers)
+        if step.needs_stats is not None:
+            update["needs_stats"] = step.needs_stats.model_copy(update={"layers": tuple(layers)})
+    return step.model_copy(update=update)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``3-9`` or ``2,5,8`` as a tuple of layer indices.
+
+    >>> parse_layers("3-5"), parse_layers("2,5")
+    ((3, 4, 5), (2, 5))
+    """
+    a, _, b = text.partition("-")
+    return tuple(range(int(a), int(b) + 1)) if b else tuple(int(x) for x in a.split(","))
 
 
 def wins(model: Any, tok: Any, pairs: list[tuple[str, str, str]]) -> list[bool]:
@@ -148,10 +181,11 @@ def batch_plan(records: list[dict[str, Any]], lm: Any, size: int) -> list[Step]:
 
 
 def run_variant(lm: Any, records: list[dict[str, Any]], variant: str, log: Any = print,
-                batch_size: int = 1) -> dict[str, Any]:
+                batch_size: int = 1, overrides: tuple[str, ...] = (),
+                layers: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Execute the sequence under ``variant``; evaluate; restore the model exactly."""
     adapter = adapter_for(lm.facts.model_type)
-    steps = batch_plan(records, lm, batch_size)
+    steps = [variant_step(s, variant, overrides, layers) for s in batch_plan(records, lm, batch_size)]
     stats = provider(lm.model, lm.tok, lm.facts, adapter, steps[0].needs_stats)
     stats.prepare()
     applied, immediate, seconds = [], [], 0.0
@@ -160,7 +194,6 @@ def run_variant(lm: Any, records: list[dict[str, Any]], variant: str, log: Any =
     try:
         for i, step in enumerate(steps):
             recs = records[i * size:(i + 1) * size]
-            step = variant_step(step, variant)
             ctx = ExecContext(model=lm.model, tok=lm.tok, adapter=adapter, facts=lm.facts,
                               stats=stats, cache_dir=kmec_home() / "backends",
                               seed=sequence_spec(records[:1]).seed)
@@ -181,7 +214,8 @@ def run_variant(lm: Any, records: list[dict[str, Any]], variant: str, log: Any =
     finally:
         for a in reversed(applied):
             a.revert()
-    out.update(variant=variant, n=len(records), batch_size=size,
+    out.update(variant=variant, n=len(records), batch_size=size, params=list(overrides),
+               layers=list(steps[0].layers),
                immediate=sum(immediate) / len(immediate),
                seconds_per_edit=seconds / len(records), seconds=seconds)
     return out
@@ -195,6 +229,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1,
                     help="edits per sequential step (the AlphaEdit paper: 100)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
+                    help="override a backend parameter of every variant, e.g. --param "
+                         "null_space_rel=0.03 or a nested one, --param value.lr=1.0")
+    ap.add_argument("--layers", help="edit these layers instead of the planner's (3-9 or 2,5,8)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -209,7 +247,8 @@ def main() -> None:
           f"{base['paraphrase']:.2f}, neighbourhood {base['neighbourhood']:.2f}")
     results = [dict(base, variant="base", n=len(records))]
     for v in variants:
-        r = run_variant(lm, records, v, batch_size=args.batch_size)
+        r = run_variant(lm, records, v, batch_size=args.batch_size, overrides=tuple(args.param),
+                        layers=parse_layers(args.layers) if args.layers else None)
         results.append(r)
         print(f"{v}: after {r['n']} sequential edits: efficacy {r['efficacy']:.2f} (immediate "
               f"{r['immediate']:.2f}), paraphrase {r['paraphrase']:.2f}, neighbourhood "

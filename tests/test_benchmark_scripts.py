@@ -145,3 +145,12 @@ def test_sequential_batches_protect_exactly_the_earlier_batches(tiny_models):
         assert protected == [f"cf{i}" for i in range(2 * b)]
         assert [e.name for e in s.edits] == [f"cf{i}" for i in range(2 * b, min(2 * b + 2, 5))]
     assert len(bench.batch_plan(records, lm, 1)) == 5
+    # --param and --layers: applied after the variant's change, statistics follow the layers
+    step = bench.variant_step(steps[1], "noproj", ("null_space_rel=0.03", "value.lr=0.5"), (1, 2))
+    assert step.params["project"] is False and step.params["null_space_rel"] == 0.03
+    assert step.params["value"]["lr"] == 0.5 and steps[1].params.get("value", {}).get("lr") != 0.5
+    assert step.layers == (1, 2) and step.needs_stats.layers == (1, 2)
+    assert [p["name"] for p in step.params["protect"]] == ["cf0", "cf1"]
+    assert bench.parse_layers("3-5") == (3, 4, 5) and bench.parse_layers("2,7") == (2, 7)
+    with pytest.raises(ValueError, match="KEY=JSON"):
+        bench.variant_step(steps[0], "alphaedit", ("null_space_rel",))
