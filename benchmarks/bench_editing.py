@@ -71,6 +71,8 @@ import torch
 from kmec.artifacts import apply, build_artifact
 from kmec.backends import BACKENDS, get_backend
 from kmec.backends.base import ExecContext
+from kmec.cli.stats import parse_layers
+from kmec.errors import StatsError
 from kmec.models.adapters import adapter_for
 from kmec.models.load import kmec_home, load_model
 from kmec.models.tokens import target_text
@@ -272,8 +274,10 @@ def main() -> None:
         ap.error("rome edits one fact per step: use --single (or --method memit)")
     layers = default_layers(lm.facts, BACKENDS[args.method].info.layer_role).layers
     if args.layers:
-        a, _, b = args.layers.partition("-")
-        layers = tuple(range(int(a), int(b) + 1)) if b else tuple(int(x) for x in a.split(","))
+        try:
+            layers = parse_layers(args.layers)
+        except StatsError as exc:
+            ap.error(str(exc))
     stats = None
     if args.method in ("rome", "memit"):  # fine-tuning and MEND need no key statistics
         stats = provider(lm.model, lm.tok, lm.facts, adapter,

@@ -65,6 +65,8 @@ from kmec.artifacts import apply, build_artifact
 from kmec.backends import BACKENDS, get_backend
 from kmec.backends.base import ExecContext
 from kmec.backends.memit import MemitParams
+from kmec.cli.stats import parse_layers
+from kmec.errors import StatsError
 from kmec.models.adapters import adapter_for
 from kmec.models.load import kmec_home, load_model
 from kmec.planner import plan as make_plan
@@ -115,16 +117,6 @@ def variant_step(step: Step, variant: str, overrides: tuple[str, ...] = (),
         if step.needs_stats is not None:
             update["needs_stats"] = step.needs_stats.model_copy(update={"layers": tuple(layers)})
     return step.model_copy(update=update)
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    """``3-9`` or ``2,5,8`` as a tuple of layer indices.
-
-    >>> parse_layers("3-5"), parse_layers("2,5")
-    ((3, 4, 5), (2, 5))
-    """
-    a, _, b = text.partition("-")
-    return tuple(range(int(a), int(b) + 1)) if b else tuple(int(x) for x in a.split(","))
 
 
 def wins(model: Any, tok: Any, pairs: list[tuple[str, str, str]]) -> list[bool]:
@@ -240,6 +232,18 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    try:  # bad --layers or --param: a usage error before the model loads
+        layers = parse_layers(args.layers) if args.layers else None
+        for kv in args.param:
+            key, sep, value = kv.partition("=")
+            if not (key and sep):
+                raise ValueError(f"--param {kv!r}: expected KEY=JSON, e.g. null_space_rel=0.03")
+            try:
+                json.loads(value)
+            except ValueError:
+                raise ValueError(f"--param {kv!r}: {value!r} is not JSON") from None
+    except (StatsError, ValueError) as exc:
+        ap.error(str(exc))
     lm = load_model("smollm2-135m")
     records = load_records(args.data, args.n)
     base = evaluate(lm.model, lm.tok, records)
@@ -248,7 +252,7 @@ def main() -> None:
     results = [dict(base, variant="base", n=len(records))]
     for v in variants:
         r = run_variant(lm, records, v, batch_size=args.batch_size, overrides=tuple(args.param),
-                        layers=parse_layers(args.layers) if args.layers else None)
+                        layers=layers)
         results.append(r)
         print(f"{v}: after {r['n']} sequential edits: efficacy {r['efficacy']:.2f} (immediate "
               f"{r['immediate']:.2f}), paraphrase {r['paraphrase']:.2f}, neighbourhood "

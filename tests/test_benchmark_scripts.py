@@ -154,3 +154,15 @@ def test_sequential_batches_protect_exactly_the_earlier_batches(tiny_models):
     assert bench.parse_layers("3-5") == (3, 4, 5) and bench.parse_layers("2,7") == (2, 7)
     with pytest.raises(ValueError, match="KEY=JSON"):
         bench.variant_step(steps[0], "alphaedit", ("null_space_rel",))
+
+
+@pytest.mark.parametrize("argv, says", [(["--layers", "x-2"], "bad --layers value"),
+                                        (["--param", "null_space_rel"], "expected KEY=JSON"),
+                                        (["--param", "a=notjson"], "is not JSON")])
+def test_the_sequential_benchmark_refuses_bad_overrides_before_loading(monkeypatch, capsys, argv, says):
+    bench = _load("bench_sequential")
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr("sys.argv", ["bench_sequential.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 2 and says in capsys.readouterr().err
