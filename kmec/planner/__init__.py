@@ -36,12 +36,14 @@ from kmec.planner.passes import (
     pair_reversals,
     require_stats,
     resolve,
+    share_scope,
 )
 from kmec.spec import Spec
 
 PASSES: tuple[Pass, ...] = (
     resolve,
     choose_backend,
+    share_scope,
     pair_reversals,
     group_edits,
     choose_layers,

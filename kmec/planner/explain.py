@@ -56,7 +56,8 @@ def _edit_line(edit: EditRequest) -> str:
     else:
         extras.append("key: last prompt token")
     if edit.scope:
-        extras.append(f"+{len(edit.scope)} scope")
+        own = len(edit.scope) - len(edit.borrowed)
+        extras.append(f"+{own} scope" + (f", +{len(edit.borrowed)} borrowed" if edit.borrowed else ""))
     if edit.inverse:
         extras.append("inverse")
     return f"{text} ({'; '.join(extras)})"

@@ -49,6 +49,10 @@ class EditRequest(_Frozen):
         inverse: True for the paired inverse edit added for a reversal claim.
         preserve: the edit's ``preserve`` prompts, whose output must not change
             (KL anchors for fine-tuning, negatives for a scope classifier).
+        borrowed: the prompts of ``scope`` that the spec did not declare for this edit:
+            wordings other edits of its relation declare, rendered with this edit's
+            subject (:mod:`kmec.planner.passes.share_scope`). Left out of the dump when
+            empty, so plans without any keep their bytes.
     """
 
     name: str
@@ -59,6 +63,7 @@ class EditRequest(_Frozen):
     scope: tuple[str, ...] = ()
     inverse: bool = False
     preserve: tuple[str, ...] = ()
+    borrowed: tuple[str, ...] = Field(default=(), exclude_if=lambda v: not v)
 
 
 class StatsRequest(_Frozen):
