@@ -346,8 +346,9 @@ class ContextKeys:
             its scope prompts under each prefix.
         owner: [M] the edit each key belongs to.
         weight: [M] each key's share of its edit's fit: the edit prompt's contexts
-            share ``1 / (1 + w)``, the scope prompts' ``w / (1 + w)`` (``w =
-            scope_weight``; 1 for the edit prompt alone when it has no scope).
+            share ``1 / (1 + w + w_b)``, the declared scope prompts' ``w / (1 + w + w_b)``,
+            the borrowed ones' ``w_b / (1 + w + w_b)`` (``w = scope_weight``, ``w_b =
+            borrowed_weight``, each 0 when the edit has no such prompt).
     """
 
     keys: torch.Tensor
@@ -361,10 +362,13 @@ class ContextKeys:
 
 def context_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[int],
                  edits: Sequence[EditRequest], prefixes: Sequence[str],
-                 scope_weight: float, *, below: Below | None = None) -> dict[int, ContextKeys]:
+                 scope_weight: float, *, below: Below | None = None,
+                 borrowed_weight: float = 0.0) -> dict[int, ContextKeys]:
     """:class:`ContextKeys` per layer for ``edits``: each declared prompt (the edit's own
     and, with ``scope_weight > 0``, its scope prompts) keyed at its subject's last token
-    under every prefix (see :func:`declared_prompts`)."""
+    under every prefix (see :func:`declared_prompts`). The prompts an edit borrowed
+    (``EditRequest.borrowed``) share ``borrowed_weight`` apart from its declared scope,
+    as in the target-value objective."""
     prompts, owner_list, main_list = declared_prompts(edits, scope_weight)
     per = compute_keys(model, tok, adapter, layers, prompts, prefixes, per_context=True,
                        below=below)
@@ -373,12 +377,19 @@ def context_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[in
     owner = torch.tensor(owner_list, device=device).repeat_interleave(n_pref)
     is_main = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     is_main[torch.tensor(main_list, device=device, dtype=torch.long)] = True
-    n_scope = torch.bincount(torch.tensor(owner_list, device=device)[~is_main],
-                             minlength=len(edits)).float()
-    w = torch.where(n_scope > 0, torch.full_like(n_scope, scope_weight), torch.zeros_like(n_scope))
+    is_borrowed = torch.tensor([p.prompt in edits[o].borrowed for p, o in zip(prompts, owner_list)],
+                               dtype=torch.bool, device=device) & ~is_main
     req_owner = torch.tensor(owner_list, device=device)
-    share = torch.where(is_main, 1 / (1 + w[req_owner]),
-                        w[req_owner] / ((1 + w[req_owner]) * n_scope[req_owner].clamp_min(1)))
+    n_scope = torch.bincount(req_owner[~is_main & ~is_borrowed], minlength=len(edits)).float()
+    n_borrowed = torch.bincount(req_owner[is_borrowed], minlength=len(edits)).float()
+    w = torch.where(n_scope > 0, torch.full_like(n_scope, scope_weight), torch.zeros_like(n_scope))
+    wb = torch.where(n_borrowed > 0, torch.full_like(n_borrowed, borrowed_weight),
+                     torch.zeros_like(n_borrowed))
+    total = (1 + w + wb)[req_owner]
+    share = torch.where(is_main, 1 / total,
+                        torch.where(is_borrowed,
+                                    wb[req_owner] / (total * n_borrowed[req_owner].clamp_min(1)),
+                                    w[req_owner] / (total * n_scope[req_owner].clamp_min(1))))
     weight = (share / n_pref).repeat_interleave(n_pref)
     return {layer: ContextKeys(k.reshape(-1, k.shape[-1]), owner.to(k.device),
                                weight.to(k.device))

@@ -33,12 +33,14 @@ Solve = Callable[[int, Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 def spread_over_layers(ctx: ExecContext, name: str, layers: Sequence[int],
                        edits: Sequence[EditRequest], prefixes: Sequence[str], z: torch.Tensor,
                        solve: Solve, max_delta: float | None, *,
-                       per_context: bool = False, scope_weight: float = 0.0) -> list[Payload]:
+                       per_context: bool = False, scope_weight: float = 0.0,
+                       borrowed_weight: float = 0.0) -> list[Payload]:
     """One ``LowRank`` per layer that together move each edit's top-layer state to ``z``.
 
     ``solve`` gets the mean keys [n, d_mlp], or with ``per_context`` a
     :class:`~kmec.backends.keys.ContextKeys`: every context key of every declared
-    prompt (the edit's own, and its scope prompts when ``scope_weight > 0``).
+    prompt (the edit's own, and its scope prompts when ``scope_weight > 0``; the borrowed
+    ones weighted by ``borrowed_weight``, see :func:`~kmec.backends.keys.context_keys`).
     """
     model, tok, adapter = ctx.model, ctx.tok, ctx.adapter
     layers = sorted(layers)
@@ -48,7 +50,7 @@ def spread_over_layers(ctx: ExecContext, name: str, layers: Sequence[int],
     with temporarily_added(model, adapter.weight_layout) as tmp:
         for j, layer in enumerate(layers):
             k = (context_keys(model, tok, adapter, [layer], edits, prefixes, scope_weight,
-                              below=below)[layer]
+                              below=below, borrowed_weight=borrowed_weight)[layer]
                  if per_context else compute_keys(model, tok, adapter, [layer], edits,
                                                   prefixes, below=below)[layer])
             cur = residual_at(model, tok, adapter, top, edits, below=below)

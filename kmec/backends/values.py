@@ -10,7 +10,7 @@ For each edit, δ ∈ R^{d_model} is added to the output of ``mlp_out`` at
 ``layer`` at the subject's last token, under every context prefix, and found
 by minimising (ROME, Meng et al. 2022, eq. 4; MEMIT eq. 16)::
 
-    L(δ) = [nll(prompt) + w · mean_s nll(scope_s)] / (1 + w)
+    L(δ) = [nll(prompt) + w · mean_s nll(scope_s) + w_b · mean_b nll(borrowed_b)] / (1 + w + w_b)
            + kl_weight · KL(P₀(· | "{subject} is a") ‖ P(· | "{subject} is a"; δ))
            + weight_decay · ‖δ‖² / ‖v₀‖²
     nll(p) = mean_prefixes −log P(target | prefix + p; δ)
@@ -20,7 +20,9 @@ relation's paraphrases and the edit's ``scope``), each with δ added at the
 subject's last token in *that* prompt (its last token for an edit without a
 subject), under the same prefixes, and ``w = scope_weight`` (0: the edit
 prompt alone, as in the papers; with no scope prompts the objective is the
-papers' exactly).
+papers' exactly). The borrowed prompts are wordings that other edits of the
+relation declare (:mod:`kmec.planner.passes.share_scope`), with ``w_b =
+borrowed_weight``; a term is left out (its weight 0) when an edit has none.
 
 with ``‖δ‖ ≤ clamp · ‖v₀‖`` enforced after every step, where v₀ is the MLP
 output at that position. The KL term on the "essence" prompt keeps what the
@@ -77,6 +79,9 @@ class ValueParams(BaseModel):
     essence: str = "{subject} is a"
     edit_batch: int = 16  # edits optimised together, on average (see chunk_bounds)
     scope_weight: float = 1.0  # weight of the declared in-scope prompts against the edit prompt
+    # weight of the wordings borrowed from sibling edits (EditRequest.borrowed), a term of
+    # their own so that they do not dilute the edit's declared scope prompts
+    borrowed_weight: float = 0.5
     # precision of the blocks above the edited layer during the optimisation: "auto" is
     # bfloat16 where the device computes it natively (CUDA; CPUs with AMX or AVX-512 bf16),
     # else the model's own; δ, Adam's state and the loss stay in float32 either way. On an
@@ -117,8 +122,10 @@ class ValueCache:
             "params": params.model_dump(mode="json", exclude={"edit_batch"}),
             # the scope prompts are in the objective: a chunk whose edits declare other
             # scope prompts must not reuse δ (they were left out of the key until 0.x)
-            "edits": [[e.prompt, e.subject, e.target_new, *(["scope", *e.scope] if e.scope
-                                                            else [])] for e in edits]}))
+            # (and which of them are borrowed: they are weighted apart)
+            "edits": [[e.prompt, e.subject, e.target_new,
+                       *(["scope", *e.scope] if e.scope else []),
+                       *(["borrowed", *e.borrowed] if e.borrowed else [])] for e in edits]}))
 
     def _path(self, key: str) -> Path:
         return Path(self.root) / "values" / f"{key}.safetensors"
@@ -295,11 +302,21 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
     n, n_prompts = len(edits), len(prompts)
     owner = torch.tensor(owner_list, device=device)  # request -> edit
     main = torch.tensor(main_list, device=device)  # edit -> its own prompt's request
+    # a request is the edit's own prompt, one of its declared scope prompts, or a wording
+    # borrowed from a sibling edit (each group is averaged, then weighted)
+    mains = set(main_list)
+    is_borrowed = torch.tensor([k not in mains and p.prompt in edits[o].borrowed
+                                for k, (p, o) in enumerate(zip(prompts, owner_list))],
+                               dtype=torch.bool, device=device)
     is_scope = torch.ones(n_prompts, dtype=torch.bool, device=device)
     is_scope[main] = False
+    is_scope &= ~is_borrowed
     n_scope = torch.zeros(n, device=device).index_add_(0, owner, is_scope.float())
+    n_borrowed = torch.zeros(n, device=device).index_add_(0, owner, is_borrowed.float())
     w_scope = torch.where(n_scope > 0, torch.full_like(n_scope, params.scope_weight),
                           torch.zeros_like(n_scope))
+    w_borrowed = torch.where(n_borrowed > 0, torch.full_like(n_borrowed, params.borrowed_weight),
+                             torch.zeros_like(n_borrowed))
 
     rows_all = torch.cat([owner[rw.edit_index], ess.edit_index])  # row -> edit
     look_all = torch.cat([rw.lookup, ess.lookup])
@@ -411,12 +428,14 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
             per_req = torch.zeros(n_prompts, device=device).index_add_(0, cur["t_req"], -logp) \
                 / tokens_per_req.clamp_min(1)
             nll = per_req[main][edits_now]
-            if bool(is_scope.any()):
-                scope_sum = torch.zeros(n, device=device).index_add_(
-                    0, owner[is_scope], per_req[is_scope])
-                scope_mean = scope_sum / n_scope.clamp_min(1)
-                w = w_scope[edits_now]
-                nll = (nll + w * scope_mean[edits_now]) / (1 + w)
+            if bool(is_scope.any()) or bool(is_borrowed.any()):
+                scope_mean = torch.zeros(n, device=device).index_add_(
+                    0, owner[is_scope], per_req[is_scope]) / n_scope.clamp_min(1)
+                borrowed_mean = torch.zeros(n, device=device).index_add_(
+                    0, owner[is_borrowed], per_req[is_borrowed]) / n_borrowed.clamp_min(1)
+                w, wb = w_scope[edits_now], w_borrowed[edits_now]
+                nll = (nll + w * scope_mean[edits_now] + wb * borrowed_mean[edits_now]) \
+                    / (1 + w + wb)
             if step == 0:
                 kl_base = ess_logp.detach()
             kl = torch.nn.functional.kl_div(ess_logp, kl_base[edits_now], log_target=True,

@@ -7,7 +7,7 @@ import torch
 
 from kmec.artifacts import apply, audit, build_artifact
 from kmec.backends import get_backend
-from kmec.backends.keys import Below, compute_keys, context_prefixes, residual_at
+from kmec.backends.keys import Below, compute_keys, context_keys, context_prefixes, residual_at
 from kmec.backends.linalg import spd_solve
 from kmec.backends.memit import batch_update
 from kmec.backends.rome import rank_one, rank_one_contexts
@@ -283,3 +283,48 @@ def test_batched_value_optimisation_equals_one_edit_at_a_time():
     assert torch.allclose(together, full, atol=1e-5, rtol=1e-4)
     finished = (p_together >= params.stop_prob).tolist()
     assert finished == [True, False, True]  # some edits left the batch while one went on
+
+
+def test_borrowed_prompts_weigh_apart_from_the_declared_scope(tiny_models):
+    """context_keys: an edit's key weights sum to 1; a borrowed wording shares
+    ``borrowed_weight`` and leaves the declared scope prompt its ``w / (1 + w + w_b)``."""
+    tok = ByteTokenizer()
+    model, adapter = tiny_models["gpt2"], adapter_for("gpt2")
+    prefixes = ["", "x. "]
+    declared = EditRequest(name="f", prompt="A door of xyz", subject="xyz", target_new="R",
+                           scope=("xyz has a door",))
+    borrowing = declared.model_copy(update={"scope": ("xyz has a door", "The xyz door"),
+                                            "borrowed": ("The xyz door",)})
+    for e, want in ((declared, [0.5, 0.5]), (borrowing, [1 / 2.5, 1 / 2.5, 0.5 / 2.5])):
+        ck = context_keys(model, tok, adapter, [0], [e], prefixes, 1.0, borrowed_weight=0.5)[0]
+        per_prompt = ck.weight.reshape(-1, len(prefixes)).sum(1)
+        assert torch.allclose(per_prompt, torch.tensor(want)), (e.scope, per_prompt)
+    # with weight 0 a borrowed prompt is in the keys but not in the fit
+    ck = context_keys(model, tok, adapter, [0], [borrowing], prefixes, 1.0)[0]
+    assert torch.allclose(ck.weight.reshape(-1, 2).sum(1), torch.tensor([0.5, 0.5, 0.0]))
+
+
+def test_borrowed_wordings_are_a_term_of_their_own_in_the_target_value():
+    """optimise_deltas: at borrowed_weight 0 a borrowed prompt changes nothing (its rows run,
+    its term weighs 0); at 0.5 it moves δ, and the declared scope keeps its weight."""
+    from kmec.backends.values import ValueParams, optimise_deltas
+
+    model = build_tiny_model("llama", seed=3)
+    tok, adapter = SpaceLetterTokenizer(), adapter_for(model.config.model_type)
+    declared = EditRequest(name="e", prompt="The key of abc", subject="abc", target_new="Q",
+                           scope=("abc has a key",))
+    borrowing = declared.model_copy(update={"scope": ("abc has a key", "A key for abc is"),
+                                            "borrowed": ("A key for abc is",)})
+    as_declared = borrowing.model_copy(update={"borrowed": ()})
+    prefixes = ("", "One two. ")
+    params = ValueParams(steps=8, lr=0.5, weight_decay=0.0, clamp=1e4, stop_prob=1.0)
+
+    def delta(e, **kw):
+        return optimise_deltas(model, tok, adapter, 1, [e], prefixes,
+                               params.model_copy(update=kw))[0]
+
+    assert torch.allclose(delta(borrowing, borrowed_weight=0.0), delta(declared),
+                          atol=1e-5, rtol=1e-4)
+    weighed = delta(borrowing, borrowed_weight=0.5)
+    assert not torch.allclose(weighed, delta(declared), atol=1e-4)
+    assert not torch.allclose(weighed, delta(as_declared), atol=1e-4)  # not a plain scope prompt
