@@ -22,7 +22,7 @@ how the target follows the prompt are :mod:`kmec.models.tokens`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,12 +363,14 @@ class ContextKeys:
 def context_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[int],
                  edits: Sequence[EditRequest], prefixes: Sequence[str],
                  scope_weight: float, *, below: Below | None = None,
-                 borrowed_weight: float = 0.0) -> dict[int, ContextKeys]:
+                 borrowed_weight: float = 0.0,
+                 scope_boost: Mapping[str, float] | None = None) -> dict[int, ContextKeys]:
     """:class:`ContextKeys` per layer for ``edits``: each declared prompt (the edit's own
     and, with ``scope_weight > 0``, its scope prompts) keyed at its subject's last token
     under every prefix (see :func:`declared_prompts`). The prompts an edit borrowed
     (``EditRequest.borrowed``) share ``borrowed_weight`` apart from its declared scope,
-    as in the target-value objective."""
+    as in the target-value objective; ``scope_boost`` multiplies ``scope_weight`` for the
+    edits it names (:attr:`~kmec.backends.values.ValueParams.scope_boost`)."""
     prompts, owner_list, main_list = declared_prompts(edits, scope_weight)
     per = compute_keys(model, tok, adapter, layers, prompts, prefixes, per_context=True,
                        below=below)
@@ -382,7 +384,8 @@ def context_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[in
     req_owner = torch.tensor(owner_list, device=device)
     n_scope = torch.bincount(req_owner[~is_main & ~is_borrowed], minlength=len(edits)).float()
     n_borrowed = torch.bincount(req_owner[is_borrowed], minlength=len(edits)).float()
-    w = torch.where(n_scope > 0, torch.full_like(n_scope, scope_weight), torch.zeros_like(n_scope))
+    boost = torch.tensor([(scope_boost or {}).get(e.name, 1.0) for e in edits], device=device)
+    w = torch.where(n_scope > 0, scope_weight * boost, torch.zeros_like(n_scope))
     wb = torch.where(n_borrowed > 0, torch.full_like(n_borrowed, borrowed_weight),
                      torch.zeros_like(n_borrowed))
     total = (1 + w + wb)[req_owner]

@@ -214,4 +214,5 @@ class Memit:
         return spread_over_layers(ctx, "memit", layers, edits, prefixes, z, solve, p.max_delta,
                                   per_context=p.key_fit == "contexts",
                                   scope_weight=p.value.scope_weight,
-                                  borrowed_weight=p.value.borrowed_weight)
+                                  borrowed_weight=p.value.borrowed_weight,
+                                  scope_boost=p.value.scope_boost)

@@ -15,7 +15,7 @@ returned as ``LowRank`` payloads (MEMIT, Meng et al. 2023, Alg. 1).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +34,8 @@ def spread_over_layers(ctx: ExecContext, name: str, layers: Sequence[int],
                        edits: Sequence[EditRequest], prefixes: Sequence[str], z: torch.Tensor,
                        solve: Solve, max_delta: float | None, *,
                        per_context: bool = False, scope_weight: float = 0.0,
-                       borrowed_weight: float = 0.0) -> list[Payload]:
+                       borrowed_weight: float = 0.0,
+                       scope_boost: Mapping[str, float] | None = None) -> list[Payload]:
     """One ``LowRank`` per layer that together move each edit's top-layer state to ``z``.
 
     ``solve`` gets the mean keys [n, d_mlp], or with ``per_context`` a
@@ -50,7 +51,8 @@ def spread_over_layers(ctx: ExecContext, name: str, layers: Sequence[int],
     with temporarily_added(model, adapter.weight_layout) as tmp:
         for j, layer in enumerate(layers):
             k = (context_keys(model, tok, adapter, [layer], edits, prefixes, scope_weight,
-                              below=below, borrowed_weight=borrowed_weight)[layer]
+                              below=below, borrowed_weight=borrowed_weight,
+                              scope_boost=scope_boost)[layer]
                  if per_context else compute_keys(model, tok, adapter, [layer], edits,
                                                   prefixes, below=below)[layer])
             cur = residual_at(model, tok, adapter, top, edits, below=below)

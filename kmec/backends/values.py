@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from kmec._version import __version__
 from kmec.backends.keys import build_batch, declared_prompts
@@ -82,6 +82,11 @@ class ValueParams(BaseModel):
     # weight of the wordings borrowed from sibling edits (EditRequest.borrowed), a term of
     # their own so that they do not dilute the edit's declared scope prompts
     borrowed_weight: float = 0.5
+    # edit name -> factor on scope_weight for that edit alone: the compile loop's `broaden`
+    # rung raises it for edits whose declared scope prompts fail their generality claim.
+    # Only the chunks that hold a boosted edit change their cache key; left out of the
+    # dump when empty, so plans without a boost keep their bytes.
+    scope_boost: dict[str, float] = Field(default_factory=dict, exclude_if=lambda v: not v)
     # precision of the blocks above the edited layer during the optimisation: "auto" is
     # bfloat16 where the device computes it natively (CUDA; CPUs with AMX or AVX-512 bf16),
     # else the model's own; δ, Adam's state and the loss stay in float32 either way. On an
@@ -119,13 +124,15 @@ class ValueCache:
             "device": device.type, "dtype": str(dtype), "compute": str(compute or dtype),
             "site": site, "seed": seed,
             "compact": compact, "prefixes": list(prefixes),
-            "params": params.model_dump(mode="json", exclude={"edit_batch"}),
+            "params": params.model_dump(mode="json", exclude={"edit_batch", "scope_boost"}),
             # the scope prompts are in the objective: a chunk whose edits declare other
             # scope prompts must not reuse δ (they were left out of the key until 0.x)
             # (and which of them are borrowed: they are weighted apart)
             "edits": [[e.prompt, e.subject, e.target_new,
                        *(["scope", *e.scope] if e.scope else []),
-                       *(["borrowed", *e.borrowed] if e.borrowed else [])] for e in edits]}))
+                       *(["borrowed", *e.borrowed] if e.borrowed else []),
+                       *(["boost", params.scope_boost[e.name]]
+                         if e.name in params.scope_boost else [])] for e in edits]}))
 
     def _path(self, key: str) -> Path:
         return Path(self.root) / "values" / f"{key}.safetensors"
@@ -313,8 +320,8 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
     is_scope &= ~is_borrowed
     n_scope = torch.zeros(n, device=device).index_add_(0, owner, is_scope.float())
     n_borrowed = torch.zeros(n, device=device).index_add_(0, owner, is_borrowed.float())
-    w_scope = torch.where(n_scope > 0, torch.full_like(n_scope, params.scope_weight),
-                          torch.zeros_like(n_scope))
+    boost = torch.tensor([params.scope_boost.get(e.name, 1.0) for e in edits], device=device)
+    w_scope = torch.where(n_scope > 0, params.scope_weight * boost, torch.zeros_like(n_scope))
     w_borrowed = torch.where(n_borrowed > 0, torch.full_like(n_borrowed, params.borrowed_weight),
                              torch.zeros_like(n_borrowed))
 

@@ -25,14 +25,20 @@ step it changes, so ``kmec plan --explain build/plan.json`` shows the repairs:
 3. ``protect`` (locality misses, or the verifier's capability canaries): the
    weight ρ of the declared locality set's keys in the solve times 4.
 4. ``weigh-again``, ``realise-again``: rungs 2 and 1 once more, for what still fails.
-5. ``optimise`` (efficacy, generality misses): twice the δ optimisation steps and a
-   stricter early stop (0.97): the target values are re-optimised (costly).
-6. ``move`` (any miss on an edit, ``method auto`` only): the edits that still
+5. ``broaden`` (generality misses on edits that declare scope prompts): those edits'
+   scope prompts get 4× their weight (``value.scope_boost``) in the target-value
+   objective and, for MEMIT, in the fit: the target values of the chunks holding them
+   are re-optimised (costly).
+6. ``optimise`` (efficacy, portability, reversal misses): twice the δ optimisation
+   steps and a stricter early stop (0.97): the target values are re-optimised
+   (costly). Until 2026-12-04 generality misses climbed it too; on five dense
+   CounterFact compiles it lowered generality every time (BENCHMARKS.md).
+7. ``move`` (any miss on an edit, ``method auto`` only): the edits that still
    fail leave their step for a ``retrieval`` step, which changes no weights. With
    ``method X`` in the spec the user's choice is respected and the ladder ends.
 
 Rungs 1–4 reuse the cached target values and cost a solve and a verification
-(~20 s for the README demo); 5 and 6 re-optimise target values (minutes).
+(~20 s for the README demo); 5–7 re-optimise target values (minutes).
 
 The planner is pure: the caller passes the plan of the attempt that failed and the
 names of the rungs already climbed.
@@ -53,7 +59,11 @@ REALISE_FACTOR = 5.0
 WEIGH_FACTOR = 4.0
 PROTECT_FACTOR = 4.0
 OPTIMISE_STOP = 0.97
+BROADEN_FACTOR = 4.0
 TARGET_METRICS = frozenset({"efficacy", "generality", "portability", "reversal"})
+# the misses more optimisation of the edit prompt's target can answer; a generality miss
+# is the scope prompts', which `broaden` weighs instead
+OPTIMISE_METRICS = TARGET_METRICS - {"generality"}
 
 
 class Miss(BaseModel):
@@ -170,9 +180,34 @@ def _protect(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | N
                       "set's keys where they were") if why else None
 
 
+def _broaden(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
+    why = _trigger(misses, {"generality"})
+    failing = {m.edit for m in misses if m.metric == "generality" and m.edit}
+
+    def change(step: Step) -> tuple[str, Any, str, str] | None:
+        value = step.params.get("value")
+        if not isinstance(value, dict) or "steps" not in value:
+            return None
+        # the step's requests of a failing edit that carry scope prompts (not its
+        # inverse edit, whose prompt is a reverse question)
+        here = sorted({e.name for e in step.edits
+                       if e.scope and not e.inverse and e.name.split("~")[0] in failing})
+        if not here:
+            return None
+        old = value.get("scope_boost") or {}
+        boost = {**old, **{e: float(old.get(e, 1.0)) * BROADEN_FACTOR for e in here}}
+        shown = ", ".join(f"{e} {boost[e]:g}" for e in here)
+        return "value", {**value, "scope_boost": dict(sorted(boost.items()))}, \
+            f"scope weight × {shown} (broaden)", f"scope weight × {shown}"
+
+    return _each_step(plan, why, n, change, "the scope prompts of these edits weigh "
+                      f"{BROADEN_FACTOR:g}× more in their target values"
+                      ) if why and failing else None
+
+
 def _optimise(plan: Plan, misses: Sequence[Miss], n: int) -> tuple[Plan, str] | None:
-    why = _trigger(misses, TARGET_METRICS)
-    failing = {m.edit for m in misses if m.metric in TARGET_METRICS}
+    why = _trigger(misses, OPTIMISE_METRICS)
+    failing = {m.edit for m in misses if m.metric in OPTIMISE_METRICS}
 
     def change(step: Step) -> tuple[str, Any, str, str] | None:
         value = step.params.get("value")
@@ -195,9 +230,10 @@ RUNGS: tuple[tuple[str, Rung], ...] = (
     ("protect", _protect),
     ("weigh-again", _weigh),
     ("realise-again", _realise),
+    ("broaden", _broaden),
     ("optimise", _optimise),
 )
-COSTLY = frozenset({"optimise", "move"})
+COSTLY = frozenset({"broaden", "optimise", "move"})
 
 
 def costly(rung: str) -> bool:

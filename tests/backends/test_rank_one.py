@@ -302,6 +302,14 @@ def test_borrowed_prompts_weigh_apart_from_the_declared_scope(tiny_models):
     # with weight 0 a borrowed prompt is in the keys but not in the fit
     ck = context_keys(model, tok, adapter, [0], [borrowing], prefixes, 1.0)[0]
     assert torch.allclose(ck.weight.reshape(-1, 2).sum(1), torch.tensor([0.5, 0.5, 0.0]))
+    # a scope boost (the `broaden` repair) multiplies the declared scope's weight, for the
+    # edits it names only
+    ck = context_keys(model, tok, adapter, [0], [borrowing], prefixes, 1.0, borrowed_weight=0.5,
+                      scope_boost={"f": 4.0})[0]
+    assert torch.allclose(ck.weight.reshape(-1, 2).sum(1), torch.tensor([1, 4, 0.5]) / 5.5)
+    ck = context_keys(model, tok, adapter, [0], [declared], prefixes, 1.0,
+                      scope_boost={"other": 4.0})[0]
+    assert torch.allclose(ck.weight.reshape(-1, 2).sum(1), torch.tensor([0.5, 0.5]))
 
 
 def test_borrowed_wordings_are_a_term_of_their_own_in_the_target_value():

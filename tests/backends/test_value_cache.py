@@ -173,3 +173,20 @@ def test_memit_with_another_lambda_reuses_the_targets(tmp_path, monkeypatch):
     ctx.weights = ""  # unknown weights: nothing is reused
     memit.execute(step(1.0, (0, 1)), ctx)
     assert sum(counting.chunks) == 2
+
+
+def test_a_scope_boost_reoptimises_only_the_chunks_of_the_boosted_edits(setup, tmp_path,
+                                                                       monkeypatch):
+    """The `broaden` repair boosts a few edits' scope weight: the other chunks are reused,
+    and a boosted edit's δ is the one its scope weight times the boost gives."""
+    edits = [e.model_copy(update={"scope": (f"{e.subject} then",)}) for e in EDITS[:2]]
+    cache = ValueCache(tmp_path, "w0")
+    run(setup, edits, cache)
+    counting = Counting(monkeypatch)
+    boosted = PARAMS.model_copy(update={"scope_boost": {"e1": 4.0}})
+    d, _ = run(setup, edits, cache, params=boosted)
+    assert counting.chunks == [1]  # e1's chunk alone
+    alone, _ = run(setup, edits[1:], None, params=PARAMS.model_copy(update={"scope_weight": 4.0}))
+    assert torch.allclose(d[1], alone[0], atol=1e-6)
+    assert not torch.allclose(d[1], run(setup, edits, None)[0][1], atol=1e-4)
+    assert "scope_boost" not in PARAMS.model_dump()  # plans without a boost keep their bytes

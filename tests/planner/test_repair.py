@@ -27,6 +27,7 @@ def _plan(spec):
 
 
 GEN = Miss(metric="generality", claim="generality", edit="fr", score=0.5, threshold=0.6)
+EFF = Miss(metric="efficacy", claim="efficacy", edit="de", score=0.8, threshold=0.9)
 LOC = Miss(metric="locality", claim="locality[of=capital,kl<=0.1]", edit="de", score=0.85,
            threshold=0.9)
 
@@ -46,15 +47,16 @@ def test_the_ladder_is_deterministic_and_climbs_in_order():
     spec = _spec()
     p, climbed, seen = _plan(spec), [], []
     for _ in range(len(RUNGS)):
-        r = next_repair(p, [GEN, LOC], climbed, spec=spec)
-        r2 = next_repair(p, [GEN, LOC], climbed, spec=spec)
+        r = next_repair(p, [GEN, EFF, LOC], climbed, spec=spec)
+        r2 = next_repair(p, [GEN, EFF, LOC], climbed, spec=spec)
         assert r is not None and r2 is not None and r.plan.to_json() == r2.plan.to_json()
         climbed.append(r.rung)
         seen.append(r.rung)
         p = r.plan
     assert seen == [name for name, _ in RUNGS]
     params = p.steps[0].params
-    assert params["fit_weight"] == {"fr": 16.0}  # weigh twice, only the failing edit
+    assert params["fit_weight"] == {"de": 16.0, "fr": 16.0}  # weigh twice, the failing edits
+    assert params["value"]["scope_boost"] == {"fr": 4.0}  # broaden: the generality miss only
     assert params["locality_weight"] == 4.0
     assert params["value"]["steps"] == 2 * BACKENDS["memit"].default_params(
         example_facts()).value.steps
@@ -105,3 +107,32 @@ def test_method_hint_is_left_alone_by_parameter_rungs():
     spec = _spec("memit").model_copy(update={"method": MethodHint(method="memit")})
     r = next_repair(_plan(spec), [GEN], (), spec=spec)
     assert r is not None and r.plan.steps[0].backend == "memit"
+
+
+def test_a_generality_miss_broadens_the_scope_and_does_not_optimise_longer():
+    """After the cheap rungs, a generality miss weighs the failing edit's scope prompts
+    (costly: its target values change); more δ steps answer efficacy misses only."""
+    spec = _spec()
+    p = _plan(spec)
+    cheap = ["realise", "weigh", "protect", "weigh-again", "realise-again"]
+    r = next_repair(p, [GEN], cheap, spec=spec)
+    assert r is not None and r.rung == "broaden" and r.costly
+    value = r.plan.steps[0].params["value"]
+    assert value["scope_boost"] == {"fr": 4.0}
+    assert value["steps"] == p.steps[0].params["value"]["steps"]
+    assert "scope weight × fr 4 (broaden)" in r.plan.steps[0].reasons[-1].choice
+    again = next_repair(r.plan, [GEN], [*cheap, "skip-me"], spec=spec)  # once more: 16
+    assert again is not None and again.plan.steps[0].params["value"]["scope_boost"] == {"fr": 16.0}
+    assert next_repair(p, [GEN], [*cheap, "broaden"], spec=spec) is None  # no optimise
+    r = next_repair(p, [EFF], [*cheap], spec=spec)
+    assert r is not None and r.rung == "optimise"
+
+
+def test_broaden_leaves_edits_without_scope_prompts_alone():
+    spec = _spec()
+    p = _plan(spec)
+    bare = tuple(s.model_copy(update={"edits": tuple(e.model_copy(update={"scope": ()})
+                                                     for e in s.edits)}) for s in p.steps)
+    p = p.model_copy(update={"steps": bare})
+    cheap = ["realise", "weigh", "protect", "weigh-again", "realise-again"]
+    assert next_repair(p, [GEN], cheap, spec=spec) is None
