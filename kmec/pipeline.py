@@ -35,7 +35,7 @@ from kmec.artifacts import MANIFEST, Artifact, apply, copy_for, load_artifact
 from kmec.artifacts.build import build_root, read_build, up_to_date, write_build
 from kmec.errors import ArtifactError, BackendError, VerifyError
 from kmec.grammar.files import find_root
-from kmec.hashing import spec_hash
+from kmec.hashing import canonical_json, sha256_text, spec_hash
 from kmec.models.load import DEFAULT_MODEL, LoadedModel, ModelRef, Runtime, kmec_home, resolve_ref
 from kmec.outputs import check_output, ensure_folder
 from kmec.planner.model import Plan
@@ -211,7 +211,8 @@ def compile_spec(spec_path: str | Path, *, out: str | Path = "build", model: str
 
     When the spec declares claims, the executed plan is scored with the verifier
     (same scoring, same seed as ``kmec verify``); while checks fail and the
-    budget allows, the next rung of :mod:`kmec.planner.repair` runs. The build
+    budget allows, the next rung of :mod:`kmec.planner.repair` runs on the best
+    attempt so far (fewest failing checks, then the smallest shortfall). The build
     holds the best attempt; ``build/plan.json`` is the plan that made it, with the
     repairs among its steps' reasons; ``compile.log`` and ``repairs.json`` list
     every attempt.
@@ -366,6 +367,13 @@ def _capability_miss(report: Report) -> tuple[Miss, ...]:
                  score=score, threshold=cap.questions_threshold or 0.0),)
 
 
+def _what_runs(plan: Plan) -> str:
+    """A plan's hash without its reasons (and costs): two repairs that reach the same
+    steps and parameters by different rungs run the same plan."""
+    steps = [s.model_dump(mode="json", exclude={"reasons", "cost"}) for s in plan.steps]
+    return sha256_text(canonical_json(steps))
+
+
 class _Loop:
     """Execute, score, repair: the attempts of one compile and the best of them."""
 
@@ -375,6 +383,7 @@ class _Loop:
         self.use_cache, self.values, self.root = use_cache, values, subjects_root
         self.t0, self.budget = t0, budget
         self.attempts: list[Attempt] = []
+        self.plans: dict[int, Plan] = {}  # attempt number -> the plan it ran
         self.best: tuple[Attempt, Plan, Artifact] | None = None
         self.best_report: Report | None = None  # the scoring of the best attempt
         self.claims_ok: bool | None = None
@@ -465,6 +474,7 @@ class _Loop:
                               checks, tuple(report.failed), misses,
                               {k: v for k, v in report.aggregate.means.items()})
             self.attempts.append(attempt)
+            self.plans[attempt.number] = plan
             log.info("%s", attempt.line())
             if self.best is None or (len(attempt.failed), attempt.shortfall) < \
                     (len(self.best[0].failed), self.best[0].shortfall):
@@ -473,17 +483,28 @@ class _Loop:
                 self.claims_ok = True
                 return
             self.claims_ok = False
-            if not misses:
+            # the next rung changes the best attempt so far, not the last one: a rung that
+            # made things worse is not built upon (on the dense CounterFact batches
+            # `realise-again` often did, and the costly rungs after it inherited its λ)
+            assert self.best is not None
+            base, base_plan = self.best[0], self.best[1]
+            if not base.misses:
                 self.stopped = "the failing checks (audit, capability) have no repair"
                 return
+            ran = {_what_runs(p): n for n, p in self.plans.items()}
             skip: list[str] = []
             while True:
-                repair = next_repair(plan, misses, climbed, spec=self.s.spec,
+                repair = next_repair(base_plan, base.misses, climbed, spec=self.s.spec,
                                      move=self._move, skip=skip)
                 if repair is None:
                     if not self.stopped:
                         self.stopped = "no repair is left on the ladder for these misses"
                     return
+                if _what_runs(repair.plan) in ran:  # e.g. `realise-again` after an undone `realise`
+                    log.info("repair %s skipped: it gives the plan of attempt %d", repair.rung,
+                             ran[_what_runs(repair.plan)])
+                    climbed.append(repair.rung)
+                    continue
                 # a costly rung re-optimises target values: the planner's estimate of the
                 # changed plan (the first attempt may have reused cached values)
                 planned_s = sum(st.cost.seconds for st in repair.plan.steps)

@@ -40,8 +40,9 @@ step it changes, so ``kmec plan --explain build/plan.json`` shows the repairs:
 Rungs 1–4 reuse the cached target values and cost a solve and a verification
 (~20 s for the README demo); 5–7 re-optimise target values (minutes).
 
-The planner is pure: the caller passes the plan of the attempt that failed and the
-names of the rungs already climbed.
+The planner is pure: the caller passes a plan, its misses and the names of the rungs
+already climbed (:mod:`kmec.pipeline` passes the best attempt so far, so a rung that
+made things worse is not built upon).
 """
 
 from __future__ import annotations

@@ -33,10 +33,19 @@ def loop_env(setup, tmp_path, tiny_loader, good, monkeypatch):
             "lambda_rel": 0.5, "locality_weight": 1.0, "fit_weight": {}, "value": {"steps": 4}}})
         return p.model_copy(update={"steps": (step,)})
 
+    gen = torch.Generator().manual_seed(0)
+    harmful = LowRank(PARAM, 30 * torch.randn(32, 1, generator=gen),
+                      torch.randn(2048, 1, generator=gen))
+
     def fake_execute(plan, lm, **_):
-        lam = plan.steps[0].params["lambda_rel"]
+        params = plan.steps[0].params
+        lam = params["lambda_rel"]
         calls.append(lam)
-        payload = good if lam < env["needs"] else nothing
+        if env["needs"] == "steps":  # λ < 0.5 harms, only more δ steps make the edit
+            payload = (good if params["value"]["steps"] > 4 else
+                       harmful if lam < 0.5 else nothing)
+        else:
+            payload = good if lam < env["needs"] else nothing
         return build_artifact([(plan.steps[0].id, [payload])], base_model="tiny",
                               base_fingerprint=setup.fingerprint, base_arch="LlamaForCausalLM",
                               weight_layout="out_in", plan_hash=plan.sha256)
@@ -149,3 +158,20 @@ def test_move_takes_the_failing_edits_out_of_their_step_into_a_retrieval_step(se
     assert all("spain" not in n for n in names[:-1]) and ["france"] in names
     assert moved.steps[-1].id.endswith("-repair-retrieval")
     assert any(r.choice == "repair 3: move spain" for r in moved.steps[-1].reasons)
+
+
+def test_a_rung_that_made_things_worse_is_not_built_upon(loop_env):
+    """Each rung changes the best attempt so far; a rung that would rerun a plan already
+    tried (here `realise-again` after an undone `realise`) is skipped and logged."""
+    from kmec.pipeline import compile_spec
+
+    loop_env["needs"] = "steps"
+    r = compile_spec(loop_env["spec"], out=loop_env["out"], budget=600)
+    rungs = [a.rung for a in r.attempts]
+    assert r.claims_ok is True and rungs[:3] == ["planned", "realise", "weigh"]
+    assert rungs[-1] == "optimise" and "realise-again" not in rungs and "weigh-again" not in rungs
+    assert len(r.attempts[1].failed) > len(r.attempts[0].failed)  # realise harmed
+    assert r.plan.steps[0].params["lambda_rel"] == 0.5  # its λ was not carried on
+    assert len({a.plan_hash for a in r.attempts}) == len(r.attempts)
+    log = (loop_env["out"] / "compile.log").read_text()
+    assert "repair realise-again skipped: it gives the plan of attempt 2" in log
