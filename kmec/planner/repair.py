@@ -31,7 +31,7 @@ step it changes, so ``kmec plan --explain build/plan.json`` shows the repairs:
    are re-optimised (costly).
 6. ``optimise`` (efficacy, portability, reversal misses): twice the δ optimisation
    steps and a stricter early stop (0.97): the target values are re-optimised
-   (costly). Until 2026-12-04 generality misses climbed it too; on five dense
+   (costly). Until 2026-12-04 generality misses climbed it too; on six dense
    CounterFact compiles it lowered generality every time (BENCHMARKS.md).
 7. ``move`` (any miss on an edit, ``method auto`` only): the edits that still
    fail leave their step for a ``retrieval`` step, which changes no weights. With
