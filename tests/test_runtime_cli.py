@@ -93,6 +93,12 @@ def test_a_build_records_its_runtime_and_is_rebuilt_on_another(tiny_spec, tmp_pa
     assert "compiled on cpu, bfloat16; verified on cpu, float32" in capsys.readouterr().out
     assert cli("plan", out) == 0
     assert "compiled on cpu, bfloat16" in capsys.readouterr().out
+    # verifying in bf16 is allowed, and the report says it is not the verdict of record
+    assert cli("verify", out, "--json", "--max-examples", "3", "--dtype", "bf16") in (0, 1)
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(n.startswith("verified with bfloat16 weights") and "verdict of record" in n
+               for n in notes)
+    assert asked[-1] == ("bf16", None)
 
 
 def test_apply_in_bf16_writes_bf16_weights_that_revert_and_reload(tmp_path, monkeypatch):
