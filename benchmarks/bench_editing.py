@@ -265,6 +265,8 @@ def main() -> None:
                          "locality on the neighbourhood prompts")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if not args.data.is_file():  # a usage error, not a traceback after the model loads
+        ap.error(f"--data {args.data}: no such file")
     torch.manual_seed(0)
     lm = load_model("smollm2-135m")
     adapter = adapter_for(lm.facts.model_type)

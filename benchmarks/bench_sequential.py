@@ -227,6 +227,8 @@ def main() -> None:
     ap.add_argument("--layers", help="edit these layers instead of the planner's (3-9 or 2,5,8)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if not args.data.is_file():  # a usage error, not a traceback after the model loads
+        ap.error(f"--data {args.data}: no such file")
     torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)

@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, help="default: MEMIT's top layer")
     ap.add_argument("--data", type=Path, default=EASYEDIT)
     args = ap.parse_args()
+    if not args.data.is_file():  # a usage error, not a traceback after the model loads
+        ap.error(f"--data {args.data}: no such file")
     lm = load_model("smollm2-135m")
     adapter = adapter_for(lm.facts.model_type)
     records = [normalise(r) for r in json.loads(args.data.read_text())[: args.n]]

@@ -158,7 +158,8 @@ def test_sequential_batches_protect_exactly_the_earlier_batches(tiny_models):
 
 @pytest.mark.parametrize("argv, says", [(["--layers", "x-2"], "bad --layers value"),
                                         (["--param", "null_space_rel"], "expected KEY=JSON"),
-                                        (["--param", "a=notjson"], "is not JSON")])
+                                        (["--param", "a=notjson"], "is not JSON"),
+                                        (["--data", "no/such.json"], "no such file")])
 def test_the_sequential_benchmark_refuses_bad_overrides_before_loading(monkeypatch, capsys, argv, says):
     bench = _load("bench_sequential")
     monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
