@@ -22,7 +22,9 @@ subject), under the same prefixes, and ``w = scope_weight`` (0: the edit
 prompt alone, as in the papers; with no scope prompts the objective is the
 papers' exactly). The borrowed prompts are wordings that other edits of the
 relation declare (:mod:`kmec.planner.passes.share_scope`), with ``w_b =
-borrowed_weight``; a term is left out (its weight 0) when an edit has none.
+borrowed_weight``; a term is left out (its weight 0) when an edit has none. An edit
+named in ``scope_boost`` has ``w = scope_weight · boost`` (compile's ``broaden`` repair,
+:mod:`kmec.planner.repair`).
 
 with ``‖δ‖ ≤ clamp · ‖v₀‖`` enforced after every step, where v₀ is the MLP
 output at that position. The KL term on the "essence" prompt keeps what the
