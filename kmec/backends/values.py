@@ -93,8 +93,10 @@ class ValueParams(BaseModel):
     # bfloat16 where the device computes it natively (CUDA; CPUs with AMX or AVX-512 bf16),
     # else the model's own; δ, Adam's state and the loss stay in float32 either way. On an
     # AVX-512 bf16 CPU bf16 made a ROME edit 2.6x faster and kept the ROME 200 table within
-    # one point (BENCHMARKS.md); on an AVX2-only CPU it ran 7x slower. The default stays
-    # float32 until MEMIT's 1,000-edit table and the README demo are measured with it.
+    # one point (BENCHMARKS.md), and MEMIT's 1,000-edit batch took 17.7 min with its table
+    # within one point; on an AVX2-only CPU it ran 7x slower. The default stays float32
+    # until the README demo is measured with it and "auto"'s machine-dependent weights are
+    # settled with the determinism tests.
     compute: Literal["auto", "float32", "bfloat16"] = "float32"
 
 
