@@ -227,8 +227,6 @@ def main() -> None:
     ap.add_argument("--layers", help="edit these layers instead of the planner's (3-9 or 2,5,8)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    if not args.data.is_file():  # a usage error, not a traceback after the model loads
-        ap.error(f"--data {args.data}: no such file")
     torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -246,6 +244,8 @@ def main() -> None:
                 raise ValueError(f"--param {kv!r}: {value!r} is not JSON") from None
     except (StatsError, ValueError) as exc:
         ap.error(str(exc))
+    if not args.data.is_file():  # a usage error, not a traceback after the model loads
+        ap.error(f"--data {args.data}: no such file")
     lm = load_model("smollm2-135m")
     records = load_records(args.data, args.n)
     base = evaluate(lm.model, lm.tok, records)
