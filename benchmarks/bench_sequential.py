@@ -1,6 +1,6 @@
 """Sequential CounterFact edits on the embedded model, with and without null-space projection.
 
-    .venv/bin/python benchmarks/bench_sequential.py [--n 20] [--variants alphaedit,noproj]
+    .venv/bin/python benchmarks/bench_sequential.py [--n 20] [--offset 0] [--variants alphaedit,noproj]
         [--batch-size 1] [--data ../shared/data/counterfact_easyedit/counterfact-edit.json]
         [--param KEY=JSON ...] [--layers 3-9] [--json OUT]
 
@@ -9,7 +9,7 @@ The AlphaEdit paper's protocol (sequential batches of 100 edits), on 1,000 recor
     .venv/bin/python benchmarks/bench_sequential.py --n 1000 --batch-size 100 \
         --variants alphaedit --json seq1000.json
 
-The first ``--n`` records of the CounterFact file (EasyEdit format) become
+The ``--n`` records after the first ``--offset`` of the CounterFact file (EasyEdit format) become
 free-form edits ``prompt -> target_new`` keyed on ``subject``, in a spec with
 ``order sequence``; ``kmec.planner.plan`` turns it into one alphaedit step per
 edit (layers, statistics and the ``protect`` lists as the planner chooses).
@@ -79,8 +79,8 @@ DATA = ROOT.parent / "shared" / "data" / "counterfact_easyedit" / "counterfact-e
 VARIANTS = ("alphaedit", "noproj", "noprotect", "memit")
 
 
-def load_records(path: Path, n: int) -> list[dict[str, Any]]:
-    return json.loads(path.read_text())[:n]
+def load_records(path: Path, n: int, offset: int = 0) -> list[dict[str, Any]]:
+    return json.loads(path.read_text())[offset:offset + n]
 
 
 def sequence_spec(records: list[dict[str, Any]]) -> Spec:
@@ -216,6 +216,8 @@ def run_variant(lm: Any, records: list[dict[str, Any]], variant: str, log: Any =
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--offset", type=int, default=0,
+                    help="skip this many records first (tune on records a table does not score)")
     ap.add_argument("--variants", default="alphaedit,noproj")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--batch-size", type=int, default=1,
@@ -247,7 +249,7 @@ def main() -> None:
     if not args.data.is_file():  # a usage error, not a traceback after the model loads
         ap.error(f"--data {args.data}: no such file")
     lm = load_model("smollm2-135m")
-    records = load_records(args.data, args.n)
+    records = load_records(args.data, args.n, args.offset)
     base = evaluate(lm.model, lm.tok, records)
     print(f"base model on {len(records)} records: efficacy {base['efficacy']:.2f}, paraphrase "
           f"{base['paraphrase']:.2f}, neighbourhood {base['neighbourhood']:.2f}")

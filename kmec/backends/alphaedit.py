@@ -126,6 +126,11 @@ class AlphaEditParams(BaseModel):
     max_delta: float | None = None  # bound on ‖ΔW‖_F / ‖W‖_F per parameter (spec: max_delta)
     protect: tuple[ProtectedKey, ...] = ()
     locality_weight: float = 1.0  # ρ: weight of the declared locality set's keys (Step.protect)
+    # λ = cov_rel · d_mlp on the preserved keys' second moment inside the null space,
+    # M += λ ÛᵀCÛ (MEMIT's λC restricted to P): the directions the projection keeps are not
+    # all empty on a small model, and this spends the update where C is smallest. 0: the
+    # paper's solve. Left out of the dump when 0, so plans keep their bytes.
+    cov_rel: float = Field(default=0.0, ge=0, exclude_if=lambda v: v == 0)
     # a scope prompt the subject opens is keyed at the token after it (see
     # keys.key_opening_scopes); "subject" keys it at the subject like the others
     opening_scope: Literal["next", "subject"] = "next"
@@ -144,9 +149,10 @@ def null_space(c: torch.Tensor, rel: float) -> tuple[torch.Tensor, float]:
 
 
 def null_space_update(keys: torch.Tensor, resid: torch.Tensor, basis: torch.Tensor | None,
-                      protected: torch.Tensor | None, alpha: float
+                      protected: torch.Tensor | None, alpha: float,
+                      cov: torch.Tensor | None = None, lam: float = 0.0
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (u, v) of Δ = R K1ᵀ P (Kp Kpᵀ P + K1 K1ᵀ P + α I)⁻¹, P = Û Ûᵀ.
+    """Factors (u, v) of Δ = R K1ᵀ P (Kp Kpᵀ P + K1 K1ᵀ P + λ C P + α I)⁻¹, P = Û Ûᵀ.
 
     Args:
         keys: new keys K1ᵀ, [n, d_in].
@@ -154,6 +160,8 @@ def null_space_update(keys: torch.Tensor, resid: torch.Tensor, basis: torch.Tens
         basis: Û [d_in, r] (None: P = I).
         protected: earlier edits' keys Kpᵀ, [m, d_in] (None or m = 0: none).
         alpha: the ridge α > 0.
+        cov: the preserved keys' second moment C [d_in, d_in], weighted by ``lam``
+            inside the null space (None or lam = 0: the paper's solve).
 
     Returns:
         u = R [d_out, n] and v = Û M⁻¹ Ûᵀ K1 [d_in, n], so that Δ = u vᵀ.
@@ -170,6 +178,9 @@ def null_space_update(keys: torch.Tensor, resid: torch.Tensor, basis: torch.Tens
         kp = protected.float().to(k.device)
         b = kp if basis is None else kp @ basis.to(k.device)
         m = m + b.T @ b
+    if cov is not None and lam > 0:
+        c = cov.float().to(k.device)
+        m = m + lam * (c if basis is None else basis.to(k.device).T @ c @ basis.to(k.device))
     m = m + alpha * torch.eye(m.shape[0], device=m.device)
     y = spd_solve(m, a.T)  # M⁻¹ Ûᵀ K1, [r, n]
     v = y if basis is None else basis.to(k.device) @ y
@@ -235,9 +246,13 @@ class AlphaEdit:
         h = residual_at(model, tok, adapter, top, edits)  # on the top layer's device
         z = h + delta.to(h.device)
 
+        lam = p.cov_rel * ctx.facts.d_mlp
+
         def solve(layer: int, k: torch.Tensor, resid: torch.Tensor):
-            basis, alpha = _projection(ctx, step, layer, stats.second_moment(layer), p)
-            return null_space_update(k, resid, basis, protected.get(layer), alpha)
+            c = stats.second_moment(layer)
+            basis, alpha = _projection(ctx, step, layer, c, p)
+            return null_space_update(k, resid, basis, protected.get(layer), alpha,
+                                     c if lam > 0 else None, lam)
 
         return spread_over_layers(ctx, "alphaedit", layers, edits, prefixes, z, solve, p.max_delta)
 

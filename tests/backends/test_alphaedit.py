@@ -99,6 +99,36 @@ def test_update_equals_the_papers_closed_form():
     assert torch.allclose(paper, paper @ p, atol=1e-6)  # Δ = Δ P: applied without another P
 
 
+def test_covariance_term_minimises_its_objective_and_spares_the_preserved_keys():
+    """cov_rel: M gains λ ÛᵀCÛ, so Δ = Y Ûᵀ minimises ‖ΔK1 − R‖² + ‖ΔKp‖² + λ tr(ΔCΔᵀ)
+    + α‖Y‖²; a larger λ moves the preserved keys less (the spectrum inside the null
+    space is not flat: a small model's null space is not empty)."""
+    g = torch.Generator().manual_seed(3)
+    d, d_out = 16, 4
+    a = torch.randn(500, d, generator=g) * torch.logspace(-2, 0.5, d)
+    c = a.T @ a / 500
+    u_null, _ = null_space(c, 0.3)
+    k1, r = torch.randn(3, d, generator=g), torch.randn(3, d_out, generator=g)
+    kp = torch.randn(2, d, generator=g)
+    alpha, lam = 1e-3, 0.7
+    u, v = null_space_update(k1, r, u_null, kp, alpha, c, lam)
+    U, K1, Kp, R, C = (t.double() for t in (u_null, k1.T, kp.T, r.T, c))
+    m = U.T @ (K1 @ K1.T + Kp @ Kp.T + lam * C) @ U + alpha * torch.eye(U.shape[1],
+                                                                           dtype=torch.float64)
+    y = R @ K1.T @ U @ torch.linalg.inv(m)
+    assert torch.allclose((u @ v.T).double(), y @ U.T, atol=5e-3)  # float32 basis and keys
+    assert torch.allclose(*(x.double() for x in null_space_update(k1, r, u_null, kp, alpha,
+                                                                  c, 0.0)[1:]),
+                          null_space_update(k1, r, u_null, kp, alpha)[1].double())
+
+    def moved(lam_):
+        u_, v_ = null_space_update(k1, r, u_null, kp, alpha, c, lam_)
+        delta = u_ @ v_.T
+        return float((a @ delta.T).norm())
+
+    assert moved(10 * lam) < moved(lam) < moved(0.0)
+
+
 def test_no_projection_is_a_ridge_update():
     g = torch.Generator().manual_seed(2)
     k1, r = torch.randn(2, 6, generator=g), torch.randn(2, 3, generator=g)
