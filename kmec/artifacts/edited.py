@@ -75,6 +75,7 @@ from kmec.models.load import (
     Runtime,
     fingerprint_model,
     load_model,
+    native_bf16,
     require_safetensors,
     resolve_device,
     resolve_dtype,
@@ -345,7 +346,8 @@ def load_edited(folder: str | Path, *, tok: Any = None, dtype: str = "float32",
         model.to(device=target, dtype=getattr(torch, dtype))
         facts = facts_from_config(model.config, name=str(folder), fingerprint=fp,
                                   n_params=sum(p.numel() for p in model.parameters()), dtype=dtype)
-        lm = LoadedModel(model, tok, facts, ref, runtime=Runtime(target, dtype),
+        runtime = Runtime(target, dtype, bf16_units=native_bf16(target))
+        lm = LoadedModel(model, tok, facts, ref, runtime=runtime,
                          weights_fingerprint="" if dtype == "float32" else fingerprint_model(model))
     else:
         lm = load_model(ref, dtype=dtype, device=device)

@@ -63,6 +63,7 @@ from kmec.backends.keys import build_batch, declared_prompts
 from kmec.hashing import atomic_write_bytes, canonical_json, sha256_text
 from kmec.models.adapters import ArchAdapter
 from kmec.models.hooks import Trace, device_of, hidden_of, replay_below
+from kmec.models.load import native_bf16
 from kmec.models.prefix_kv import PrefixKV, align_at, cache_kwarg, forward_suffix
 from kmec.planner.model import EditRequest
 
@@ -93,11 +94,13 @@ class ValueParams(BaseModel):
     # bfloat16 where the device computes it natively (CUDA; CPUs with AMX or AVX-512 bf16),
     # else the model's own; δ, Adam's state and the loss stay in float32 either way. On an
     # AVX-512 bf16 CPU bf16 made a ROME edit 2.6x faster and kept the ROME 200 table within
-    # one point (BENCHMARKS.md), and MEMIT's 1,000-edit batch took 17.7 min with its table
-    # within one point; on an AVX2-only CPU it ran 7x slower. The default stays float32
-    # until the README demo is measured with it and "auto"'s machine-dependent weights are
-    # settled with the determinism tests.
-    compute: Literal["auto", "float32", "bfloat16"] = "float32"
+    # one point (BENCHMARKS.md), MEMIT's 1,000-edit batch took 17.7 min with its table
+    # within one point, and the README demo held all 42 checks; on an AVX2-only CPU bf16
+    # ran 7x slower, so "auto" stays float32 there. The weights therefore depend on the
+    # machine's bf16 units as well as on the plan: the same plan gives the same weights on
+    # the same kind of machine, and the step cache keeps the two kinds apart
+    # (kmec.compile._step_key). "float32" takes the bf16 units out of it.
+    compute: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 # Bump when the optimisation's arithmetic changes, so stale cached δ are not reused.
@@ -205,20 +208,6 @@ def chunk_bounds(edits: Sequence[EditRequest], size: int) -> list[slice]:
     return out
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 matrix products natively (CUDA with bf16
-    support; a CPU with AMX or AVX-512 bf16, read from ``/proc/cpuinfo``)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def compute_dtype(model: Any, compute: str) -> torch.dtype:
     """The dtype ``compute`` ("auto", "float32", "bfloat16") resolves to for ``model``."""
     own = next(model.parameters()).dtype
@@ -287,6 +276,10 @@ def optimise_deltas(
             reused += len(chunk)
         else:
             if not run:
+                if cdtype != param.dtype:
+                    log.info("target values: blocks above layer %d in %s (value.compute %s); "
+                             "δ, Adam and the loss in float32", layer,
+                             str(cdtype).removeprefix("torch."), params.compute)
                 run.append(compute_model(model, cdtype))
             # reports its edits as they reach the target, not all at its end
             d, p = _optimise_chunk(model, run[0], cdtype, tok, adapter, layer, chunk, prefixes,

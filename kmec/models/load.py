@@ -382,15 +382,22 @@ class Runtime:
     device: str = "cpu"
     dtype: str = "float32"
     device_map: dict[str, str] | None = None
+    # the device multiplies bfloat16 natively (native_bf16): the target-value loop's
+    # compute "auto" runs in bf16 there, so its edits differ from a machine without them
+    bf16_units: bool = False
 
     @property
     def is_default(self) -> bool:
-        """The CPU in float32 without a device map (kmec's default, and every build before
-        runtimes were recorded)."""
+        """The CPU in float32 without a device map or bf16 units (kmec's default, and every
+        build before runtimes were recorded)."""
         return self == Runtime()
 
     def to_json(self) -> dict[str, Any]:
-        return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map}
+        out: dict[str, Any] = {"device": self.device, "dtype": self.dtype,
+                               "device_map": self.device_map}
+        if self.bf16_units:  # absent when False: the keys and builds made before it stay valid
+            out["bf16_units"] = True
+        return out
 
     @classmethod
     def from_json(cls, data: object) -> Runtime:
@@ -401,7 +408,7 @@ class Runtime:
         dm = data.get("device_map")
         return cls(device=str(data.get("device", "cpu")), dtype=str(data.get("dtype", "float32")),
                    device_map={str(k): str(v) for k, v in dm.items()} if isinstance(dm, dict)
-                   else None)
+                   else None, bf16_units=data.get("bf16_units") is True)
 
     def describe(self) -> str:
         """``cpu, float32``; ``cuda:0+cuda:1 (device_map), bfloat16``.
@@ -410,11 +417,33 @@ class Runtime:
         ('cpu, float32', 'cuda, bfloat16')
         >>> Runtime("cpu", "float32", {"model.layers.0": "cpu"}).describe()
         'cpu (device_map over 1 module(s)), float32'
+        >>> Runtime("cpu", bf16_units=True).describe()
+        'cpu with bf16 units, float32'
         """
+        units = " with bf16 units" if self.bf16_units else ""
         if self.device_map is None:
-            return f"{self.device}, {self.dtype}"
+            return f"{self.device}{units}, {self.dtype}"
         devices = "+".join(dict.fromkeys(self.device_map.values()))
-        return f"{devices} (device_map over {len(self.device_map)} module(s)), {self.dtype}"
+        return (f"{devices} (device_map over {len(self.device_map)} module(s)){units}, "
+                f"{self.dtype}")
+
+
+def native_bf16(device: Any) -> bool:
+    """Whether ``device`` (a torch.device or its name) computes bfloat16 matrix products
+    natively: CUDA with bf16 support, or a CPU with AMX or AVX-512 bf16 (read from
+    ``/proc/cpuinfo``; elsewhere False)."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if kind != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def available_devices() -> list[str]:
@@ -662,7 +691,8 @@ def load_model(ref: str | ModelRef, *, dtype: str = "float32", device: str | Non
     first = str(next(model.parameters()).device)
     runtime = Runtime(device=target or first, dtype=dtype,
                       device_map=None if placed is None else _placed_map(model) or (
-                          placed if isinstance(placed, dict) else {"": first}))
+                          placed if isinstance(placed, dict) else {"": first}),
+                      bf16_units=native_bf16(target or first))
     n_params = sum(p.numel() for p in model.parameters())
     facts = facts_from_config(model.config, name=ref.text,
                               fingerprint=_fingerprint_for(ref, model, dtype),

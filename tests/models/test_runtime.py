@@ -98,7 +98,9 @@ def test_bf16_load_keeps_the_float32_fingerprint(home, tmp_path):
     assert lm16.facts.fingerprint == lm32.facts.fingerprint == L.fingerprint_model(model)
     assert lm16.loaded_fingerprint == L.fingerprint_model(lm16.model) != lm16.facts.fingerprint
     assert lm32.loaded_fingerprint == lm32.facts.fingerprint
-    assert lm16.runtime == L.Runtime("cpu", "bfloat16") and lm32.runtime.is_default
+    units = L.native_bf16("cpu")  # a fact of this machine, recorded with the runtime
+    assert lm16.runtime == L.Runtime("cpu", "bfloat16", bf16_units=units)
+    assert lm32.runtime == L.Runtime("cpu", bf16_units=units)
     assert lm16.facts.dtype == "bfloat16"
 
 
@@ -152,3 +154,34 @@ def test_step_cache_key_changes_with_the_runtime_and_keeps_the_default():
     bf16 = _step_key(step, "f", "", 0, L.Runtime("cpu", "bfloat16").to_json())
     cuda = _step_key(step, "f", "", 0, L.Runtime("cuda", "float32").to_json())
     assert len({before, bf16, cuda}) == 3
+    units = _step_key(step, "f", "", 0, L.Runtime("cpu", bf16_units=True).to_json())
+    assert units not in {before, bf16, cuda}
+
+
+def test_the_runtime_records_bf16_units_and_old_records_read_without_them():
+    units = L.Runtime("cpu", bf16_units=True)
+    assert not units.is_default and units.to_json()["bf16_units"] is True
+    assert L.Runtime.from_json(units.to_json()) == units
+    assert "bf16_units" not in L.Runtime().to_json()  # builds and keys from before stay valid
+    assert L.Runtime.from_json({"device": "cpu", "dtype": "float32"}).is_default
+    assert units.describe() == "cpu with bf16 units, float32"
+
+
+def test_a_step_cached_on_a_machine_with_bf16_units_is_not_reused_on_one_without(
+        monkeypatch, tmp_path):
+    """compute "auto" runs the target-value loop in bf16 where the device multiplies it
+    natively: the step cache (shareable between CI runners) keeps the two kinds apart."""
+    import dataclasses
+
+    import kmec.compile as compile_mod
+    from tests.conftest import ByteTokenizer
+    from tests.models.test_chat import _loaded, _plan
+
+    monkeypatch.setenv("KMEC_HOME", str(tmp_path))
+    ran: list[str] = []
+    monkeypatch.setattr(compile_mod, "_run_step", lambda step, *a, **k: ran.append(step.id) or [])
+    lm = _loaded(ByteTokenizer())
+    for units in (False, True, True, False):
+        lm = dataclasses.replace(lm, runtime=L.Runtime("cpu", bf16_units=units))
+        compile_mod.execute(_plan(None), lm)
+    assert len(ran) == 2  # once per kind of machine; the repeats come from the cache
