@@ -286,6 +286,43 @@ def declared_prompts(edits: Sequence[EditRequest], scope_weight: float
     return out, owner, main
 
 
+def request_shares(edits: Sequence[EditRequest], prompts: Sequence[EditRequest],
+                   owner: Sequence[int], main: Sequence[int], scope_weight: float,
+                   borrowed_weight: float = 0.0,
+                   scope_boost: Mapping[str, float] | None = None) -> torch.Tensor:
+    """Each request's share of its edit's objective, float32 [len(prompts)] on the CPU.
+
+    ``prompts``, ``owner`` and ``main`` are :func:`declared_prompts`' output. An edit
+    with w = ``scope_weight`` · its ``scope_boost`` (0 when it declares no scope
+    prompt) and w_b = ``borrowed_weight`` (0 when it borrowed nothing) gives its own
+    prompt 1 / (1 + w + w_b), each declared scope prompt w / ((1 + w + w_b) · n_scope)
+    and each borrowed wording (``EditRequest.borrowed``) w_b / ((1 + w + w_b) ·
+    n_borrowed): the shares of an edit sum to 1. The target-value objective weighs
+    each request's NLL by it, and MEMIT's fit each request's keys.
+
+    >>> e = EditRequest(name="a", prompt="p", subject="s", target_new="t", scope=("q", "r"))
+    >>> reqs, owner, main = declared_prompts([e], 1.0)
+    >>> request_shares([e], reqs, owner, main, 1.0).tolist()
+    [0.5, 0.25, 0.25]
+    """
+    is_main = torch.zeros(len(prompts), dtype=torch.bool)
+    is_main[torch.tensor(list(main), dtype=torch.long)] = True
+    is_borrowed = torch.tensor([p.prompt in edits[o].borrowed for p, o in zip(prompts, owner)],
+                               dtype=torch.bool) & ~is_main
+    req_owner = torch.tensor(list(owner), dtype=torch.long)
+    n_scope = torch.bincount(req_owner[~is_main & ~is_borrowed], minlength=len(edits)).float()
+    n_borrowed = torch.bincount(req_owner[is_borrowed], minlength=len(edits)).float()
+    boost = torch.tensor([(scope_boost or {}).get(e.name, 1.0) for e in edits])
+    w = torch.where(n_scope > 0, scope_weight * boost, torch.zeros_like(n_scope))
+    wb = torch.where(n_borrowed > 0, torch.full_like(n_borrowed, borrowed_weight),
+                     torch.zeros_like(n_borrowed))
+    total = (1 + w + wb)[req_owner]
+    return torch.where(is_main, 1 / total,
+                       torch.where(is_borrowed,
+                                   wb[req_owner] / (total * n_borrowed[req_owner].clamp_min(1)),
+                                   w[req_owner] / (total * n_scope[req_owner].clamp_min(1))))
+
+
 def key_opening_scopes(tok: Any, edits: Sequence[EditRequest]) -> list[EditRequest]:
     """``edits`` with each scope prompt that the subject opens keyed at the next token.
 
@@ -377,22 +414,8 @@ def context_keys(model: Any, tok: Any, adapter: ArchAdapter, layers: Sequence[in
     n_pref = len(prefixes)
     device = next(iter(per.values())).device if per else torch.device("cpu")
     owner = torch.tensor(owner_list, device=device).repeat_interleave(n_pref)
-    is_main = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    is_main[torch.tensor(main_list, device=device, dtype=torch.long)] = True
-    is_borrowed = torch.tensor([p.prompt in edits[o].borrowed for p, o in zip(prompts, owner_list)],
-                               dtype=torch.bool, device=device) & ~is_main
-    req_owner = torch.tensor(owner_list, device=device)
-    n_scope = torch.bincount(req_owner[~is_main & ~is_borrowed], minlength=len(edits)).float()
-    n_borrowed = torch.bincount(req_owner[is_borrowed], minlength=len(edits)).float()
-    boost = torch.tensor([(scope_boost or {}).get(e.name, 1.0) for e in edits], device=device)
-    w = torch.where(n_scope > 0, scope_weight * boost, torch.zeros_like(n_scope))
-    wb = torch.where(n_borrowed > 0, torch.full_like(n_borrowed, borrowed_weight),
-                     torch.zeros_like(n_borrowed))
-    total = (1 + w + wb)[req_owner]
-    share = torch.where(is_main, 1 / total,
-                        torch.where(is_borrowed,
-                                    wb[req_owner] / (total * n_borrowed[req_owner].clamp_min(1)),
-                                    w[req_owner] / (total * n_scope[req_owner].clamp_min(1))))
+    share = request_shares(edits, prompts, owner_list, main_list, scope_weight, borrowed_weight,
+                           scope_boost).to(device)
     weight = (share / n_pref).repeat_interleave(n_pref)
     return {layer: ContextKeys(k.reshape(-1, k.shape[-1]), owner.to(k.device),
                                weight.to(k.device))

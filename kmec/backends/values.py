@@ -59,7 +59,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kmec._version import __version__
-from kmec.backends.keys import build_batch, declared_prompts
+from kmec.backends.keys import build_batch, declared_prompts, request_shares
 from kmec.hashing import atomic_write_bytes, canonical_json, sha256_text
 from kmec.models.adapters import ArchAdapter
 from kmec.models.hooks import Trace, device_of, hidden_of, replay_below
@@ -104,7 +104,7 @@ class ValueParams(BaseModel):
 
 
 # Bump when the optimisation's arithmetic changes, so stale cached δ are not reused.
-_ALGORITHM = 3
+_ALGORITHM = 4
 log = logging.getLogger("kmec")
 
 
@@ -307,20 +307,9 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
     owner = torch.tensor(owner_list, device=device)  # request -> edit
     main = torch.tensor(main_list, device=device)  # edit -> its own prompt's request
     # a request is the edit's own prompt, one of its declared scope prompts, or a wording
-    # borrowed from a sibling edit (each group is averaged, then weighted)
-    mains = set(main_list)
-    is_borrowed = torch.tensor([k not in mains and p.prompt in edits[o].borrowed
-                                for k, (p, o) in enumerate(zip(prompts, owner_list))],
-                               dtype=torch.bool, device=device)
-    is_scope = torch.ones(n_prompts, dtype=torch.bool, device=device)
-    is_scope[main] = False
-    is_scope &= ~is_borrowed
-    n_scope = torch.zeros(n, device=device).index_add_(0, owner, is_scope.float())
-    n_borrowed = torch.zeros(n, device=device).index_add_(0, owner, is_borrowed.float())
-    boost = torch.tensor([params.scope_boost.get(e.name, 1.0) for e in edits], device=device)
-    w_scope = torch.where(n_scope > 0, params.scope_weight * boost, torch.zeros_like(n_scope))
-    w_borrowed = torch.where(n_borrowed > 0, torch.full_like(n_borrowed, params.borrowed_weight),
-                             torch.zeros_like(n_borrowed))
+    # borrowed from a sibling edit: its NLL counts with its share of the edit's objective
+    share = request_shares(edits, prompts, owner_list, main_list, params.scope_weight,
+                           params.borrowed_weight, params.scope_boost).to(device)
 
     rows_all = torch.cat([owner[rw.edit_index], ess.edit_index])  # row -> edit
     look_all = torch.cat([rw.lookup, ess.lookup])
@@ -427,19 +416,11 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
             n_t = cur["t_rows"].shape[0]
             logits_t, ess_logp = logp_all[:n_t], logp_all[n_t:]
             logp = logits_t.gather(1, cur["t_tok"][:, None])[:, 0]
-            # per request: mean over its target tokens under every prefix; per edit: its own
-            # prompt's, averaged with its scope prompts' mean at weight w (none: its own alone)
+            # per request: mean over its target tokens under every prefix; per edit: the
+            # requests' NLL weighted by their shares (its own prompt alone: share 1)
             per_req = torch.zeros(n_prompts, device=device).index_add_(0, cur["t_req"], -logp) \
                 / tokens_per_req.clamp_min(1)
-            nll = per_req[main][edits_now]
-            if bool(is_scope.any()) or bool(is_borrowed.any()):
-                scope_mean = torch.zeros(n, device=device).index_add_(
-                    0, owner[is_scope], per_req[is_scope]) / n_scope.clamp_min(1)
-                borrowed_mean = torch.zeros(n, device=device).index_add_(
-                    0, owner[is_borrowed], per_req[is_borrowed]) / n_borrowed.clamp_min(1)
-                w, wb = w_scope[edits_now], w_borrowed[edits_now]
-                nll = (nll + w * scope_mean[edits_now] + wb * borrowed_mean[edits_now]) \
-                    / (1 + w + wb)
+            nll = torch.zeros(n, device=device).index_add_(0, owner, share * per_req)[edits_now]
             if step == 0:
                 kl_base = ess_logp.detach()
             kl = torch.nn.functional.kl_div(ess_logp, kl_base[edits_now], log_target=True,
