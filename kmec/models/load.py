@@ -377,13 +377,13 @@ class Runtime:
         dtype: the weights' dtype as loaded (``float32``, ``bfloat16``, ``float16``).
         device_map: module -> device as accelerate placed the model (None: the
             whole model on ``device``).
+        bf16_units: ``device`` multiplies bfloat16 natively (:func:`native_bf16`), so
+            the target values of ``value.compute = "auto"`` were computed in bf16.
     """
 
     device: str = "cpu"
     dtype: str = "float32"
     device_map: dict[str, str] | None = None
-    # the device multiplies bfloat16 natively (native_bf16): the target-value loop's
-    # compute "auto" runs in bf16 there, so its edits differ from a machine without them
     bf16_units: bool = False
 
     @property
