@@ -27,7 +27,14 @@ def tiny_spec(monkeypatch, tmp_path):
     """A one-edit spec that compiles in seconds on a tiny Llama, whose fake loader records
     the runtime it is asked for (the weights stay the float32 CPU ones)."""
     from kmec.grammar import format_spec
-    from kmec.models.load import LoadedModel, ModelRef, Runtime, resolve_device, resolve_dtype
+    from kmec.models.load import (
+        LoadedModel,
+        ModelRef,
+        Runtime,
+        native_bf16,
+        resolve_device,
+        resolve_dtype,
+    )
     from kmec.spec import MethodHint, PromptEdit, Spec
 
     base = tiny_ft_pipeline(monkeypatch, steps=4)
@@ -36,7 +43,8 @@ def tiny_spec(monkeypatch, tmp_path):
     def load(ref, *, dtype="float32", device=None, device_map=None):
         asked.append((dtype, device))
         return LoadedModel(base.model, base.tok, base.facts, ModelRef(str(ref), "folder", None),
-                           runtime=Runtime(resolve_device(device), resolve_dtype(dtype)))
+                           runtime=Runtime(resolve_device(device), resolve_dtype(dtype),
+                                           bf16_units=native_bf16(resolve_device(device))))
 
     monkeypatch.setattr("kmec.models.load.load_model", load)
     monkeypatch.setenv("KMEC_HOME", str(tmp_path / "home"))
@@ -73,10 +81,13 @@ def test_a_build_records_its_runtime_and_is_rebuilt_on_another(tiny_spec, tmp_pa
     out = tmp_path / "build"
     assert cli("compile", path, "-o", out, "--budget", "0", "--json") == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["runtime"] == {"device": "cpu", "dtype": "float32", "device_map": None}
+    from kmec.models.load import Runtime, native_bf16
+
+    units = " with bf16 units" if native_bf16("cpu") else ""  # a fact of this machine
+    assert first["runtime"] == Runtime("cpu", bf16_units=native_bf16("cpu")).to_json()
     info = json.loads((out / "build.json").read_text())
     assert info["runtime"] == first["runtime"]
-    assert "runtime: cpu, float32" in (out / "compile.log").read_text()
+    assert f"runtime: cpu{units}, float32" in (out / "compile.log").read_text()
     assert cli("compile", path, "-o", out, "--budget", "0", "--json") == 0
     assert json.loads(capsys.readouterr().out)["up_to_date"] is True
     assert cli("compile", path, "-o", out, "--budget", "0", "--dtype", "bf16", "--json") == 0
@@ -87,12 +98,13 @@ def test_a_build_records_its_runtime_and_is_rebuilt_on_another(tiny_spec, tmp_pa
     # verify loads float32 on the CPU whatever the build ran on, and says both
     assert cli("verify", out, "--json", "--max-examples", "3") in (0, 1)
     report = json.loads(capsys.readouterr().out)
-    assert "compiled on cpu, bfloat16; verified on cpu, float32" in report["notes"]
+    assert f"compiled on cpu{units}, bfloat16; verified on cpu{units}, float32" in report["notes"]
     assert asked[-1] == ("float32", None)
     assert cli("verify", out, "--max-examples", "3") in (0, 1)
-    assert "compiled on cpu, bfloat16; verified on cpu, float32" in capsys.readouterr().out
+    assert (f"compiled on cpu{units}, bfloat16; verified on cpu{units}, float32"
+            in capsys.readouterr().out)
     assert cli("plan", out) == 0
-    assert "compiled on cpu, bfloat16" in capsys.readouterr().out
+    assert f"compiled on cpu{units}, bfloat16" in capsys.readouterr().out
     # verifying in bf16 is allowed, and the report says it is not the verdict of record
     assert cli("verify", out, "--json", "--max-examples", "3", "--dtype", "bf16") in (0, 1)
     notes = json.loads(capsys.readouterr().out)["notes"]

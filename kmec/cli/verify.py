@@ -83,7 +83,7 @@ def _runtime_line(target: str, device: str | None, dtype: str, device_map: str |
     import json
 
     from kmec.artifacts.build import INFO, build_root, build_runtime
-    from kmec.models.load import Runtime, resolve_device, resolve_dtype
+    from kmec.models.load import Runtime, native_bf16, resolve_device, resolve_dtype
 
     info_path = build_root(target) / INFO
     try:
@@ -91,8 +91,11 @@ def _runtime_line(target: str, device: str | None, dtype: str, device_map: str |
         where = f"compiled on {compiled.describe()}; "
     except (OSError, ValueError, AttributeError):
         where = ""  # a bare artifact records no runtime
-    here = "device map " + device_map if device_map else resolve_device(device)
-    return f"{where}verified on {here}, {resolve_dtype(dtype)}"
+    if device_map:
+        return f"{where}verified on device map {device_map}, {resolve_dtype(dtype)}"
+    here = resolve_device(device)
+    return (f"{where}verified on "
+            f"{Runtime(here, resolve_dtype(dtype), bf16_units=native_bf16(here)).describe()}")
 
 
 def verify_cmd(
