@@ -24,7 +24,9 @@ papers' exactly). The borrowed prompts are wordings that other edits of the
 relation declare (:mod:`kmec.planner.passes.share_scope`), with ``w_b =
 borrowed_weight``; a term is left out (its weight 0) when an edit has none. An edit
 named in ``scope_boost`` has ``w = scope_weight · boost`` (compile's ``broaden`` repair,
-:mod:`kmec.planner.repair`).
+:mod:`kmec.planner.repair`); an edit named in ``push`` stops at that target probability
+instead of ``stop_prob`` and may take twice ``steps`` to get there (compile's
+``optimise`` repair), the others are unchanged.
 
 with ``‖δ‖ ≤ clamp · ‖v₀‖`` enforced after every step, where v₀ is the MLP
 output at that position. The KL term on the "essence" prompt keeps what the
@@ -90,6 +92,10 @@ class ValueParams(BaseModel):
     # Only the chunks that hold a boosted edit change their cache key; left out of the
     # dump when empty, so plans without a boost keep their bytes.
     scope_boost: dict[str, float] = Field(default_factory=dict, exclude_if=lambda v: not v)
+    # edit name -> a stricter stop_prob for that edit alone, reached in up to 2·steps: the
+    # compile loop's `optimise` rung sets it for edits whose own prompt still fails. Like
+    # scope_boost: keyed per edit in the cache, left out of the dump when empty.
+    push: dict[str, float] = Field(default_factory=dict, exclude_if=lambda v: not v)
     # precision of the blocks above the edited layer during the optimisation: "auto" is
     # bfloat16 where the device computes it natively (CUDA; CPUs with AMX or AVX-512 bf16),
     # else the model's own; δ, Adam's state and the loss stay in float32 either way. On an
@@ -131,7 +137,8 @@ class ValueCache:
             "device": device.type, "dtype": str(dtype), "compute": str(compute or dtype),
             "site": site, "seed": seed,
             "compact": compact, "prefixes": list(prefixes),
-            "params": params.model_dump(mode="json", exclude={"edit_batch", "scope_boost"}),
+            "params": params.model_dump(mode="json",
+                                        exclude={"edit_batch", "scope_boost", "push"}),
             # the scope prompts are in the objective: a chunk whose edits declare other
             # scope prompts must not reuse δ (they were left out of the key until 0.x)
             # (and which of them are borrowed: they are weighted apart)
@@ -139,7 +146,9 @@ class ValueCache:
                        *(["scope", *e.scope] if e.scope else []),
                        *(["borrowed", *e.borrowed] if e.borrowed else []),
                        *(["boost", params.scope_boost[e.name]]
-                         if e.name in params.scope_boost else [])] for e in edits]}))
+                         if e.name in params.scope_boost else []),
+                       *(["push", params.push[e.name]] if e.name in params.push else [])]
+                      for e in edits]}))
 
     def _path(self, key: str) -> Path:
         return Path(self.root) / "values" / f"{key}.safetensors"
@@ -395,6 +404,11 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
         add[cur["rows"].to(at), cur["look"].to(at)] = delta[cur["edit_of_row"]].to(at)
         return (cur["lower"] + add).to(cdtype)
 
+    # each edit's own early stop and step limit (``push``: stricter, and twice the steps)
+    stop = torch.tensor([params.push.get(e.name, params.stop_prob) for e in edits], device=device)
+    limit = torch.tensor([params.steps * (2 if e.name in params.push else 1) for e in edits],
+                         device=device)
+    last = int(limit.max()) if n else 0
     kl_base = torch.zeros(n, 0, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     final_p = torch.zeros(n, device=device)
@@ -403,7 +417,7 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
     stored: dict[str, torch.Tensor] = {}
     reported = 0  # edits passed to ``progress`` so far
     with replay_below(run, adapter.layers, layer, template, lambda: stored["h"]):
-        for step in range(params.steps):
+        for step in range(last):
             opt.zero_grad()
             stored["h"] = residual()
             h = forward_suffix(body, cur["ids"], cur["mask"], cur["pos"], pkv["now"], kwarg)
@@ -429,11 +443,12 @@ def _optimise_chunk(model, run, cdtype, tok, adapter, layer, edits, prefixes, pa
                 / (v0_norm[edits_now] ** 2)
             per_edit = nll + params.kl_weight * kl + decay
             final_p[edits_now] = torch.exp(-nll.detach())
-            done = done | (final_p >= params.stop_prob)
+            done = done | (final_p >= stop)
             if progress is not None and int(done.sum()) > reported:
                 progress(int(done.sum()) - reported)  # the edits that reached their target
                 reported = int(done.sum())
-            if bool(done.all()) or step == params.steps - 1:
+            done = done | (step >= limit - 1)  # out of steps: frozen as it is
+            if bool(done.all()) or step == last - 1:
                 break
             loss = (per_edit * (~done[edits_now]).float()).sum()
             loss.backward()

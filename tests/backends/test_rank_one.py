@@ -287,6 +287,35 @@ def test_batched_value_optimisation_equals_one_edit_at_a_time():
     assert finished == [True, False, True]  # some edits left the batch while one went on
 
 
+def test_push_moves_only_the_pushed_edit_and_keys_only_its_chunk(tmp_path):
+    """value.push (compile's optimise rung): the pushed edit runs to its own, stricter stop
+    in up to twice the steps; the other edits' δ are bit for bit what they were, and only a
+    chunk holding the pushed edit gets another cache key."""
+    from kmec.backends.values import ValueCache, ValueParams, optimise_deltas
+
+    model = build_tiny_model("llama", seed=3)
+    tok = SpaceLetterTokenizer()
+    adapter = adapter_for(model.config.model_type)
+    edits = [EditRequest(name=f"e{i}", prompt=p, subject=s, target_new=t)
+             for i, (p, s, t) in enumerate([("The key of abc", "abc", "Q"),
+                                            ("A door of xyz", "xyz", "RS"),
+                                            ("The colour of mnop", "mnop", "T")])]
+    prefixes = ("", "One two. ")
+    params = ValueParams(steps=6, lr=0.5, stop_prob=0.0139, weight_decay=0.0, clamp=1e4,
+                         edit_batch=6, compute="float32")
+    base, p_base = optimise_deltas(model, tok, adapter, 1, edits, prefixes, params)
+    pushed = params.model_copy(update={"push": {"e1": 0.99}})
+    d, p = optimise_deltas(model, tok, adapter, 1, edits, prefixes, pushed)
+    assert torch.equal(d[0], base[0]) and torch.equal(d[2], base[2])
+    assert not torch.equal(d[1], base[1]) and p[1] > p_base[1]  # 12 steps, not 6
+    cache = ValueCache(tmp_path, "w")
+    key = lambda prm, chunk: cache.key(torch.device("cpu"), torch.float32, "s", chunk,
+                                       prefixes, prm, 0, True)
+    assert key(params, edits[:1]) == key(pushed, edits[:1])
+    assert key(params, edits[1:2]) != key(pushed, edits[1:2])
+    assert "push" not in params.model_dump(mode="json")  # plans without a push keep their bytes
+
+
 def test_borrowed_prompts_weigh_apart_from_the_declared_scope(tiny_models):
     """context_keys: an edit's key weights sum to 1; a borrowed wording shares
     ``borrowed_weight`` and leaves the declared scope prompt its ``w / (1 + w + w_b)``."""

@@ -58,7 +58,10 @@ def test_the_ladder_is_deterministic_and_climbs_in_order():
     assert params["fit_weight"] == {"de": 16.0, "fr": 16.0}  # weigh twice, the failing edits
     assert params["value"]["scope_boost"] == {"fr": 4.0}  # broaden: the generality miss only
     assert params["locality_weight"] == 4.0
-    assert params["value"]["steps"] == 2 * BACKENDS["memit"].default_params(
+    # optimise: the efficacy miss's edit pushed, the step's steps unchanged
+    assert set(params["value"]["push"]) >= {"de"} and set(params["value"]["push"]) <= {
+        e.name for e in p.steps[0].edits if e.name.split("~")[0] == "de"}
+    assert params["value"]["steps"] == BACKENDS["memit"].default_params(
         example_facts()).value.steps
 
 
@@ -126,6 +129,23 @@ def test_a_generality_miss_broadens_the_scope_and_does_not_optimise_longer():
     assert next_repair(p, [GEN], [*cheap, "broaden"], spec=spec) is None  # no optimise
     r = next_repair(p, [EFF], [*cheap], spec=spec)
     assert r is not None and r.rung == "optimise"
+
+
+def test_optimise_pushes_only_the_failing_edits():
+    """The optimise rung gives the edits whose own prompt fails a stricter stop in up to
+    twice the steps (value.push); the step's other edits and its steps are unchanged, so
+    only the chunks holding the pushed edits are re-optimised."""
+    spec = _spec()
+    p = _plan(spec)
+    cheap = ["realise", "weigh", "protect", "weigh-again", "realise-again", "broaden"]
+    r = next_repair(p, [EFF], cheap, spec=spec)
+    assert r is not None and r.rung == "optimise" and r.costly
+    before, value = p.steps[0].params["value"], r.plan.steps[0].params["value"]
+    assert value["push"] == {e.name: 0.97 for e in p.steps[0].edits
+                             if e.name.split("~")[0] == "de"}
+    assert set(value["push"]) and all(n.split("~")[0] == "de" for n in value["push"])
+    assert {k: v for k, v in value.items() if k != "push"} == before
+    assert "pushed to 0.97: de" in r.plan.steps[0].reasons[-1].choice
 
 
 def test_broaden_leaves_edits_without_scope_prompts_alone():

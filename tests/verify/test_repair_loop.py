@@ -41,8 +41,8 @@ def loop_env(setup, tmp_path, tiny_loader, good, monkeypatch):
         params = plan.steps[0].params
         lam = params["lambda_rel"]
         calls.append(lam)
-        if env["needs"] == "steps":  # λ < 0.5 harms, only more δ steps make the edit
-            payload = (good if params["value"]["steps"] > 4 else
+        if env["needs"] == "steps":  # λ < 0.5 harms, only pushing the edit's δ makes it
+            payload = (good if params["value"].get("push") else
                        harmful if lam < 0.5 else nothing)
         else:
             payload = good if lam < env["needs"] else nothing
