@@ -104,8 +104,8 @@ class ValueParams(BaseModel):
     # within one point, and the README demo held all 42 checks; on an AVX2-only CPU bf16
     # ran 7x slower, so "auto" stays float32 there. The weights therefore depend on the
     # machine's bf16 units as well as on the plan: the same plan gives the same weights on
-    # the same kind of machine, and the step cache keeps the two kinds apart
-    # (kmec.compile._step_key). "float32" takes the bf16 units out of it.
+    # the same kind of machine; the build records which (Runtime.bf16_units), and the step
+    # cache, keyed by the runtime, keeps the two kinds apart. "float32" takes them out of it.
     compute: Literal["auto", "float32", "bfloat16"] = "auto"
 
 

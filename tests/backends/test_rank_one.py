@@ -257,17 +257,22 @@ def test_max_delta_bounds_the_weight_change(tmp_path):
     assert (p.dense().norm() / w.norm()).item() <= 0.01 + 1e-6
 
 
-def test_batched_value_optimisation_equals_one_edit_at_a_time():
-    """Edits stop at different steps and leave the batch; each δ still equals its solo run."""
-    from kmec.backends.values import ValueParams, chunk_bounds, optimise_deltas
-
+def _three_edits():
+    """A tiny Llama (seed 3), its tokenizer and adapter, and three edits whose target
+    probabilities plateau near 0.010-0.015 there."""
     model = build_tiny_model("llama", seed=3)
-    tok = SpaceLetterTokenizer()
-    adapter = adapter_for(model.config.model_type)
     edits = [EditRequest(name=f"e{i}", prompt=p, subject=s, target_new=t)
              for i, (p, s, t) in enumerate([("The key of abc", "abc", "Q"),
                                             ("A door of xyz", "xyz", "RS"),
                                             ("The colour of mnop", "mnop", "T")])]
+    return model, SpaceLetterTokenizer(), adapter_for(model.config.model_type), edits
+
+
+def test_batched_value_optimisation_equals_one_edit_at_a_time():
+    """Edits stop at different steps and leave the batch; each δ still equals its solo run."""
+    from kmec.backends.values import ValueParams, chunk_bounds, optimise_deltas
+
+    model, tok, adapter, edits = _three_edits()
     prefixes = ("", "One two. ", "Three. ")
     # On this random model the target probabilities plateau near 0.010-0.015: with
     # this threshold two edits stop early (at different steps), one runs all 30.
@@ -293,13 +298,7 @@ def test_push_moves_only_the_pushed_edit_and_keys_only_its_chunk(tmp_path):
     chunk holding the pushed edit gets another cache key."""
     from kmec.backends.values import ValueCache, ValueParams, optimise_deltas
 
-    model = build_tiny_model("llama", seed=3)
-    tok = SpaceLetterTokenizer()
-    adapter = adapter_for(model.config.model_type)
-    edits = [EditRequest(name=f"e{i}", prompt=p, subject=s, target_new=t)
-             for i, (p, s, t) in enumerate([("The key of abc", "abc", "Q"),
-                                            ("A door of xyz", "xyz", "RS"),
-                                            ("The colour of mnop", "mnop", "T")])]
+    model, tok, adapter, edits = _three_edits()
     prefixes = ("", "One two. ")
     params = ValueParams(steps=6, lr=0.5, stop_prob=0.0139, weight_decay=0.0, clamp=1e4,
                          edit_batch=6, compute="float32")
