@@ -11,7 +11,9 @@ as the baseline it is compared with.
 ``--protocol easyedit`` scores instead as EasyEdit does (teacher-forced token
 accuracy, "token_em"), so that kmec is compared with it under the peer's own
 rules; nothing beyond the edit is given to the compiler, so every scored
-prompt is held out:
+prompt is held out (ROME trains on wordings it draws from the model itself,
+``value.wordings``, never on the record's paraphrases; ``--param
+value.wordings=0`` turns that off):
   rewrite       share of the new target's tokens that are the edited model's
                 argmax when the prompt and the target are fed together
   rephrase      the same on the *first* paraphrase prompt only

@@ -98,7 +98,8 @@ class BenchResult(BaseModel):
         if self.prompts == "held out":
             return ("scored prompts were kept out of compilation: each method saw only the edit "
                     "prompts, never the paraphrases, scope, preserve, neighbour or reverse "
-                    "prompts it is scored on")
+                    "prompts it is scored on (rome also trains on wordings it draws from the "
+                    "model itself: value.wordings)")
         return ("the spec was compiled as written: its declared paraphrases, scope, preserve "
                 "and neighbour prompts were shown to the compiler, so their scores show the "
                 "contract holds, not generalisation")

@@ -84,6 +84,7 @@ from kmec.backends.keys import (
 from kmec.backends.linalg import spd_solve
 from kmec.backends.spread import spread_over_layers
 from kmec.backends.values import ValueParams, optimise_deltas, value_cache
+from kmec.backends.wordings import with_wordings
 from kmec.errors import BackendError
 from kmec.hashing import atomic_write_bytes, sha256_tensor
 from kmec.models.facts import ModelFacts
@@ -219,7 +220,8 @@ class AlphaEdit:
         stats, model, tok, adapter = ctx.stats, ctx.model, ctx.tok, ctx.adapter
         layers = sorted(step.layers)
         top = layers[-1]
-        edits = list(step.edits)
+        edits = with_wordings(model, tok, step.edits, keep=p.value.wordings, seed=ctx.seed,
+                              cache_dir=ctx.cache_dir, weights=ctx.weights, logger=ctx.log)
         if p.opening_scope == "next":
             edits = key_opening_scopes(tok, edits)
         prefixes = context_prefixes(model, tok, n=p.n_prefixes, length=p.prefix_len, seed=ctx.seed,

@@ -53,6 +53,7 @@ from kmec.backends.keys import (
 )
 from kmec.backends.linalg import bound_relative_change, spd_solve
 from kmec.backends.values import ValueParams, optimise_deltas, value_cache
+from kmec.backends.wordings import with_wordings
 from kmec.errors import BackendError
 from kmec.models.facts import ModelFacts
 from kmec.planner.backend_info import BackendInfo
@@ -68,7 +69,9 @@ class RomeParams(BaseModel):
     prefix_len: int = 6
     whiten: Literal["C", "identity"] = "C"
     key_fit: Literal["contexts", "mean"] = "contexts"
-    value: ValueParams = ValueParams()
+    # three wordings drawn from the model for an edit that declares no scope prompt
+    # (kmec.backends.wordings; BENCHMARKS.md "Peer protocol")
+    value: ValueParams = ValueParams(wordings=3)
     max_delta: float | None = None  # bound on ‖ΔW‖_F / ‖W‖_F per parameter (spec: max_delta)
     locality_weight: float = 1.0  # ρ: weight of the declared locality set's keys (Step.protect)
 
@@ -165,9 +168,12 @@ class Rome:
             c = protected_metric(c, kp, p.locality_weight, kp[0].shape[1], kp[0].device)
             ctx.log.info("rome: %d declared prompt(s) kept in place (%d keys, ρ %g)",
                          len(step.protect), kp[0].shape[0], p.locality_weight)
+        # drawn from the weights the step starts on, before any of its edits is added
+        edits = with_wordings(model, tok, step.edits, keep=p.value.wordings, seed=ctx.seed,
+                              cache_dir=ctx.cache_dir, weights=ctx.weights, logger=ctx.log)
         payloads: list[Payload] = []
         with temporarily_added(model, adapter.weight_layout) as tmp:
-            for i, edit in enumerate(step.edits):
+            for i, edit in enumerate(edits):
                 if p.key_fit == "contexts":  # every declared prompt under every prefix
                     k = context_keys(model, tok, adapter, [layer], [edit], prefixes,
                                      p.value.scope_weight)[layer].keys
@@ -187,8 +193,8 @@ class Rome:
                 payloads.append(LowRank(param, u, v))
                 ctx.log.debug("rome %s: target prob %.3f, ‖δ‖ %.3f", edit.name, float(prob[0]),
                               float(delta.norm()))
-                if i + 1 < len(step.edits):
+                if i + 1 < len(edits):
                     tmp.add(param, u, v)
                 if ctx.progress:
-                    ctx.progress(f"rome {edit.name}", i + 1, len(step.edits))
+                    ctx.progress(f"rome {edit.name}", i + 1, len(edits))
         return payloads

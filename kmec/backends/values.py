@@ -107,6 +107,11 @@ class ValueParams(BaseModel):
     # the same kind of machine; the build records which (Runtime.bf16_units), and the step
     # cache, keyed by the runtime, keeps the two kinds apart. "float32" takes them out of it.
     compute: Literal["auto", "float32", "bfloat16"] = "auto"
+    # wordings of its question drawn from the model for each edit that declares no scope
+    # prompt (kmec.backends.wordings), trained on as borrowed wordings. 0 (the default
+    # here, MEMIT's and AlphaEdit's) draws none and is left out of the dump; ROME's
+    # default is 3 (RomeParams).
+    wordings: int = Field(default=0, ge=0, le=8, exclude_if=lambda v: not v)
 
 
 # Bump when the optimisation's arithmetic changes, so stale cached δ are not reused.

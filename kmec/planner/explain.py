@@ -46,7 +46,14 @@ def _step_line(step: Step) -> str:
     return "  ".join(parts)
 
 
-def _edit_line(edit: EditRequest) -> str:
+def _drawn(step: Step) -> int:
+    """How many wordings the step's backend draws from the model for an edit that
+    declares none (``value.wordings``, kmec.backends.wordings)."""
+    value = step.params.get("value")
+    return int(value.get("wordings", 0)) if isinstance(value, dict) else 0
+
+
+def _edit_line(edit: EditRequest, drawn: int = 0) -> str:
     text = f"{edit.name}: {edit.prompt!r} -> {edit.target_new!r}"
     extras = []
     if edit.target_old is not None:
@@ -58,6 +65,8 @@ def _edit_line(edit: EditRequest) -> str:
     if edit.scope:
         own = len(edit.scope) - len(edit.borrowed)
         extras.append(f"+{own} scope" + (f", +{len(edit.borrowed)} borrowed" if edit.borrowed else ""))
+    elif drawn and edit.subject is not None and not edit.inverse:
+        extras.append(f"+ up to {drawn} wordings drawn from the model")
     if edit.inverse:
         extras.append("inverse")
     return f"{text} ({'; '.join(extras)})"
@@ -82,7 +91,7 @@ def explain(plan: Plan, *, reasons: bool = True) -> str:
         lines += [f"  - {r.choice}: {r.because}" for r in plan.reasons]
     for step in plan.steps:
         lines.append(_step_line(step))
-        lines += [f"    {_edit_line(e)}" for e in step.edits]
+        lines += [f"    {_edit_line(e, _drawn(step))}" for e in step.edits]
         if reasons:
             lines += [f"    - {r.choice}: {r.because}" for r in step.reasons]
     return "\n".join(lines)
@@ -103,7 +112,7 @@ def explain_tree(plan: Plan, *, reasons: bool = True) -> Tree:
         node = root.add(Text(_step_line(step), style="bold cyan"))
         edits = node.add(Text("edits", style="bold"))
         for e in step.edits:
-            edits.add(Text(_edit_line(e)))
+            edits.add(Text(_edit_line(e, _drawn(step))))
         if reasons:
             why = node.add(Text("why", style="bold"))
             for r in step.reasons:

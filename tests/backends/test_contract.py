@@ -212,10 +212,12 @@ def test_nothing_declared_gives_the_papers_edit(name, home):
     ``<name>:undeclared`` holds those payloads (first recorded before that change, as
     hashes; since then re-recorded only where the δ loop changed its rounding, by at most
     1e-6, see tests/models/test_replay.py and tests/models/test_prefix_kv.py, and for
-    lr 1.0)."""
+    lr 1.0). ROME draws wordings of its own for such an edit by default
+    (``value.wordings = 3``, tests/backends/test_wordings.py); with 0 it is the paper's."""
     model, tok, facts = _lm()
     bare = tuple(e.model_copy(update={"scope": ()}) for e in EDITS)
-    step = _step(name, facts, {}).model_copy(update={"edits": bare})
+    off = {"value": {**PARAMS[name]["value"], "wordings": 0}}
+    step = _step(name, facts, off).model_copy(update={"edits": bare})
     adapter = adapter_for(facts.model_type)
     ctx = ExecContext(model=model, tok=tok, adapter=adapter, facts=facts,
                       stats=CorpusStats(model, adapter, step.layers), seed=0)

@@ -52,3 +52,23 @@ def test_rich_tree_and_table_render(registry, smol):
     table = _render(summary_table(p))
     assert "s01-memit" in table and "memit" in table and "4..8" in table
     assert "kazakhstan, kazakhstan~reverse, fr" in table
+
+
+def test_an_edit_rome_draws_wordings_for_says_so(smol):
+    """ROME draws wordings from the model for an edit that declares none
+    (kmec.backends.wordings): the edit's line says how many it may draw (the real
+    backends' defaults: the fake registry's parameters hold no ``value``)."""
+    from kmec.backends import BACKENDS
+
+    edit = prompt_edit("fr", "The capital of France is", "Lyon", subject="France")
+    p = plan(make_spec(edit), smol, backends=BACKENDS)
+    (step,) = p.steps
+    assert step.backend == "rome" and not step.edits[0].scope
+    assert "+ up to 3 wordings drawn from the model" in explain(p)
+    assert "+ up to 3 wordings drawn from the model" in _render(explain_tree(p))
+    # an edit that declares scope prompts, or a backend that draws none: nothing said
+    declared = plan(make_spec(triple("fr", "France", "Lyon")), smol, backends=BACKENDS)
+    assert declared.steps[0].backend == "rome" and "wordings drawn" not in explain(declared)
+    two = plan(make_spec(edit, prompt_edit("de", "The capital of Germany is", "Bonn",
+                                           subject="Germany")), smol, backends=BACKENDS)
+    assert two.steps[0].backend == "memit" and "wordings drawn" not in explain(two)
