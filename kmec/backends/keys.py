@@ -484,6 +484,12 @@ CONTEXTS = 11  # keys are averaged over ~10 context prefixes plus the bare promp
 VALUE_UNITS = {"rome": 0.78}
 VALUE_UNITS_BATCHED = 0.47
 UNIT_TOKEN_FORWARDS = 40 * 20 * costs.FWD_BWD
+# Drawing an edit's wordings: 8 samples of the ~100-token few-shot prompt and up to 12
+# tokens each, then their answers scored; each wording drawn adds about 0.4 of an edit's
+# δ work (its rows under every prefix; the edit stops as a whole). Measured on
+# CounterFact records 100..199 (BENCHMARKS.md, "Peer protocol"): 3.4 -> 7.7 s per ROME edit.
+DRAW_TOKEN_FORWARDS = 8 * (100 + 12) + 2 * 9 * 20
+WORDING_VALUE_SHARE = 0.4
 
 
 def locate_then_edit_cost(step: Step, facts: ModelFacts, setup: bool) -> Work:
@@ -493,10 +499,18 @@ def locate_then_edit_cost(step: Step, facts: ModelFacts, setup: bool) -> Work:
     p, n, L = costs.model_params(facts), len(step.edits), max(len(step.layers), 1)
     d, m = facts.d_model, facts.d_mlp
     units = VALUE_UNITS.get(step.backend, VALUE_UNITS_BATCHED)
-    value = costs.seconds(n * units * UNIT_TOKEN_FORWARDS, p)
+    # wordings drawn from the model (kmec.backends.wordings) for the edits that declare
+    # none: the draw, and each wording's rows in the δ objective
+    value_params = step.params.get("value")
+    k = int(value_params.get("wordings", 0)) if isinstance(value_params, dict) else 0
+    bare = sum(1 for e in step.edits if e.subject and not (e.scope or e.borrowed or e.inverse))
+    drawn = costs.seconds(bare * DRAW_TOKEN_FORWARDS, p) if k else 0.0
+    value = costs.seconds((n + bare * k * WORDING_VALUE_SHARE) * units * UNIT_TOKEN_FORWARDS, p)
     keys = costs.seconds(n * L * CONTEXTS * costs.PROMPT_TOKENS, p)
     solve = L * m**3 * (1 if step.backend == "rome" else 2) / costs.CPU_FLOPS
     extra = (costs.activations_mb(facts, CONTEXTS * costs.PROMPT_TOKENS)
              + L * (m * m + m * n + d * n) * 4 / costs.MB)
-    return Work(value + keys + solve, extra, (
-        f"value optimisation {value:.0f} s", f"keys {keys:.0f} s", f"solve {solve:.1f} s"))
+    parts = (f"value optimisation {value:.0f} s", f"keys {keys:.0f} s", f"solve {solve:.1f} s")
+    if drawn:
+        parts = (f"drawing wordings {drawn:.0f} s", *parts)
+    return Work(drawn + value + keys + solve, extra, parts)
