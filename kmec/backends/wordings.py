@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ SAMPLES = 8
 MAX_TOKENS = 12
 MARGIN = 2.0  # nats (mean per target token) below the edit prompt's own
 TOP_K = 20
+_ALONE = re.compile(rf"(?<![A-Za-z0-9]){PLACEHOLDER}(?![A-Za-z0-9])")  # X as a word, not in "Xbox"
 _VERSION = 1  # bump when the drawing or the filter changes: cached texts go stale
 
 log = logging.getLogger("kmec")
@@ -99,13 +101,14 @@ def candidates(texts: Sequence[str], template: str, subject: str, tok: Any) -> l
     >>> candidates([" X is spoken in\\nmore", "X is spoken in", "the X of X", "the tongue of X",
     ...             "The mother tongue of X is", "nothing"], "The mother tongue of X is", "Ann", Tok())
     ['the tongue of Ann']
-    >>> candidates(["X is spoken in"], "The mother tongue of X is", "Ann Li", Tok())
+    >>> candidates(["X is spoken in", "an Xbox of"], "The mother tongue of X is", "Ann Li", Tok())
     ['Ann Li is spoken in']
     """
     out: list[str] = []
     for raw in texts:
         w = raw.split("\n")[0].strip()
-        if w.count(PLACEHOLDER) != 1 or w == template or len(w) <= len(PLACEHOLDER) + 2:
+        if w.count(PLACEHOLDER) != 1 or not _ALONE.search(w) or w == template \
+                or len(w) <= len(PLACEHOLDER) + 2:
             continue
         text = w.replace(PLACEHOLDER, subject)
         if text.startswith(subject) and subject_position(tok, text, subject) == 0:

@@ -145,3 +145,23 @@ def test_rome_fits_the_drawn_wordings(monkeypatch, tmp_path):
     assert seen[-1][0].scope == ("so abc",) and seen[-1][0].borrowed == ("so abc",)
     assert abs(fit(0) - 1.0) > 1e-2
     assert seen[-1] == [edit]
+
+
+def test_the_cost_estimate_counts_the_drawn_wordings():
+    """A ROME step's estimate grows with the wordings it will draw for a bare edit, says
+    so in its breakdown, and is unchanged for an edit that declares scope prompts."""
+    from kmec.backends.keys import locate_then_edit_cost
+    from kmec.models.facts import ModelFacts
+
+    facts = ModelFacts(name="m", arch="LlamaForCausalLM", model_type="llama", family="llama",
+                       n_layers=30, d_model=576, d_mlp=1536, vocab_size=49152)
+
+    def cost(edit, k):
+        params = RomeParams(value=ValueParams(wordings=k)).model_dump()
+        return locate_then_edit_cost(Step(id="s", backend="rome", edits=(edit,), layers=(5,),
+                                          params=params), facts, setup=False)
+
+    bare, declared = _edit(), _edit(scope=("Ann Li speaks",))
+    assert cost(bare, 3).seconds > cost(bare, 0).seconds
+    assert any(part.startswith("drawing wordings") for part in cost(bare, 3).parts)
+    assert cost(declared, 3).seconds == cost(declared, 0).seconds
