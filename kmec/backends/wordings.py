@@ -129,16 +129,22 @@ def _cache_of(out: Any) -> Any:
 def draw(model: Any, tok: Any, template: str, *, samples: int, seed: int,
          max_tokens: int = MAX_TOKENS) -> list[str]:
     """``samples`` continuations of the few-shot header and ``template`` (top-k
-    sampling with a seeded generator, all rows in one batch with a key/value cache),
-    each cut at its first line break."""
+    sampling with a seeded generator, all rows in one batch with a key/value cache
+    filled once from the shared prompt), each cut at its first line break."""
     device = device_of(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     nl = tok.encode("\n", add_special_tokens=False)
     prompt = tok.encode(SHOTS + template + " =>", add_special_tokens=False)
-    ids = torch.tensor([prompt] * samples, device=device)
     kwarg = cache_kwarg(model)
-    out = model(input_ids=ids, use_cache=True)
-    past, logits = _cache_of(out), out.logits[:, -1]
+    # the shared prompt runs once; its cache and logits are repeated for every sample
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    past = _cache_of(out)
+    if hasattr(past, "batch_repeat_interleave"):
+        past.batch_repeat_interleave(samples)
+        logits = out.logits[:, -1].expand(samples, -1)
+    else:  # a cache without the method: run the prompt once per sample
+        out = model(input_ids=torch.tensor([prompt] * samples, device=device), use_cache=True)
+        past, logits = _cache_of(out), out.logits[:, -1]
     drawn: list[list[int]] = [[] for _ in range(samples)]
     open_rows = torch.ones(samples, dtype=torch.bool)
     for _ in range(max_tokens):
