@@ -77,7 +77,7 @@ from kmec.cli.stats import parse_layers
 from kmec.errors import StatsError
 from kmec.models.adapters import adapter_for
 from kmec.models.load import kmec_home, load_model
-from kmec.models.tokens import target_text
+from kmec.models.tokens import joined_ids, target_text
 from kmec.planner.layers import default_layers
 from kmec.planner.model import EditRequest, StatsRequest, Step
 from kmec.stats import DEFAULT_MAX_LEN, DEFAULT_TOKENS, provider
@@ -175,11 +175,7 @@ def argmax_tokens(model, tok, pairs, batch=32):
         chunk = pairs[i:i + batch]
         rows, spans = [], []
         for prompt, target in chunk:
-            ctx = tok.encode(prompt, add_special_tokens=False)
-            full = tok.encode(prompt + target_text(prompt, target), add_special_tokens=False)
-            start = len(ctx)
-            while start > 0 and full[:start] != ctx[:start]:  # a merge across the seam
-                start -= 1
+            full, start = joined_ids(tok, prompt, target)
             rows.append(full)
             spans.append((start, len(full) - start))
         ids, mask = _padded(rows, tok.pad_token_id or 0)

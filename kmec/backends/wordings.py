@@ -47,7 +47,7 @@ from kmec.hashing import atomic_write_text, canonical_json, sha256_text
 from kmec.models.batching import right_pad
 from kmec.models.hooks import device_of
 from kmec.models.prefix_kv import cache_kwarg
-from kmec.models.tokens import subject_position, target_text
+from kmec.models.tokens import joined_ids, subject_position
 from kmec.planner.model import EditRequest
 
 # Rewordings of relations no benchmark here asks about, written for this header.
@@ -168,14 +168,9 @@ def answer_logprob(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]) -> li
     """Mean per-token log-probability of each target after its prompt (one batch)."""
     rows, spans = [], []
     for prompt, target in pairs:
-        ctx = tok.encode(prompt, add_special_tokens=False)
-        full = tok.encode(prompt + target_text(prompt, target), add_special_tokens=False)
-        start = len(ctx)
-        while start > 0 and full[:start] != ctx[:start]:  # a merge across the seam
-            start -= 1
-        start = max(start, 1)
+        full, start = joined_ids(tok, prompt, target)
         rows.append(full)
-        spans.append((start, len(full)))
+        spans.append((max(start, 1), len(full)))
     ids, mask = right_pad(rows, tok.pad_token_id or 0, device_of(model))
     logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
     out = []

@@ -2,6 +2,7 @@
 
 Contents:
     target_text()       the target with the leading space a tokenizer puts after a prompt
+    joined_ids()        "prompt target" tokenised as one text, and where the target starts
     subject_position()  the token holding the subject's last character
 
 Both are pure functions of text and a tokenizer, used by the backends, the
@@ -26,6 +27,31 @@ def target_text(prompt: str, target: str) -> str:
     if not prompt or prompt[-1].isspace() or target[:1].isspace():
         return target
     return " " + target
+
+
+def joined_ids(tok: Any, prompt: str, target: str) -> tuple[list[int], int]:
+    """``prompt`` and its target tokenised as one text (as a model reads them), and the
+    index of the first token that holds target text: the prompt's own token count, moved
+    back when a token merges across the seam.
+
+    >>> class Tok:  # one token per character, except that "s " merges into one
+    ...     def encode(self, text, add_special_tokens=False):
+    ...         out, i = [], 0
+    ...         while i < len(text):
+    ...             n = 2 if text[i:i + 2] == "s " else 1
+    ...             out.append(text[i:i + n]); i += n
+    ...         return out
+    >>> joined_ids(Tok(), "ab", "c")
+    (['a', 'b', ' ', 'c'], 2)
+    >>> joined_ids(Tok(), "is", "c")
+    (['i', 's ', 'c'], 1)
+    """
+    ctx = tok.encode(prompt, add_special_tokens=False)
+    full = tok.encode(prompt + target_text(prompt, target), add_special_tokens=False)
+    start = len(ctx)
+    while start > 0 and full[:start] != ctx[:start]:  # a merge across the seam
+        start -= 1
+    return list(full), start
 
 
 def subject_position(tok: Any, text: str, subject: str | None, *, prefix_len: int = 0) -> int:

@@ -17,8 +17,11 @@ from tests.conftest import ByteTokenizer, SpaceLetterTokenizer, build_tiny_model
 
 
 def test_doctests():
-    result = doctest.testmod(wordings)
-    assert result.attempted > 0 and result.failed == 0
+    from kmec.models import tokens
+
+    for module in (wordings, tokens):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
 def _edit(**kw) -> EditRequest:
