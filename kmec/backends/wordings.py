@@ -65,7 +65,7 @@ MAX_TOKENS = 12
 MARGIN = 2.0  # nats (mean per target token) below the edit prompt's own
 TOP_K = 20
 _ALONE = re.compile(rf"(?<![A-Za-z0-9]){PLACEHOLDER}(?![A-Za-z0-9])")  # X as a word, not in "Xbox"
-_VERSION = 1  # bump when the drawing or the filter changes: cached texts go stale
+_VERSION = 2  # bump when the drawing or the filter changes: cached texts go stale
 
 log = logging.getLogger("kmec")
 
