@@ -70,6 +70,12 @@ _VERSION = 2  # bump when the drawing or the filter changes: cached texts go sta
 log = logging.getLogger("kmec")
 
 
+def eligible(edit: EditRequest) -> bool:
+    """Whether wordings are drawn for ``edit``: it has a subject, declares no scope
+    prompt, borrows none, and is not the inverse edit of a reversal claim."""
+    return bool(edit.subject) and not (edit.scope or edit.borrowed or edit.inverse)
+
+
 def template_of(edit: EditRequest) -> str | None:
     """The edit's prompt with its subject as ``X``; None when no template can be made
     (no subject, the subject not in the prompt, or ``X`` already in it).
@@ -133,18 +139,13 @@ def draw(model: Any, tok: Any, template: str, *, samples: int, seed: int,
     filled once from the shared prompt), each cut at its first line break."""
     device = device_of(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    nl = tok.encode("\n", add_special_tokens=False)
     prompt = tok.encode(SHOTS + template + " =>", add_special_tokens=False)
     kwarg = cache_kwarg(model)
     # the shared prompt runs once; its cache and logits are repeated for every sample
     out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
     past = _cache_of(out)
-    if hasattr(past, "batch_repeat_interleave"):
-        past.batch_repeat_interleave(samples)
-        logits = out.logits[:, -1].expand(samples, -1)
-    else:  # a cache without the method: run the prompt once per sample
-        out = model(input_ids=torch.tensor([prompt] * samples, device=device), use_cache=True)
-        past, logits = _cache_of(out), out.logits[:, -1]
+    past.batch_repeat_interleave(samples)
+    logits = out.logits[:, -1].expand(samples, -1)
     drawn: list[list[int]] = [[] for _ in range(samples)]
     open_rows = torch.ones(samples, dtype=torch.bool)
     for _ in range(max_tokens):
@@ -154,7 +155,7 @@ def draw(model: Any, tok: Any, template: str, *, samples: int, seed: int,
         for r in range(samples):
             if open_rows[r]:
                 drawn[r].append(int(nxt[r]))
-                if int(nxt[r]) in nl or "\n" in tok.decode([int(nxt[r])]):
+                if "\n" in tok.decode([int(nxt[r])]):
                     open_rows[r] = False
         if not bool(open_rows.any()):
             break
@@ -242,7 +243,7 @@ def with_wordings(model: Any, tok: Any, edits: Sequence[EditRequest], *, keep: i
         return list(edits)
     out = []
     for e in edits:
-        if e.scope or e.borrowed or e.inverse:
+        if not eligible(e):
             out.append(e)
             continue
         drawn = generate(model, tok, e, keep=keep, seed=seed, cache_dir=cache_dir,
