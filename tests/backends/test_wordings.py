@@ -41,19 +41,28 @@ def test_draw_is_seeded_and_cut_at_the_line(tiny_models):
     assert all("\n" not in t[:-1] for t in a)  # nothing drawn after a line break
 
 
-def test_rank_keeps_answers_of_the_same_kind(monkeypatch):
+def test_rank_keeps_answers_of_the_same_kind_in_draw_order(monkeypatch):
     """A candidate is kept when its answers score within the margin of the prompt's;
-    the best come first and at most ``keep`` are returned."""
+    the first ``keep`` kept, in the order drawn (not the best-scoring: those are the
+    wordings the prompt already teaches), are returned."""
     scores = {"The mother tongue of Ann Li is": -3.0, "Ann Li speaks": -2.0,
-              "Ann Li is made of": -9.0, "the language of Ann Li is": -4.5, "Ann Li, a": -4.9}
+              "Ann Li is made of": -9.0, "the language of Ann Li is": -4.5, "Ann Li, a": -7.9}
     monkeypatch.setattr(wordings, "answer_logprob",
                         lambda model, tok, pairs: [scores[p] for p, _ in pairs])
     texts = ["Ann Li is made of", "the language of Ann Li is", "Ann Li speaks", "Ann Li, a"]
-    assert wordings.rank(None, None, _edit(), texts, keep=3) == [
-        "Ann Li speaks", "the language of Ann Li is", "Ann Li, a"]
-    assert wordings.rank(None, None, _edit(), texts, keep=1) == ["Ann Li speaks"]
-    assert wordings.rank(None, None, _edit(), texts, keep=3, margin=1.0) == ["Ann Li speaks"]
-    assert wordings.rank(None, None, _edit(), [], keep=3) == []
+    assert wordings.MARGIN == 5.0
+    assert wordings.select(None, None, _edit(), texts, keep=3) == [
+        "the language of Ann Li is", "Ann Li speaks", "Ann Li, a"]
+    assert wordings.select(None, None, _edit(), texts, keep=1) == ["the language of Ann Li is"]
+    assert wordings.select(None, None, _edit(), texts, keep=3, margin=1.0) == ["Ann Li speaks"]
+    assert wordings.select(None, None, _edit(), [], keep=3) == []
+
+
+def test_a_copied_shot_is_not_a_wording():
+    tok = SpaceLetterTokenizer()
+    drawn = ["The colour of X is", "X is painted in", "X is spoken in", "X was written by"]
+    assert wordings.candidates(drawn, "The tongue of X is", "Ann Li", tok) == [
+        "Ann Li is spoken in"]
 
 
 def test_answer_logprob_matches_a_plain_forward(tiny_models):
