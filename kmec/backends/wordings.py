@@ -198,7 +198,7 @@ def answer_logprob(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]) -> li
 
 
 def select(model: Any, tok: Any, edit: EditRequest, texts: Sequence[str], *, keep: int,
-         margin: float = MARGIN) -> list[str]:
+           margin: float = MARGIN) -> list[str]:
     """The first ``keep`` of ``texts``, in the order drawn, whose answers score within
     ``margin`` of the prompt's (rule 3 of the module docstring)."""
     if not texts or keep <= 0:

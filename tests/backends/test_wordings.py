@@ -41,7 +41,7 @@ def test_draw_is_seeded_and_cut_at_the_line(tiny_models):
     assert all("\n" not in t[:-1] for t in a)  # nothing drawn after a line break
 
 
-def test_rank_keeps_answers_of_the_same_kind_in_draw_order(monkeypatch):
+def test_select_keeps_answers_within_the_margin_in_draw_order(monkeypatch):
     """A candidate is kept when its answers score within the margin of the prompt's;
     the first ``keep`` kept, in the order drawn (not the best-scoring: those are the
     wordings the prompt already teaches), are returned."""
