@@ -7,7 +7,8 @@ Contents:
 
 Steps are cached by content (``$KMEC_HOME/steps/<hash>``: the step, the base
 fingerprint, the plan's seed, the kmec version and, for ``order sequence``, the
-steps before it), so rerunning an unchanged spec in CI recompiles nothing; a cached step is
+steps before it; for a step that draws wordings from the model, the revision of how
+they are drawn), so rerunning an unchanged spec in CI recompiles nothing; a cached step is
 used only if its artifact is intact and its payloads are what the step
 declares. Inside a step that must run, the rank-one backends reuse the target
 values (δ) of edit chunks optimised before on the same weights
@@ -37,6 +38,7 @@ from kmec.artifacts import Artifact, apply, build_artifact, load_artifact, save_
 from kmec.artifacts.payloads import Payload
 from kmec.backends import get_backend
 from kmec.backends.base import ExecContext, StatsProvider
+from kmec.backends.wordings import VERSION as wordings_version
 from kmec.errors import ArtifactError, BackendError, KmecError, ModelError
 from kmec.hashing import canonical_json, sha256_text
 from kmec.models.adapters import adapter_for
@@ -58,6 +60,13 @@ def _step_key(step: Step, fingerprint: str, previous: str, seed: int,
            "previous": previous, "seed": seed}
     if runtime is not None:
         key["runtime"] = runtime
+    # a step that draws wordings from the model (kmec.backends.wordings) depends on how
+    # they are drawn and kept, which can change within a kmec version: a change of that
+    # rule (wordings.VERSION) must not hand back a step computed under the old one.
+    # Steps that draw none keep their keys.
+    value = step.params.get("value")
+    if isinstance(value, dict) and value.get("wordings"):
+        key["wordings"] = wordings_version
     return sha256_text(canonical_json(key))
 
 

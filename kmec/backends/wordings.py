@@ -81,7 +81,7 @@ MAX_TOKENS = 12
 MARGIN = 5.0  # nats (mean per target token) below the edit prompt's own
 TOP_K = 20
 _ALONE = re.compile(rf"(?<![A-Za-z0-9]){PLACEHOLDER}(?![A-Za-z0-9])")  # X as a word, not in "Xbox"
-_VERSION = 3  # bump when the drawing or the filter changes: cached texts go stale
+VERSION = 3  # bump when the drawing or the filter changes: cached texts and steps go stale
 
 log = logging.getLogger("kmec")
 
@@ -226,7 +226,7 @@ def generate(model: Any, tok: Any, edit: EditRequest, *, keep: int, seed: int,
     if cache_dir is not None and weights:
         p = next(model.parameters())
         key = sha256_text(canonical_json({
-            "kmec": __version__, "v": _VERSION, "weights": weights, "device": p.device.type,
+            "kmec": __version__, "v": VERSION, "weights": weights, "device": p.device.type,
             "dtype": str(p.dtype), "edit": [edit.prompt, edit.subject, edit.target_new,
                                             edit.target_old], "keep": keep, "seed": seed,
             "samples": samples}))

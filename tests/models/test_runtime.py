@@ -185,3 +185,18 @@ def test_a_step_cached_on_a_machine_with_bf16_units_is_not_reused_on_one_without
         lm = dataclasses.replace(lm, runtime=L.Runtime("cpu", bf16_units=units))
         compile_mod.execute(_plan(None), lm)
     assert len(ran) == 2  # once per kind of machine; the repeats come from the cache
+
+
+def test_step_cache_key_follows_the_wording_rule_only_where_wordings_are_drawn(monkeypatch):
+    """A step that draws wordings from the model is another result when the rule that
+    draws them changes (kmec.backends.wordings.VERSION); a step that draws none keeps
+    its key."""
+    import kmec.compile as C
+    from kmec.planner.model import Step
+
+    drawn = Step(id="s01-rome", backend="rome", edits=(), params={"value": {"wordings": 3}})
+    none = Step(id="s01-memit", backend="memit", edits=(), params={"value": {"steps": 25}})
+    a, n = C._step_key(drawn, "f", "", 0), C._step_key(none, "f", "", 0)
+    monkeypatch.setattr(C, "wordings_version", C.wordings_version + 1)
+    assert C._step_key(drawn, "f", "", 0) != a
+    assert C._step_key(none, "f", "", 0) == n
