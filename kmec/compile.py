@@ -36,9 +36,8 @@ from typing import Any
 from kmec._version import __version__
 from kmec.artifacts import Artifact, apply, build_artifact, load_artifact, save_artifact
 from kmec.artifacts.payloads import Payload
-from kmec.backends import get_backend
+from kmec.backends import get_backend, wordings
 from kmec.backends.base import ExecContext, StatsProvider
-from kmec.backends.wordings import VERSION as wordings_version
 from kmec.errors import ArtifactError, BackendError, KmecError, ModelError
 from kmec.hashing import canonical_json, sha256_text
 from kmec.models.adapters import adapter_for
@@ -64,9 +63,8 @@ def _step_key(step: Step, fingerprint: str, previous: str, seed: int,
     # they are drawn and kept, which can change within a kmec version: a change of that
     # rule (wordings.VERSION) must not hand back a step computed under the old one.
     # Steps that draw none keep their keys.
-    value = step.params.get("value")
-    if isinstance(value, dict) and value.get("wordings"):
-        key["wordings"] = wordings_version
+    if wordings.per_edit(step.params):
+        key["wordings"] = wordings.VERSION
     return sha256_text(canonical_json(key))
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kmec.backends.wordings import eligible
+from kmec.backends import wordings
 from kmec.hashing import atomic_write_text
 from kmec.models.adapters import ArchAdapter
 from kmec.models.batching import right_pad
@@ -502,9 +502,8 @@ def locate_then_edit_cost(step: Step, facts: ModelFacts, setup: bool) -> Work:
     units = VALUE_UNITS.get(step.backend, VALUE_UNITS_BATCHED)
     # wordings drawn from the model (kmec.backends.wordings) for the edits that declare
     # none: the draw, and each wording's rows in the δ objective
-    value_params = step.params.get("value")
-    k = int(value_params.get("wordings", 0)) if isinstance(value_params, dict) else 0
-    bare = sum(1 for e in step.edits if eligible(e))
+    k = wordings.per_edit(step.params)
+    bare = sum(1 for e in step.edits if wordings.eligible(e))
     drawn = costs.seconds(bare * DRAW_TOKEN_FORWARDS, p) if k else 0.0
     value = costs.seconds((n + bare * k * WORDING_VALUE_SHARE) * units * UNIT_TOKEN_FORWARDS, p)
     keys = costs.seconds(n * L * CONTEXTS * costs.PROMPT_TOKENS, p)

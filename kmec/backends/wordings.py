@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,17 @@ _ALONE = re.compile(rf"(?<![A-Za-z0-9]){PLACEHOLDER}(?![A-Za-z0-9])")  # X as a 
 VERSION = 3  # bump when the drawing or the filter changes: cached texts and steps go stale
 
 log = logging.getLogger("kmec")
+
+
+def per_edit(params: Mapping[str, Any]) -> int:
+    """How many wordings a step whose (dumped) backend ``params`` are given draws for each
+    eligible edit: ``value.wordings``, 0 where the step has none.
+
+    >>> per_edit({"value": {"wordings": 3}}), per_edit({"value": {}}), per_edit({})
+    (3, 0, 0)
+    """
+    value = params.get("value")
+    return int(value.get("wordings", 0)) if isinstance(value, Mapping) else 0
 
 
 def eligible(edit: EditRequest) -> bool:

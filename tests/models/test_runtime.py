@@ -197,6 +197,6 @@ def test_step_cache_key_follows_the_wording_rule_only_where_wordings_are_drawn(m
     drawn = Step(id="s01-rome", backend="rome", edits=(), params={"value": {"wordings": 3}})
     none = Step(id="s01-memit", backend="memit", edits=(), params={"value": {"steps": 25}})
     a, n = C._step_key(drawn, "f", "", 0), C._step_key(none, "f", "", 0)
-    monkeypatch.setattr(C, "wordings_version", C.wordings_version + 1)
+    monkeypatch.setattr(C.wordings, "VERSION", C.wordings.VERSION + 1)
     assert C._step_key(drawn, "f", "", 0) != a
     assert C._step_key(none, "f", "", 0) == n
